@@ -1,0 +1,27 @@
+"""The library's error types.
+
+Every problem a user can cause (bad arguments, bad data, a run that cannot be
+resumed) raises a subclass of :class:`CtmetaError`, with a message that says
+what was wrong and what to do. The CLI turns these into one line on stderr and
+exit code 2; anything else is a bug and exits 1.
+"""
+
+
+class CtmetaError(ValueError):
+    """Base class of every error ctmeta raises on purpose."""
+
+
+class InputError(CtmetaError):
+    """An argument to a public function is invalid (shape, value, type)."""
+
+
+class DataError(CtmetaError):
+    """A dataset file or directory is missing or malformed."""
+
+
+class CheckpointError(CtmetaError):
+    """A checkpoint is missing, truncated, corrupted or incompatible."""
+
+
+class NumericalError(CtmetaError):
+    """A solve or a meta-gradient produced non-finite values or ran out of steps."""

@@ -1,0 +1,1 @@
+"""Experiments of the two papers, each a function that returns its figures and tables."""

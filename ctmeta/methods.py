@@ -1,0 +1,305 @@
+r"""Meta-gradient rules: how the inner loop is run and how it is differentiated.
+
+Every rule adapts a parameter pytree $\theta$ on a task's training loss
+$L(u) = $ `loss_fn(u, data)` over a horizon $T$ and returns $u(T)$; `jax.grad`
+of an outer loss $J(u(T))$ through the result gives that rule's
+meta-gradient. All rules share the convention that $T$ is continuous time and
+$K$ discrete steps have learning rate $h = T / K$ (gradient descent with step
+$h$ is forward Euler on the gradient flow).
+
+| rule | inner loop | meta-gradient $dJ/d\theta$ | memory |
+| --- | --- | --- | --- |
+| [`Adjoint`][] (A-MAML) | gradient flow, Dopri5 | adjoint ODE $\dot a = H a$ backward by Heun over $K$ stored states | $O(K\,|\theta|)$ |
+| [`Unrolled`][] (MAML; ANIL on a head) | $K$ GD steps | backprop through the loop: $\prod_k (I - hH_k)\,\nabla J$ | graph of $K$ steps |
+| [`FirstOrder`][] (FOMAML) | $K$ GD steps | $\nabla J(u_K)$ (identity Jacobian) | $O(|\theta|)$ |
+| [`Implicit`][] (iMAML) | $K$ GD steps on $L + \tfrac{\lambda}{2}\|u-\theta\|^2$ | $(I + H/\lambda)^{-1}\nabla J$ by conjugate gradients | $O(|\theta|)$ |
+| [`Reptile`][] | $K$ GD steps | outer rule: $\theta - u_K$ (see [`reptile_direction`][]) | $O(|\theta|)$ |
+
+Here $H = \nabla^2 L(u)$. The derivative in $T$ of the continuous flow is
+$dJ/dT = -\langle \nabla J(u(T)), \nabla L(u(T)) \rangle$ ([`Adjoint`][]); for
+[`Unrolled`][] it is the exact derivative of the discrete map in $h = T/K$.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from . import ode
+from ._errors import InputError
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+
+__all__ = [
+    "AbstractMethod",
+    "Adjoint",
+    "Unrolled",
+    "FirstOrder",
+    "Implicit",
+    "Reptile",
+    "GradientField",
+    "reptile_direction",
+]
+
+
+def _check_steps(name: str, steps):
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise InputError(f"{name}(steps={steps!r}): steps must be a positive int (the number of inner steps K).")
+
+
+def _neg(tree):
+    return jax.tree.map(jnp.negative, tree)
+
+
+class GradientField(ode.AbstractVectorField):
+    r"""The gradient flow $f(t, u, \text{data}) = -\nabla_u L(u, \text{data})$ of a loss.
+
+    Its transposed Jacobian needs no reverse-over-reverse: the Hessian is
+    symmetric, so one forward-over-reverse product (a `jvp` of `grad` taken
+    over $(u, \text{data}, \text{loss constants})$ jointly, tangent
+    $(a, 0, 0)$) gives every cotangent at once:
+
+    $$(\partial f/\partial u)^\top a = -H_{uu}\, a, \qquad
+      (\partial f/\partial \text{data})^\top a = -H_{\text{data},u}\, a .$$
+    """
+
+    loss: Callable
+
+    def __call__(self, t, u, data):
+        return _neg(jax.grad(self.loss)(u, data))
+
+    def vjp(self, t, u, data, a):
+        diff, nondiff = eqx.partition((u, data, self.loss), eqx.is_inexact_array)
+        full_grad = jax.grad(lambda d: _call_loss(eqx.combine(d, nondiff)))
+        tangent = (a,) + jax.tree.map(jnp.zeros_like, diff[1:])
+        _, hvp = jax.jvp(full_grad, (diff,), (tangent,))
+        au, adata, aloss = _neg(hvp)
+        return au, adata, GradientField(aloss)
+
+    def closure_convert(self, t, u, data):
+        return GradientField(ode.closure_convert(self.loss, u, data))
+
+
+def _call_loss(triple):
+    u, data, loss = triple
+    return loss(u, data)
+
+
+class AbstractMethod(eqx.Module):
+    """A meta-gradient rule. Static configuration objects: compare and hash by value."""
+
+    @abc.abstractmethod
+    def adapt(self, loss_fn: LossFn, params: PyTree, data: PyTree, T) -> PyTree:
+        """Return the adapted differentiable parameters `u(T)` (same structure as `params`).
+
+        `params` holds only floating-point arrays (the caller partitions the
+        model); `loss_fn(params, data)` is the scalar training loss.
+        """
+
+    @property
+    def inner_steps(self) -> int:
+        """Number of stored states or gradient steps, `K`."""
+        return self.steps  # type: ignore[attr-defined]
+
+
+def _gd_steps(loss_fn, u, data, h, steps, *, prox=None, unroll=1):
+    """`steps` gradient-descent steps of size `h` (optionally with a proximal term)."""
+
+    def step(u, _):
+        g = jax.grad(loss_fn)(u, data)
+        if prox is not None:
+            lam, theta = prox
+            g = jax.tree.map(lambda gi, ui, ti: gi + lam * (ui - ti), g, u, theta)
+        return jax.tree.map(lambda ui, gi: ui - h * gi, u, g), None
+
+    u, _ = jax.lax.scan(step, u, None, length=steps, unroll=unroll)
+    return u
+
+
+class Adjoint(AbstractMethod):
+    r"""A-MAML: gradient flow by Dopri5, meta-gradient by the adjoint ODE over stored states.
+
+    **Arguments:**
+
+    - `steps`: `K`, the number of intervals of the stored grid, $h = T/K$.
+    - `rtol`, `atol`: tolerances of the adaptive forward solve.
+    - `scheme`: backward scheme, `"heun"` (the paper's), `"euler"` or `"rk4"`.
+    - `checkpoints`: keep `C` states and re-integrate segments backward
+      (memory $O((C + K/C)|\theta|)$, same gradient).
+    - `max_steps`: the forward solver's step budget.
+    """
+
+    steps: int = eqx.field(default=100, static=True)
+    rtol: float = eqx.field(default=1e-6, static=True)
+    atol: float = eqx.field(default=1e-8, static=True)
+    scheme: str = eqx.field(default="heun", static=True)
+    checkpoints: int | None = eqx.field(default=None, static=True)
+    max_steps: int = eqx.field(default=16384, static=True)
+
+    def __check_init__(self):
+        _check_steps("Adjoint", self.steps)
+        ode.StoredAdjoint(self.scheme, self.checkpoints)  # validates both
+        if self.checkpoints is not None and self.steps % self.checkpoints:
+            raise InputError(f"Adjoint(checkpoints={self.checkpoints}) must divide steps={self.steps}.")
+
+    def adapt(self, loss_fn, params, data, T):
+        # Only the array part of the parameters flows; structure is static.
+        return ode.solve(
+            GradientField(loss_fn),
+            params,
+            T,
+            data,
+            steps=self.steps,
+            sensitivity=ode.StoredAdjoint(self.scheme, self.checkpoints),
+            rtol=self.rtol,
+            atol=self.atol,
+            max_steps=self.max_steps,
+        )
+
+
+class Unrolled(AbstractMethod):
+    """MAML: `steps` gradient steps of size `T / steps`, differentiated by backprop.
+
+    The meta-gradient is exact for the discrete map; memory grows with
+    `steps` (that is the comparison A-MAML and COMLN make). Applied to a
+    linear head alone, this is ANIL.
+    """
+
+    steps: int = eqx.field(default=5, static=True)
+    unroll: int = eqx.field(default=1, static=True)
+
+    def __check_init__(self):
+        _check_steps("Unrolled", self.steps)
+
+    def adapt(self, loss_fn, params, data, T):
+        return _gd_steps(loss_fn, params, data, T / self.steps, self.steps, unroll=self.unroll)
+
+
+class FirstOrder(AbstractMethod):
+    """FOMAML: gradient steps whose Jacobian is replaced by the identity.
+
+    `jax.grad` through the result gives $\\nabla J(u_K)$ for $\\theta$ and
+    nothing for the data or $T$.
+    """
+
+    steps: int = eqx.field(default=100, static=True)
+
+    def __check_init__(self):
+        _check_steps("FirstOrder", self.steps)
+
+    def adapt(self, loss_fn, params, data, T):
+        u = _gd_steps(loss_fn, jax.lax.stop_gradient(params), jax.lax.stop_gradient(data),
+                      jax.lax.stop_gradient(T / self.steps), self.steps)
+        # u = theta + const: the identity Jacobian, without a graph over the steps.
+        return jax.tree.map(lambda th, ui: th + jax.lax.stop_gradient(ui - th), params, u)
+
+
+class Reptile(AbstractMethod):
+    """Reptile: gradient steps, then the outer update moves theta toward the result.
+
+    Reptile's update is not the gradient of an outer loss; a meta-learner
+    uses [`reptile_direction`][] (`theta - u_K`, averaged over tasks) as the
+    "gradient" handed to the optimiser. Through `adapt` the parameters get
+    the first-order (identity) Jacobian, like [`FirstOrder`][].
+    """
+
+    steps: int = eqx.field(default=100, static=True)
+
+    def __check_init__(self):
+        _check_steps("Reptile", self.steps)
+
+    def adapt(self, loss_fn, params, data, T):
+        return FirstOrder(self.steps).adapt(loss_fn, params, data, T)
+
+
+def reptile_direction(params: PyTree, adapted: PyTree) -> PyTree:
+    r"""Reptile's update direction $\theta - u$; with a leading task axis on `adapted`, its mean.
+
+    Feed it to an optax optimiser as the gradient: a descent step then moves
+    $\theta$ toward the adapted parameters.
+    """
+
+    def direction(theta, u):
+        d = theta - u if u.ndim == theta.ndim else theta[None] - u
+        return d if u.ndim == theta.ndim else jnp.mean(d, axis=0)
+
+    return jax.tree.map(direction, params, adapted)
+
+
+class Implicit(AbstractMethod):
+    r"""iMAML: proximal inner loss, implicit meta-gradient by conjugate gradients.
+
+    The inner loop runs `steps` gradient steps of size $T/K$ on
+    $\hat L(u) = L(u) + \tfrac{\lambda}{2}\|u - \theta\|^2$. At the proximal
+    optimum $\nabla L(u^*) + \lambda (u^* - \theta) = 0$, so by the implicit
+    function theorem
+
+    $$\frac{dJ}{d\theta} = \Big(I + \tfrac{1}{\lambda} H\Big)^{-1} \nabla J(u^*), \qquad
+      \frac{dJ}{d\,\text{data}} = -\tfrac{1}{\lambda}\,
+      \partial_{\text{data}} \langle \nabla_u L(u^*), v\rangle,$$
+
+    with $v$ the first solution, found by `cg_steps` iterations of conjugate
+    gradients with Hessian-vector products. No gradient flows to $T$.
+    """
+
+    steps: int = eqx.field(default=100, static=True)
+    lam: float = eqx.field(default=1.0, static=True)
+    cg_steps: int = eqx.field(default=5, static=True)
+
+    def __check_init__(self):
+        _check_steps("Implicit", self.steps)
+        if not self.lam > 0:
+            raise InputError(f"Implicit(lam={self.lam!r}): the proximal strength must be positive.")
+        if not isinstance(self.cg_steps, int) or self.cg_steps < 1:
+            raise InputError(f"Implicit(cg_steps={self.cg_steps!r}): give a positive int.")
+
+    def adapt(self, loss_fn, params, data, T):
+        loss_fn = ode.closure_convert(loss_fn, params, data)
+        return _implicit_adapt((params, data, loss_fn), jax.lax.stop_gradient(T), self)
+
+
+def _implicit_forward(loss_fn, params, data, T, method):
+    h = T / method.steps
+    return _gd_steps(loss_fn, params, data, h, method.steps, prox=(method.lam, params))
+
+
+@eqx.filter_custom_vjp
+def _implicit_adapt(primal, T, method):
+    params, data, loss_fn = primal
+    return _implicit_forward(loss_fn, params, data, T, method)
+
+
+@_implicit_adapt.def_fwd
+def _implicit_fwd(perturbed, primal, T, method):
+    params, data, loss_fn = primal
+    u = _implicit_forward(loss_fn, params, data, T, method)
+    return u, u
+
+
+@_implicit_adapt.def_bwd
+def _implicit_bwd(u, g, perturbed, primal, T, method):
+    params, data, loss_fn = ode.literals_as_arrays(primal)
+    g = ode.cotangent_like(g, u)
+
+    def hvp(v):
+        return jax.jvp(lambda w: jax.grad(loss_fn)(w, data), (u,), (v,))[1]
+
+    def operator(v):  # (I + H / lam) v
+        return jax.tree.map(lambda vi, hi: vi + hi / method.lam, v, hvp(v))
+
+    v, _ = jax.scipy.sparse.linalg.cg(operator, g, x0=g, maxiter=method.cg_steps, tol=0.0)
+    # data and the loss's constants: -(1/lam) d/d(data, loss) <grad_u L(u*), v>
+    diff, nondiff = eqx.partition((data, loss_fn), eqx.is_inexact_array)
+
+    def inner(d):
+        data_, loss_ = eqx.combine(d, nondiff)
+        gu = jax.grad(loss_)(u, data_)
+        return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(gu), jax.tree.leaves(v)))
+
+    gdata, gloss = jax.tree.map(lambda x: -x / method.lam, jax.grad(inner)(diff))
+    return (v, gdata, gloss)

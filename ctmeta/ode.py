@@ -1,0 +1,509 @@
+r"""Differentiable ODE solves with a choice of sensitivity rule.
+
+`solve(vector_field, y0, t1, args)` integrates
+
+$$\frac{dy}{dt} = f(t, y, \text{args}), \qquad y(0) = y_0,$$
+
+on $[0, t_1]$ and returns $y(t_1)$, differentiable with `jax.grad` in `y0`,
+`args`, `t1` and any array the vector field closes over. How the derivative is
+computed is the *sensitivity rule*:
+
+- [`StoredAdjoint`][] (default; A-MAML, Sec. 3.2): forward with an adaptive
+  Runge-Kutta solver (Dopri5) whose dense output stores the state on a uniform
+  grid of `steps` intervals, $h = t_1 / \text{steps}$; backward, the adjoint ODE
+  for $J = g(y(t_1))$,
+
+  $$a(t_1) = \frac{\partial g}{\partial y(t_1)}, \qquad
+    \frac{da}{dt} = -\Big(\frac{\partial f}{\partial y}\Big)^\top a,$$
+
+  is solved over the stored states by modified Euler (Heun, $O(h^2)$) or Euler
+  ($O(h)$), accumulating
+
+  $$\frac{dJ}{dy_0} = a(0), \quad
+    \frac{dJ}{d\,\text{args}} = \int_0^{t_1} \Big(\frac{\partial f}{\partial \text{args}}\Big)^\top a\,dt,
+    \quad \frac{dJ}{dt_1} = a(t_1) \cdot f(t_1, y(t_1)).$$
+
+  Memory is the `steps + 1` stored states, with no graph over the trajectory.
+  With `checkpoints=C` only `C + 1` states are kept and each segment is
+  re-integrated during the backward pass.
+- [`Backprop`][]: exact reverse-mode differentiation through the solver's
+  operations (diffrax's `RecursiveCheckpointAdjoint`). The reference rule.
+- [`Backsolve`][]: the continuous adjoint of Chen et al. that re-integrates
+  $y$ backward in time together with $a$ (diffrax's `BacksolveAdjoint`). Cheap
+  in memory, but unstable for gradient flows (COMLN Sec. 3.2): included for
+  comparison, not for use.
+
+Vector fields with structure can say how to apply their transposed Jacobian
+(see [`AbstractVectorField`][]): a gradient flow does it with one
+Hessian-vector product, forward-over-reverse.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable, Literal
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._errors import InputError
+
+PyTree = Any
+
+__all__ = [
+    "AbstractVectorField",
+    "VectorField",
+    "AbstractSensitivity",
+    "StoredAdjoint",
+    "Backprop",
+    "Backsolve",
+    "solve",
+]
+
+
+# --------------------------------------------------------------------------- #
+# Vector fields
+# --------------------------------------------------------------------------- #
+
+
+class AbstractVectorField(eqx.Module):
+    r"""A vector field $f(t, y, \text{args})$ that knows its transposed Jacobian.
+
+    Subclasses implement `__call__` and may override `vjp` when the structure
+    of $f$ allows something cheaper than reverse-mode through `__call__`.
+    Every array leaf of the vector field itself (e.g. closed-over constants) is
+    a parameter of the ODE, differentiated like `args`.
+    """
+
+    @abc.abstractmethod
+    def __call__(self, t, y: PyTree, args: PyTree) -> PyTree:
+        """Evaluate $f(t, y, \\text{args})$; same structure as `y`."""
+
+    def vjp(self, t, y: PyTree, args: PyTree, a: PyTree):
+        r"""Return $\big((\partial f/\partial y)^\top a,\ (\partial f/\partial \text{args})^\top a,\
+        (\partial f/\partial \text{self})^\top a\big)$.
+
+        Leaves that are not floating-point arrays get `None`.
+        """
+        _, pullback = eqx.filter_vjp(lambda y_, args_, field: field(t, y_, args_), y, args, self)
+        return pullback(a)
+
+    def closure_convert(self, t, y, args) -> "AbstractVectorField":
+        """Hoist arrays that user callables close over into pytree leaves.
+
+        Needed so that `jax.custom_vjp` sees (and differentiates) them.
+        """
+        return self
+
+
+def closure_convert(fn: Callable, *example_args) -> Callable:
+    """`eqx.filter_closure_convert`, with hoisted scalar literals made arrays.
+
+    JAX hands a Python float given to `jax.grad` to a closure as a typed
+    scalar literal, which is not an array and so would not be differentiated
+    through `jax.custom_vjp`; make every hoisted constant an array.
+    """
+    return literals_as_arrays(eqx.filter_closure_convert(fn, *example_args))
+
+
+def literals_as_arrays(tree):
+    """Make JAX's typed scalar literals (float subclasses) arrays, so filters see them.
+
+    Inside a custom-VJP rule, JAX may pass a weakly typed scalar primal as such
+    a literal; `eqx.is_inexact_array` would then skip its cotangent.
+    """
+    is_literal = lambda x: isinstance(x, (int, float, complex)) and type(x) not in (int, float, complex, bool)
+    return jax.tree.map(lambda x: jnp.asarray(x) if is_literal(x) else x, tree)
+
+
+class VectorField(AbstractVectorField):
+    """Wrap a plain callable `fn(t, y, args)` as a vector field."""
+
+    fn: Callable
+
+    def __call__(self, t, y, args):
+        return self.fn(t, y, args)
+
+    def closure_convert(self, t, y, args):
+        return VectorField(closure_convert(self.fn, t, y, args))
+
+
+# --------------------------------------------------------------------------- #
+# Sensitivity rules (static configuration)
+# --------------------------------------------------------------------------- #
+
+
+class AbstractSensitivity(eqx.Module):
+    """How `solve` is differentiated. Static configuration: no arrays."""
+
+    @abc.abstractmethod
+    def _solve(self, field: AbstractVectorField, y0, t1, args, options: "_Options"):
+        """Return `y(t1)`, differentiable by this rule."""
+
+
+class _Options(eqx.Module):
+    """Forward-solver options shared by every rule."""
+
+    steps: int = eqx.field(static=True)
+    rtol: float = eqx.field(static=True)
+    atol: float = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
+    solver: Literal["dopri5", "tsit5", "euler", "heun"] = eqx.field(static=True)
+
+
+def _diffrax_solver(name: str):
+    return {
+        "dopri5": diffrax.Dopri5,
+        "tsit5": diffrax.Tsit5,
+        "euler": diffrax.Euler,
+        "heun": diffrax.Heun,
+    }[name]()
+
+
+def _forward(field, y0, t0, t1, args, options: _Options, ts=None, adjoint=None):
+    """One forward diffrax solve; adaptive for embedded RK pairs, fixed-step otherwise.
+
+    Fixed-step solvers take `options.steps` uniform steps over `[t0, t1]`.
+    """
+    solver = _diffrax_solver(options.solver)
+    if options.solver in ("euler", "heun"):
+        controller = diffrax.ConstantStepSize()
+        dt0 = (t1 - t0) / options.steps
+    else:
+        controller = diffrax.PIDController(rtol=options.rtol, atol=options.atol)
+        dt0 = None
+    saveat = diffrax.SaveAt(ts=ts) if ts is not None else diffrax.SaveAt(t1=True)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(lambda t, y, a: field(t, y, a)),
+        solver,
+        t0=t0,
+        t1=t1,
+        dt0=dt0,
+        y0=y0,
+        args=args,
+        saveat=saveat,
+        stepsize_controller=controller,
+        max_steps=options.max_steps,
+        adjoint=adjoint if adjoint is not None else diffrax.RecursiveCheckpointAdjoint(),
+    )
+    return sol.ys
+
+
+def _check_finite(tree, message: str):
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))]
+    if not leaves:
+        return tree
+    ok = jnp.all(jnp.stack(leaves))
+    return eqx.error_if(tree, jnp.logical_not(ok), message)
+
+
+_NONFINITE = (
+    "ctmeta.ode.solve: the forward solve produced a non-finite state. The ODE "
+    "diverged: shorten the horizon t1, rescale the loss, or check the data."
+)
+
+
+class Backprop(AbstractSensitivity):
+    """Reverse-mode differentiation through every operation of the solver.
+
+    Exact for the discretised solve (up to round-off); memory grows with the
+    number of solver steps (diffrax recursive checkpointing bounds it).
+    """
+
+    def _solve(self, field, y0, t1, args, options):
+        ys = _forward(field, y0, 0.0, t1, args, options)
+        return _check_finite(jax.tree.map(lambda x: x[-1], ys), _NONFINITE)
+
+
+class Backsolve(AbstractSensitivity):
+    """The continuous adjoint that re-integrates `y` backward with `a`.
+
+    Memory does not grow with `t1`, but for a gradient flow the backward
+    re-integration runs the flow in reverse, which amplifies errors at the
+    rate of the largest Hessian eigenvalue (COMLN Sec. 3.2, Fig. 2).
+    """
+
+    def _solve(self, field, y0, t1, args, options):
+        ys = _forward(field, y0, 0.0, t1, args, options, adjoint=diffrax.BacksolveAdjoint())
+        return _check_finite(jax.tree.map(lambda x: x[-1], ys), _NONFINITE)
+
+
+class StoredAdjoint(AbstractSensitivity):
+    """A-MAML's rule: store the forward states on a grid, solve the adjoint back over them.
+
+    **Arguments:**
+
+    - `scheme`: `"heun"` (modified Euler, second order, the paper's choice) or
+      `"euler"` (first order; this is what backprop through gradient descent
+      computes when the forward solve is also Euler), or `"rk4"` (fourth
+      order over the same stored states, Hermite-interpolated at mid-step;
+      beyond the paper, see `adjoint_sweep`).
+    - `checkpoints`: if given, keep only `checkpoints + 1` states (on the
+      coarse grid of `checkpoints` segments, `steps` divisible by it) and
+      re-integrate each segment forward, to its `steps / checkpoints` fine
+      states, during the backward pass. Memory falls from `O(steps)` to
+      `O(checkpoints + steps / checkpoints)` states for one more forward
+      solve; the gradient is unchanged (the same fine grid is used).
+    """
+
+    scheme: Literal["heun", "euler", "rk4"] = eqx.field(default="heun", static=True)
+    checkpoints: int | None = eqx.field(default=None, static=True)
+
+    def __check_init__(self):
+        if self.scheme not in ("heun", "euler", "rk4"):
+            raise InputError(f"StoredAdjoint(scheme={self.scheme!r}): use 'heun', 'euler' or 'rk4'.")
+        if self.checkpoints is not None and (not isinstance(self.checkpoints, int) or self.checkpoints < 1):
+            raise InputError(
+                f"StoredAdjoint(checkpoints={self.checkpoints!r}): give a positive int, or None to store every state."
+            )
+
+    def _solve(self, field, y0, t1, args, options):
+        if self.checkpoints is not None and options.steps % self.checkpoints:
+            raise InputError(
+                f"StoredAdjoint(checkpoints={self.checkpoints}) must divide steps={options.steps}."
+            )
+        return _stored_adjoint_solve((field, y0, t1, args), self, options)
+
+
+# --------------------------------------------------------------------------- #
+# The stored-state adjoint as a custom VJP
+# --------------------------------------------------------------------------- #
+
+
+def _grid_states(field, y0, t1, args, options, rule: StoredAdjoint):
+    """States on the coarse grid that the backward pass starts from."""
+    n = options.steps if rule.checkpoints is None else rule.checkpoints
+    ts = jnp.linspace(0.0, 1.0, n + 1, dtype=jnp.result_type(t1, float)) * t1
+    ys = _forward(field, y0, 0.0, t1, args, options, ts=ts)
+    return _check_finite(ys, _NONFINITE)
+
+
+@eqx.filter_custom_vjp
+def _stored_adjoint_solve(primal, rule, options):
+    field, y0, t1, args = primal
+    ys = _forward(field, y0, 0.0, t1, args, options)
+    return _check_finite(jax.tree.map(lambda x: x[-1], ys), _NONFINITE)
+
+
+@_stored_adjoint_solve.def_fwd
+def _stored_adjoint_fwd(perturbed, primal, rule, options):
+    field, y0, t1, args = primal
+    ys = _grid_states(field, y0, t1, args, options, rule)
+    y1 = jax.tree.map(lambda x: x[-1], ys)
+    return y1, ys
+
+
+def _tree_axpy(alpha, x, y):
+    """`alpha * x + y` over pytrees whose non-differentiable leaves are None."""
+    return jax.tree.map(lambda xi, yi: alpha * xi + yi, x, y)
+
+
+def _zeros_for(tree):
+    return jax.tree.map(jnp.zeros_like, eqx.filter(tree, eqx.is_inexact_array))
+
+
+def cotangent_like(cot, tree):
+    """Give `cot` the structure of `tree`'s inexact leaves, zeros where `cot` is None."""
+    return jax.tree.map(
+        lambda c, x: c if c is not None else (None if x is None else jnp.zeros_like(x)),
+        cot,
+        eqx.filter(tree, eqx.is_inexact_array),
+        is_leaf=lambda c: c is None,
+    )
+
+
+def _hermite_midpoint(y0, y1, f0, f1, h):
+    """Cubic Hermite interpolation of the state at the middle of a step, O(h^4)."""
+    return jax.tree.map(lambda a, b, fa, fb: 0.5 * (a + b) + (h / 8) * (fa - fb), y0, y1, f0, f1)
+
+
+def adjoint_sweep(field, ys, t0, h, args, a_end, scheme: str):
+    r"""Solve the adjoint backward over stored states `ys[0..n]` at `t0 + j h`.
+
+    Returns `(a(t0), integral of (df/dparams)^T a)` where params are
+    `(args, field)`. With $J = \partial f / \partial y$, Heun's step from
+    $t_{j+1}$ to $t_j$ (A-MAML Sec. 3.2) is
+
+    $$\tilde a_j = a_{j+1} + h\,J_{j+1}^\top a_{j+1},\qquad
+      a_j = a_{j+1} + \tfrac{h}{2}\big(J_{j+1}^\top a_{j+1} + J_j^\top \tilde a_j\big),$$
+
+    and the parameter integral takes the same trapezoid weights (Heun on the
+    augmented state). `"euler"` keeps the first term only, $O(h)$. `"rk4"`
+    is classical Runge-Kutta on the same augmented state, with the state at
+    mid-step from cubic Hermite interpolation of the stored states and their
+    derivatives $f$ (which the grid gives for free): $O(h^4)$ for the same
+    memory, at two more Jacobian products and one more $f$ a step.
+    """
+    n = jax.tree.leaves(ys)[0].shape[0] - 1
+    later = jax.tree.map(lambda x: x[1:][::-1], ys)
+    earlier = jax.tree.map(lambda x: x[:-1][::-1], ys)
+    js = jnp.arange(n)[::-1]
+    zero_p = _zeros_for((args, field))
+    add = lambda *trees: jax.tree.map(lambda *xs: sum(xs), *trees)
+
+    def vjp_at(t, y, a):
+        ay, aargs, afield = field.vjp(t, y, args, a)
+        return cotangent_like(ay, a), cotangent_like((aargs, afield), (args, field))
+
+    def step(carry, x):
+        a, acc = carry[:2]
+        j, y_next, y_prev = x
+        t_next, t_prev = t0 + (j + 1) * h, t0 + j * h
+        k1, p1 = vjp_at(t_next, y_next, a)
+        if scheme == "euler":
+            return (_tree_axpy(h, k1, a), _tree_axpy(h, p1, acc)), None
+        if scheme == "heun":
+            k2, p2 = vjp_at(t_prev, y_prev, _tree_axpy(h, k1, a))
+            a = _tree_axpy(h / 2, add(k1, k2), a)
+            acc = _tree_axpy(h / 2, add(p1, p2), acc)
+            return (a, acc), None
+        # rk4: f at the later end is carried from the previous step.
+        f_next = carry[2]
+        f_prev = field(t_prev, y_prev, args)
+        y_mid = _hermite_midpoint(y_prev, y_next, f_prev, f_next, h)
+        t_mid = t_prev + h / 2
+        k2, p2 = vjp_at(t_mid, y_mid, _tree_axpy(h / 2, k1, a))
+        k3, p3 = vjp_at(t_mid, y_mid, _tree_axpy(h / 2, k2, a))
+        k4, p4 = vjp_at(t_prev, y_prev, _tree_axpy(h, k3, a))
+        two = lambda t: jax.tree.map(lambda x: 2 * x, t)
+        a = _tree_axpy(h / 6, add(k1, two(k2), two(k3), k4), a)
+        acc = _tree_axpy(h / 6, add(p1, two(p2), two(p3), p4), acc)
+        return (a, acc, f_prev), None
+
+    carry = (a_end, zero_p)
+    if scheme == "rk4":
+        y_last = jax.tree.map(lambda x: x[-1], ys)
+        carry = carry + (field(t0 + n * h, y_last, args),)
+    carry, _ = jax.lax.scan(step, carry, (js, later, earlier))
+    return carry[0], carry[1]
+
+
+@_stored_adjoint_solve.def_bwd
+def _stored_adjoint_bwd(ys, g, perturbed, primal, rule, options):
+    field, y0, t1, args = literals_as_arrays(primal)
+    y1 = jax.tree.map(lambda x: x[-1], ys)
+    g = cotangent_like(g, y1)
+    h_fine = t1 / options.steps
+    if rule.checkpoints is None:
+        a0, (gargs, gfield) = adjoint_sweep(field, ys, 0.0, h_fine, args, g, rule.scheme)
+    else:
+        # Each coarse segment is re-integrated to its fine states, then swept.
+        per = options.steps // rule.checkpoints
+        h_coarse = t1 / rule.checkpoints
+        seg_options = dataclasses.replace(options, steps=per)
+        starts = jax.tree.map(lambda x: x[:-1][::-1], ys)
+        ks = jnp.arange(rule.checkpoints)[::-1]
+
+        def segment(carry, x):
+            a, acc = carry
+            k, y_start = x
+            t_start = k * h_coarse
+            fine_ts = t_start + jnp.arange(per + 1) * h_fine
+            fine = _forward(field, y_start, t_start, t_start + h_coarse, args, seg_options, ts=fine_ts)
+            a, seg_acc = adjoint_sweep(field, fine, t_start, h_fine, args, a, rule.scheme)
+            return (a, jax.tree.map(jnp.add, acc, seg_acc)), None
+
+        (a0, (gargs, gfield)), _ = jax.lax.scan(
+            segment, (g, _zeros_for((args, field))), (ks, starts)
+        )
+    # d y(t1) / d t1 = f(t1, y(t1)): the horizon moves only the end point.
+    f1 = field(t1, y1, args)
+    gt1 = sum(jnp.vdot(gi, fi) for gi, fi in zip(jax.tree.leaves(g), jax.tree.leaves(f1)))
+    gt1 = jnp.asarray(gt1, dtype=jnp.result_type(t1)) if eqx.is_inexact_array(t1) else None
+    return (gfield, a0, gt1, gargs)
+
+
+# --------------------------------------------------------------------------- #
+# The public entry point
+# --------------------------------------------------------------------------- #
+
+
+def _check_structure(field, y0, args):
+    """`f(0, y0, args)` must be a pytree of the same structure and shapes as `y0`."""
+    try:
+        out = jax.eval_shape(lambda: field(0.0, y0, args))
+    except Exception as err:  # a user's vector field failing to trace
+        raise InputError(f"ctmeta.ode.solve: the vector field fails on (t=0, y0, args): {err}") from err
+    y_struct = jax.tree.structure(y0)
+    if jax.tree.structure(out) != y_struct:
+        raise InputError(
+            "ctmeta.ode.solve: the vector field must return a pytree with the structure "
+            f"of y0; got {jax.tree.structure(out)} for y0 of structure {y_struct}."
+        )
+    for yo, fo in zip(jax.tree.leaves(y0), jax.tree.leaves(out)):
+        if jnp.shape(yo) != fo.shape:
+            raise InputError(
+                f"ctmeta.ode.solve: the vector field returned a leaf of shape {fo.shape} "
+                f"for a state leaf of shape {jnp.shape(yo)}; they must match."
+            )
+
+
+def check_horizon(t1, name: str = "t1"):
+    """Eager check of a horizon when its value is known (not under `jit`)."""
+    try:
+        value = np.asarray(t1)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return  # traced: checked at run time instead
+    if not np.issubdtype(value.dtype, np.number) or not np.all(np.isfinite(value)) or np.any(value <= 0):
+        raise InputError(
+            f"{name} must be a positive, finite time horizon; got {value!r}. "
+            f"(A learned horizon is usually parametrised as exp(log_{name}).)"
+        )
+
+
+def solve(
+    vector_field: Callable | AbstractVectorField,
+    y0: PyTree,
+    t1,
+    args: PyTree = None,
+    *,
+    steps: int = 100,
+    sensitivity: AbstractSensitivity = StoredAdjoint(),
+    rtol: float = 1e-6,
+    atol: float = 1e-8,
+    max_steps: int = 16384,
+    solver: Literal["dopri5", "tsit5", "euler", "heun"] = "dopri5",
+) -> PyTree:
+    r"""Solve $dy/dt = f(t, y, \text{args})$ on $[0, t_1]$ and return $y(t_1)$.
+
+    **Arguments:**
+
+    - `vector_field`: `f(t, y, args) -> dy/dt` (diffrax's convention), or an
+      [`AbstractVectorField`][].
+    - `y0`: initial state, any pytree of arrays.
+    - `t1`: the horizon, a positive scalar; may be traced and differentiated.
+    - `args`: any pytree passed to `f`; differentiated where it holds floats.
+    - `steps`: number of intervals of the stored grid ($h = t_1/\text{steps}$)
+      for [`StoredAdjoint`][]; the number of steps of a fixed-step `solver`.
+    - `sensitivity`: the rule for derivatives ([`StoredAdjoint`][] by default).
+    - `rtol`, `atol`: tolerances of the adaptive forward solver.
+    - `max_steps`: the forward solver's step budget; exceeding it is an error.
+    - `solver`: `"dopri5"` (default), `"tsit5"`, or the fixed-step `"euler"` / `"heun"`.
+
+    A forward solve that exhausts `max_steps` or produces non-finite states
+    raises at run time (inside `jit` too) rather than returning NaN.
+    """
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+        raise InputError(f"ctmeta.ode.solve: steps must be a positive int; got {steps!r}.")
+    if not isinstance(sensitivity, AbstractSensitivity):
+        raise InputError(
+            "ctmeta.ode.solve: sensitivity must be StoredAdjoint(), Backprop() or Backsolve(); "
+            f"got {sensitivity!r}."
+        )
+    if solver not in ("dopri5", "tsit5", "euler", "heun"):
+        raise InputError(f"ctmeta.ode.solve: unknown solver {solver!r}; use dopri5, tsit5, euler or heun.")
+    if not jax.tree.leaves(y0) or not all(jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in jax.tree.leaves(y0)):
+        raise InputError("ctmeta.ode.solve: y0 must be a non-empty pytree of floating-point arrays.")
+    check_horizon(t1)
+    field = vector_field if isinstance(vector_field, AbstractVectorField) else VectorField(vector_field)
+    _check_structure(field, y0, args)
+    t1 = jnp.asarray(t1, dtype=jnp.result_type(*[x for x in jax.tree.leaves(y0)], float))
+    if t1.ndim != 0:
+        raise InputError(f"ctmeta.ode.solve: t1 must be a scalar; got shape {t1.shape} (vmap for one per task).")
+    field = field.closure_convert(t1, y0, args)
+    options = _Options(steps=int(steps), rtol=rtol, atol=atol, max_steps=max_steps, solver=solver)
+    return sensitivity._solve(field, y0, t1, args, options)

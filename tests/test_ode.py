@@ -1,0 +1,175 @@
+"""ctmeta.ode: the stored-state adjoint against closed forms and the reference rule."""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ctmeta import InputError, ode
+from ctmeta.experiments import gradient_accuracy as ga
+
+
+STATES = (10, 100, 1000)  # a subset of the paper's 10..1000, to keep CI quick
+
+
+@pytest.fixture(scope="module")
+def table4():
+    # Fewer random initial states than the paper's 20: the relative error does not depend on y0.
+    return ga.table4(schemes=("heun", "rk4"), states=STATES, num_inits=3)
+
+
+def paper(T, K):
+    return ga.PAPER_ADJOINT[T][ga.STATES.index(K)]
+
+
+def test_table4_rk4_beats_paper_everywhere(table4):
+    for T in ga.HORIZONS:
+        for K, ours in zip(STATES, table4["rk4"][T]):
+            assert ours <= paper(T, K), (T, K, ours)
+
+
+def test_table4_heun_is_second_order(table4):
+    # O(h^2): ten times the states, a hundredth of the error (above round-off).
+    for T in (0.5, 1.0, 2.0):
+        errs = table4["heun"][T]
+        assert 70 < errs[1] / errs[2] < 130, (T, errs)
+        if T >= 1.0:
+            assert 70 < errs[0] / errs[1] < 200, (T, errs)
+
+
+def test_table4_heun_against_paper(table4):
+    # The paper's own scheme, implemented as written (A-MAML Sec. 3.2), is no
+    # worse than the paper's column for T <= 0.5 and within 2x above: the
+    # scalar adjoint da/dt = 2ta backward by Heun gives 3.3e-5 at T=1, K=100
+    # by hand, where the paper reports 1.73e-5 (see the issue note). The
+    # "rk4" scheme above meets the paper everywhere at the same memory.
+    for T in ga.HORIZONS:
+        for K, ours in zip(STATES, table4["heun"][T]):
+            bound = paper(T, K) if T <= 0.5 else 2 * paper(T, K)
+            assert ours <= bound, (T, K, ours)
+
+
+def test_table4_euler_is_first_order():
+    e100, e200 = (ga.relative_errors(K, "euler", horizons=(1.0,), num_inits=2)[0] for K in (100, 200))
+    assert 1.8 < e100 / e200 < 2.2
+    assert e100 > 1e-2  # two orders of magnitude above Heun's 3.3e-5
+
+
+def _linear_system(key, d=4):
+    k1, k2 = jax.random.split(key)
+    M = jax.random.normal(k1, (d, d))
+    A = -(M @ M.T / d + 0.1 * jnp.eye(d))  # stable linear ODE dy/dt = A y + b
+    b = jax.random.normal(k2, (d,))
+    return A, b
+
+
+def test_gradients_in_y0_args_and_t1_match_matrix_exponential():
+    A, b = _linear_system(jax.random.PRNGKey(0))
+    y0 = jnp.arange(4.0) / 4
+    c = jnp.array([1.0, -2.0, 0.5, 3.0])
+
+    def f(t, y, args):
+        A_, b_ = args
+        return A_ @ y + b_
+
+    def J(y0, t1, args):
+        y = ode.solve(f, y0, t1, args, steps=200, sensitivity=ode.StoredAdjoint("rk4"), rtol=1e-12, atol=1e-12)
+        return jnp.dot(c, y) ** 2
+
+    def J_exact(y0, t1, args):
+        A_, b_ = args
+        ystar = -jnp.linalg.solve(A_, b_)
+        y = ystar + jax.scipy.linalg.expm(A_ * t1) @ (y0 - ystar)
+        return jnp.dot(c, y) ** 2
+
+    got = jax.jit(jax.grad(J, argnums=(0, 1, 2)))(y0, 1.3, (A, b))
+    want = jax.grad(J_exact, argnums=(0, 1, 2))(y0, 1.3, (A, b))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-7, atol=1e-9)
+
+
+def test_backprop_rule_and_checkpointing_agree():
+    A, b = _linear_system(jax.random.PRNGKey(1))
+
+    def f(t, y, args):
+        return jnp.tanh(args @ y) + jnp.sin(t) * b  # non-autonomous, nonlinear; b closed over
+
+    def J(y0, A_, sens, steps=60):
+        return jnp.sum(ode.solve(f, y0, 2.0, A_, steps=steps, sensitivity=sens, rtol=1e-10, atol=1e-10) ** 2)
+
+    y0 = jnp.ones(4)
+    grad = eqx.filter_jit(jax.grad(J, argnums=(0, 1)))
+    ref = grad(y0, A, ode.Backprop())
+    full = grad(y0, A, ode.StoredAdjoint("rk4"), 600)
+    ckpt = grad(y0, A, ode.StoredAdjoint("rk4", checkpoints=20), 600)
+    for r, g, c in zip(jax.tree.leaves(ref), jax.tree.leaves(full), jax.tree.leaves(ckpt)):
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-8)
+        # Checkpointing re-integrates the same fine grid: same gradient up to the solver tolerance.
+        np.testing.assert_allclose(c, g, rtol=1e-8, atol=1e-10)
+
+
+def test_gradient_flows_to_closed_over_arrays():
+    def J(scale, sens):
+        f = lambda t, y, args: -scale * y  # `scale` is closed over, not passed as args
+        return ode.solve(f, jnp.array([1.0, 2.0]), 1.0, None, steps=400, sensitivity=sens)[0]
+
+    got = jax.grad(J)(0.7, ode.StoredAdjoint())
+    np.testing.assert_allclose(got, -np.exp(-0.7), rtol=1e-5)  # d/ds e^{-s} = -e^{-s}
+
+
+def test_backsolve_rule_runs_and_is_close_on_a_stable_problem():
+    f = lambda t, y, args: -args * y
+    J = lambda a, s: ode.solve(f, jnp.array(1.0), 1.0, a, steps=10, sensitivity=s, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(jax.grad(J)(0.5, ode.Backsolve()), -np.exp(-0.5), rtol=1e-6)
+
+
+def test_vmap_over_horizons_matches_a_loop():
+    f = lambda t, y, args: -2.0 * t**3 - 2.0 * t * y
+    g = jax.jit(jax.grad(lambda y0, T: ode.solve(f, y0, T, None, steps=50) ** 2, argnums=(0, 1)))
+    Ts = jnp.array([0.3, 0.9, 1.7])
+    batched = jax.jit(jax.vmap(g, in_axes=(None, 0)))(0.5, Ts)
+    for i, T in enumerate(Ts):
+        looped = g(0.5, T)
+        np.testing.assert_allclose(batched[0][i], looped[0], rtol=1e-10)
+        np.testing.assert_allclose(batched[1][i], looped[1], rtol=1e-10)
+
+
+@pytest.mark.parametrize("t1", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_horizon(t1):
+    with pytest.raises(InputError, match="positive, finite"):
+        ode.solve(lambda t, y, a: -y, jnp.ones(2), t1)
+
+
+@pytest.mark.parametrize("steps", [0, -3, 2.5, True])
+def test_bad_steps(steps):
+    with pytest.raises(InputError, match="steps"):
+        ode.solve(lambda t, y, a: -y, jnp.ones(2), 1.0, steps=steps)
+
+
+def test_mismatched_structure_and_shape():
+    with pytest.raises(InputError, match="structure"):
+        ode.solve(lambda t, y, a: (y, y), jnp.ones(2), 1.0)
+    with pytest.raises(InputError, match="shape"):
+        ode.solve(lambda t, y, a: jnp.ones(3), jnp.ones(2), 1.0)
+    with pytest.raises(InputError, match="floating-point"):
+        ode.solve(lambda t, y, a: y, jnp.ones(2, dtype=jnp.int32), 1.0)
+
+
+def test_step_budget_and_divergence_fail_loudly():
+    # A stiff problem with a tiny step budget: the forward solver gives up.
+    with pytest.raises(Exception, match="(?i)max.*steps"):
+        jax.block_until_ready(ode.solve(lambda t, y, a: -1e6 * (y - jnp.cos(t)), jnp.ones(2), 10.0, max_steps=8))
+    # Finite-time blow-up (dy/dt = y^2 from y0 = 1 explodes at t = 1).
+    with pytest.raises(Exception, match=r"(?i)non-finite|max.*steps|step"):
+        jax.block_until_ready(ode.solve(lambda t, y, a: y**2, jnp.ones(2), 3.0, max_steps=64))
+
+
+def test_nonfinite_forward_state_is_reported_inside_jit():
+    @jax.jit
+    def run(y0):
+        return ode.solve(lambda t, y, a: -y, y0, 1.0, solver="euler", steps=10)
+
+    with pytest.raises(Exception, match="non-finite"):
+        jax.block_until_ready(run(jnp.array([1.0, jnp.nan])))
