@@ -8,6 +8,7 @@ linear head, and the discrete baselines (MAML, FOMAML, Reptile, iMAML, ANIL).
 from . import ode
 from ._errors import CheckpointError, CtmetaError, DataError, InputError, NumericalError
 from .adaptation import gradient_flow
+from .linear_flow import linear_flow, linear_flow_adapt
 from .methods import (
     AbstractMethod,
     Adjoint,
@@ -24,6 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ode",
     "gradient_flow",
+    "linear_flow",
+    "linear_flow_adapt",
     "AbstractMethod",
     "Adjoint",
     "Unrolled",
