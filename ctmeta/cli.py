@@ -1,0 +1,329 @@
+"""The `ctmeta` command line: `ctmeta train` and `ctmeta evaluate`.
+
+Errors a user can cause (a bad flag value, missing data, an unusable run
+directory) print one line to stderr and exit with status 2; anything else is
+a bug: one line, status 1, and the traceback with `--debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+import traceback
+
+from ._errors import CtmetaError, InputError
+from .presets import BENCHMARKS, METHODS
+
+__all__ = ["main", "build_parser"]
+
+_DESCRIPTION = """\
+ctmeta: meta-learning with continuous-time inner loops (A-MAML, COMLN) and the
+discrete baselines (MAML, FOMAML, Reptile, iMAML, ANIL), in JAX.
+
+  ctmeta train                       CosMixture 50shot-50val with A-MAML (a few minutes on a CPU)
+  ctmeta train --method maml         the same benchmark with MAML (20 unrolled steps)
+  ctmeta train --resume RUN_DIR      continue an interrupted run from its last checkpoint
+  ctmeta evaluate RUN_DIR            re-evaluate a run's latest checkpoint
+  ctmeta bench --quick               memory and time of the meta-gradients against inner steps
+"""
+
+_TRAIN_EPILOG = """\
+benchmarks:
+""" + "\n".join(f"  {k:<13} {v.description}" for k, v in BENCHMARKS.items()) + """
+
+methods:
+""" + "\n".join(f"  {k:<13} {v}" for k, v in METHODS.items()) + """
+
+horizon and steps: gradient descent with learning rate h is the Euler
+discretisation of the gradient flow, so T = steps * h. For amaml, --T is the
+horizon and --steps the number of stored states of the adjoint (default T=2,
+steps=200 on the regressions). For the discrete methods, --steps is the number
+of inner GD steps and, without --T, T = steps * 0.01 (learning rate 0.01).
+For comln, --T is the initial horizon, learned as exp(log T); the head's flow
+uses Dopri5, or Euler with --steps fixed steps if given.
+
+The run directory (--out, default runs/<benchmark>-<method>-<timestamp>) gets
+config.json, metrics.csv, checkpoints/, figures/ and results.md. Data sets are
+read from --data-dir, else $CTMETA_DATA/<name>, else ./data/<name>.
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars: print log lines only")
+    p.add_argument("--debug", action="store_true", help="print the full traceback on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctmeta", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"ctmeta {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    t = sub.add_parser(
+        "train",
+        help="meta-train on a benchmark and evaluate on its meta-test tasks",
+        description="Meta-train an initialisation on a benchmark, then report the meta-test error\n"
+        "after 0..K adaptation steps, for the learned and for a random initialisation.\n"
+        "With no flags: CosMixture 50shot-50val, A-MAML (T=2, 200 stored states), an MLP 2x32 tanh,\n"
+        "Adam 1e-3, 5 tasks per meta-batch, 1000 meta-iterations (about 2-3 minutes on 2 CPU cores).",
+        epilog=_TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("--benchmark", choices=list(BENCHMARKS), default=None,
+                   help="task family (default: cosmixture)")
+    t.add_argument("--method", choices=list(METHODS), default=None,
+                   help="meta-gradient rule (default: amaml)")
+    t.add_argument("--T", type=float, default=None, metavar="FLOAT",
+                   help="inner horizon T, > 0 (default: per benchmark and method, see below)")
+    t.add_argument("--steps", type=int, default=None, metavar="INT",
+                   help="inner steps K, > 0: stored states (amaml) or GD steps (discrete methods)")
+    t.add_argument("--meta-iterations", type=int, default=None, metavar="INT",
+                   help="outer iterations, > 0 (default: per benchmark, 1000)")
+    t.add_argument("--meta-batch", type=int, default=None, metavar="INT",
+                   help="tasks per outer iteration, > 0 (default: 5; 4 for images)")
+    t.add_argument("--ways", type=int, default=None, metavar="INT",
+                   help="classes per task, classification only (default: 20 omniglot, 5 miniimagenet)")
+    t.add_argument("--shots", type=int, default=None, metavar="INT",
+                   help="support examples per task (per class for images); regression uses as many queries")
+    t.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="data set location (movielens, movielens-1m, jester, omniglot, miniimagenet)")
+    t.add_argument("--seed", type=int, default=None, metavar="INT",
+                   help="seed of the initialisation and of the task order (default: 0); "
+                   "the benchmark's task sets are fixed")
+    t.add_argument("--out", default=None, metavar="DIR",
+                   help="run directory (default: runs/<benchmark>-<method>-<timestamp>)")
+    t.add_argument("--checkpoint-every", type=int, default=None, metavar="INT",
+                   help="save a checkpoint every INT meta-iterations (default: meta-iterations/5)")
+    t.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run in DIR from its last checkpoint with its saved configuration "
+                   "(only --meta-iterations and --checkpoint-every may change)")
+    _add_common(t)
+
+    e = sub.add_parser(
+        "evaluate",
+        help="evaluate a run's latest checkpoint on the meta-test tasks",
+        description="Load RUN_DIR's configuration and latest checkpoint, evaluate the learned and a "
+        "random initialisation on the meta-test tasks, and rewrite results.md and the figures.",
+    )
+    e.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by ctmeta train")
+    _add_common(e)
+
+    # `ctmeta bench ...` is handed to ctmeta.bench.main (its own flags and --help).
+    sub.add_parser(
+        "bench",
+        help="memory and time of each meta-gradient rule against the number of inner steps "
+        "(see: ctmeta bench --help)",
+        add_help=False,
+    )
+    return parser
+
+
+# --------------------------------------------------------------------------- #
+
+
+_RESUMABLE = ("meta_iterations", "checkpoint_every")
+_FIXED_ON_RESUME = ("benchmark", "method", "T", "steps", "meta_batch", "ways", "shots", "seed")
+
+
+def _resolve_train(args) -> dict:
+    from .presets import resolve_config
+
+    return resolve_config(
+        args.benchmark,
+        args.method,
+        T=args.T,
+        steps=args.steps,
+        meta_iterations=args.meta_iterations,
+        meta_batch=args.meta_batch,
+        ways=args.ways,
+        shots=args.shots,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+
+
+def _check_resume_flags(args, config: dict) -> dict:
+    if args.out is not None:
+        raise InputError("--resume continues a run in its own directory; do not give --out with it")
+    for name in _FIXED_ON_RESUME:
+        value = getattr(args, name)
+        if value is not None and value != config.get(name):
+            flag = "--" + name.replace("_", "-")
+            raise InputError(
+                f"{flag} {value} differs from the resumed run's {config.get(name)!r}; a resumed run keeps "
+                "its configuration (only --meta-iterations and --checkpoint-every may change)"
+            )
+    config = dict(config)
+    if args.meta_iterations is not None:
+        if args.meta_iterations < 1:
+            raise InputError(f"--meta-iterations must be a positive integer, got {args.meta_iterations}")
+        config["meta_iterations"] = args.meta_iterations
+    if args.checkpoint_every is not None:
+        if args.checkpoint_every < 1:
+            raise InputError(f"--checkpoint-every must be a positive integer, got {args.checkpoint_every}")
+        config["checkpoint_every"] = args.checkpoint_every
+    if args.data_dir is not None:
+        import pathlib
+
+        path = pathlib.Path(args.data_dir).expanduser()
+        if not path.exists():
+            from ._errors import DataError
+
+            raise DataError(f"--data-dir {path} does not exist")
+        config["data_dir"] = str(path.resolve())
+    return config
+
+
+def _dtype_name() -> str:
+    import jax
+
+    return "float64" if jax.config.jax_enable_x64 else "float32"
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("jax", "jaxlib", "equinox", "diffrax", "optax", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _cmd_train(args, argv) -> int:
+    from .runs import Reporter, RunDir, default_run_dir, evaluate_run, train
+
+    reporter = Reporter(quiet=args.quiet)
+    if args.resume is not None:
+        run = RunDir.open(args.resume)
+        config = _check_resume_flags(args, run.read_config())
+    else:
+        config = _resolve_train(args)  # every flag checked before any JAX work
+        out = args.out if args.out is not None else str(default_run_dir(config["benchmark"], config["method"]))
+        if RunDir(out).config_path.exists():
+            raise InputError(f"--out {out} already holds a run; continue it with --resume {out} or choose another --out")
+
+    from .presets import build
+
+    exp = build(config, progress=not args.quiet, log=reporter.log)
+    learner = exp.learner
+    if args.resume is not None:
+        if config.get("dtype") and config["dtype"] != _dtype_name():
+            raise InputError(f"the run was trained in {config['dtype']} but this process uses {_dtype_name()}")
+        state, meta, path = run.load_latest(learner.init(exp.run_key), warn=reporter.log)
+        it = int(state.iteration)
+        rows = run.truncate_metrics(it)
+        seconds = float(meta.get("seconds", rows[-1]["seconds"] if rows else 0.0))
+        resumes = list(config.get("resumes", []))
+        resumes.append({"from_iteration": it, "at": _dt.datetime.now().isoformat(timespec="seconds"),
+                        "argv": list(argv)})
+        config["resumes"] = resumes
+        run.write_config(config)
+        args.run_path = str(run.path)
+        reporter.log(f"resuming {run.path} from {path.name} (iteration {it})")
+    else:
+        config["dtype"] = _dtype_name()
+        config["task_family"] = repr(exp.family)
+        config["versions"] = _versions()
+        config["created"] = _dt.datetime.now().isoformat(timespec="seconds")
+        config["argv"] = list(argv)
+        run = RunDir.create(out, config)
+        state, seconds = None, 0.0
+        reporter.log(f"run directory: {run.path}")
+    args.run_path = str(run.path)
+    state = train(exp, run, state=state, seconds_offset=seconds, reporter=reporter)
+    evaluate_run(exp, run, state, reporter=reporter)
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .presets import build
+    from .runs import Reporter, RunDir, evaluate_run
+
+    reporter = Reporter(quiet=args.quiet)
+    run = RunDir.open(args.run_dir)
+    config = run.read_config()
+    exp = build(config, progress=not args.quiet, log=reporter.log)
+    state, _, path = run.load_latest(exp.learner.init(exp.run_key), warn=reporter.log)
+    reporter.log(f"evaluating {run.path} at {path.name} (iteration {int(state.iteration)})")
+    evaluate_run(exp, run, state, reporter=reporter)
+    return 0
+
+
+def _run_bench(argv: list[str]) -> int:
+    try:
+        from . import bench
+    except ImportError as err:
+        print(f"ctmeta: error: ctmeta bench is not available ({err})", file=sys.stderr)
+        return 2
+    try:
+        return int(bench.main(argv) or 0)
+    except SystemExit as exit_:  # argparse inside bench
+        return exit_.code if isinstance(exit_.code, int) else 2
+    except CtmetaError as err:
+        print(f"ctmeta: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ctmeta: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        msg = (str(err).strip().splitlines() or [""])[0]
+        print(f"ctmeta: internal error: {type(err).__name__}: {msg}", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `ctmeta` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return _run_bench(argv[1:])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
+        return exit_.code if isinstance(exit_.code, int) else 2
+    debug = getattr(args, "debug", False)
+    try:
+        if args.command == "train":
+            return _cmd_train(args, argv)
+        if args.command == "evaluate":
+            return _cmd_evaluate(args)
+        parser.error(f"unknown command {args.command!r}")
+    except CtmetaError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"ctmeta: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        where = getattr(args, "run_path", None) or "RUN_DIR"
+        print(f"ctmeta: interrupted; continue with: ctmeta train --resume {where}", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug, or an environment problem
+        if debug:
+            traceback.print_exc()
+        msg = str(err).strip().splitlines()
+        msg = msg[0] if msg else ""
+        hint = "" if debug else " (run again with --debug for the traceback)"
+        print(f"ctmeta: internal error: {type(err).__name__}: {msg}{hint}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _console_main() -> None:  # pragma: no cover
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,819 @@
+r"""Meta-learners: a model, a meta-gradient rule and an outer optimiser, jitted.
+
+A [`MetaLearner`][] turns
+
+- a **model** (an equinox module: its floating-point arrays are the learned
+  initialisation $\theta$),
+- a **method** (a meta-gradient rule from `ctmeta.methods`: [`Adjoint`][]
+  for A-MAML, [`Unrolled`][], [`FirstOrder`][], [`Implicit`][], [`Reptile`][];
+  or [`LinearFlow`][] for COMLN's head),
+- an **optax optimiser** for the outer loop,
+- a per-task **loss** `loss(pred, y)` (the same for the inner loop on the
+  support set and the outer loss on the query set),
+- and the **horizon** `T` (fixed, or learned as $T = e^{\log T}$, COMLN's
+  parametrisation)
+
+into `meta_step(state, batch)`: one `eqx.filter_jit`-compiled function that,
+for each task of the meta-batch (a `vmap`), adapts on the support set with
+`gradient_flow`, takes the outer loss on the query set and its meta-gradient,
+then averages over tasks and applies the optimiser. Reptile uses
+`reptile_direction` as the "gradient" instead.
+
+Two ways to adapt (the `adapt` argument):
+
+- `"all"`: the whole model adapts (A-MAML, MAML, FOMAML, Reptile, iMAML).
+  The model is applied to a set of inputs with `apply(model, x)`, by default
+  `ctmeta.models.apply_to_set` (which vmaps a per-example module).
+- `"head"`: the model is an [`EmbeddingHead`][] and only its linear head
+  `W (ways, d)` adapts, on the embedded support set (ANIL with `Unrolled`,
+  COMLN with [`LinearFlow`][]); the embedding network is meta-learned
+  through the features.
+
+Everything random is a function of the state's key and the iteration:
+use [`MetaLearner.iteration_key`][] (`fold_in(key, iteration)`) to sample a
+meta-batch, so that a run resumed from a checkpoint draws what an
+uninterrupted run would have drawn.
+
+Checkpoints are written without pickle: [`save_state`][] stores the state's
+arrays with `eqx.tree_serialise_leaves` plus a JSON sidecar, atomically, and
+[`load_state`][] reads them back into a like-structured template (for
+instance `learner.init(key)`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pathlib
+import tempfile
+from typing import Any, Callable, Literal, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import __version__
+from ._errors import CheckpointError, InputError, NumericalError
+from .adaptation import gradient_flow
+from .methods import AbstractMethod, FirstOrder, Implicit, Reptile, reptile_direction
+from .models import SetModule, apply_to_set
+
+PyTree = Any
+
+__all__ = [
+    "EmbeddingHead",
+    "Evaluation",
+    "InputScale",
+    "LinearFlow",
+    "MetaLearner",
+    "MetaParams",
+    "MetaState",
+    "accuracy",
+    "cross_entropy",
+    "load_state",
+    "mse",
+    "nrmse_metric",
+    "save_state",
+    "summarize",
+]
+
+
+# --------------------------------------------------------------------------- #
+# Losses and metrics (per task: pred (K, O), y (K, O) or labels (K,))
+# --------------------------------------------------------------------------- #
+
+
+def _masked_mean(values, mask):
+    if mask is None:
+        return jnp.mean(values)
+    mask = mask.astype(values.dtype)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def mse(pred: jax.Array, y: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean squared error of one task, `pred (K, O)`, `y (K, O)`; `mask (K,)` optional."""
+    err = jnp.mean(jnp.square(pred - y), axis=-1)
+    if mask is not None:
+        err = jnp.where(mask, err, 0.0)
+    return _masked_mean(err, mask)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean softmax cross-entropy of one task, `logits (K, ways)`, integer `labels (K,)`."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
+    return _masked_mean(ce, mask)
+
+
+def nrmse_metric(pred: jax.Array, y: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Normalised RMSE of one task (`ctmeta.tasks.metrics.nrmse`), lower is better."""
+    from .tasks.metrics import nrmse
+
+    return nrmse(pred, y, mask)
+
+
+def accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Fraction of correctly classified examples of one task, higher is better."""
+    hit = (jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype)
+    return _masked_mean(hit, mask)
+
+
+def summarize(values) -> tuple[float, float]:
+    """Mean and half-width of the normal 95% confidence interval over tasks."""
+    values = np.asarray(values, dtype=np.float64)
+    n = values.shape[0]
+    mean = float(np.mean(values))
+    half = float(1.96 * np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return mean, half
+
+
+# --------------------------------------------------------------------------- #
+# Models and methods that only the meta-learner knows about
+# --------------------------------------------------------------------------- #
+
+
+class EmbeddingHead(SetModule):
+    """An embedding network followed by a bias-free linear head `W (ways, d)`.
+
+    Applied to a set `x (K, ...)`: `logits = apply_to_set(embedding, x) @ W.T`.
+    With `adapt="head"` only `head` adapts in the inner loop (ANIL, COMLN);
+    with `adapt="all"` the whole module does (MAML on this network).
+    """
+
+    embedding: Any
+    head: jax.Array
+
+    def __call__(self, x):
+        return self.features(x) @ self.head.T
+
+    def features(self, x):
+        feats = apply_to_set(self.embedding, x)
+        return feats.reshape(feats.shape[0], -1)
+
+
+class InputScale(eqx.Module):
+    """`model(x * scale)`: a fixed (not learned) rescaling of one example's input.
+
+    Keeps the inputs of a per-example model of order one (Alpine's
+    `[-10, 10]^2` becomes `[-1, 1]^2`), which keeps the Hessian of the task
+    loss, hence the stiffness of the gradient flow, moderate.
+    """
+
+    model: Any
+    scale: float = eqx.field(static=True)
+
+    def __call__(self, x):
+        return self.model(x * self.scale)
+
+
+class LinearFlow(eqx.Module):
+    """COMLN: adapt a linear softmax head by `ctmeta.linear_flow.linear_flow`.
+
+    Exact meta-gradients in the head's initialisation, the embedding and `T`
+    by forward sensitivity, in memory independent of `T`. Use with an
+    [`EmbeddingHead`][], `adapt="head"` and the cross-entropy loss (the
+    flow's inner loss is cross-entropy by construction).
+
+    - `lam`: proximal strength around `W0`.
+    - `solver`: `"dopri5"` (adaptive) or `"euler"` (then `steps` fixed steps,
+      which is ANIL with learning rate `T/steps`).
+    """
+
+    lam: float = eqx.field(default=0.0, static=True)
+    solver: str = eqx.field(default="dopri5", static=True)
+    steps: int | None = eqx.field(default=None, static=True)
+    rtol: float = eqx.field(default=1e-6, static=True)
+    atol: float = eqx.field(default=1e-8, static=True)
+    max_steps: int = eqx.field(default=4096, static=True)
+
+    def __check_init__(self):
+        if self.solver not in ("dopri5", "euler"):
+            raise InputError(f"LinearFlow(solver={self.solver!r}): use 'dopri5' or 'euler'.")
+        if self.solver == "euler" and (not isinstance(self.steps, int) or self.steps < 1):
+            raise InputError("LinearFlow(solver='euler') needs steps, a positive int.")
+        if not self.lam >= 0:
+            raise InputError(f"LinearFlow(lam={self.lam!r}): the proximal strength must be >= 0.")
+
+    @property
+    def inner_steps(self) -> int:
+        return self.steps if self.steps is not None else 100
+
+    def adapt_head(self, W0, features, labels_onehot, T):
+        from .linear_flow import linear_flow
+
+        return linear_flow(
+            W0,
+            features,
+            labels_onehot,
+            T,
+            lam=self.lam,
+            solver=self.solver,
+            steps=self.steps if self.solver == "euler" else None,
+            rtol=self.rtol,
+            atol=self.atol,
+            max_steps=self.max_steps,
+        )
+
+
+# --------------------------------------------------------------------------- #
+# State
+# --------------------------------------------------------------------------- #
+
+
+class MetaParams(eqx.Module):
+    """The meta-parameters: the model's floating-point arrays (its other
+    leaves are `None`; the learner keeps them) and `log_T` when `T` is learned."""
+
+    model: PyTree
+    log_T: jax.Array | None = None
+
+
+class MetaState(eqx.Module):
+    """Everything a run needs to continue: meta-parameters, the optimiser's
+    state, the run's base key and the number of meta-iterations done."""
+
+    params: MetaParams
+    opt_state: PyTree
+    key: jax.Array
+    iteration: jax.Array
+
+
+class Evaluation(NamedTuple):
+    """Query error after each number of adaptation steps.
+
+    `steps (S,)`; `per_task (n_tasks, S)`; `mean (S,)` and `ci95 (S,)` (the
+    half-width of the normal 95% interval over tasks); `lr` the GD step.
+    """
+
+    steps: np.ndarray
+    per_task: np.ndarray
+    mean: np.ndarray
+    ci95: np.ndarray
+    lr: float
+
+    def at(self, step: int) -> tuple[float, float]:
+        """`(mean, ci95)` after `step` adaptation steps."""
+        where = np.flatnonzero(self.steps == step)
+        if where.size == 0:
+            raise InputError(f"step {step} was not evaluated; evaluated steps: {self.steps.tolist()}")
+        i = int(where[0])
+        return float(self.mean[i]), float(self.ci95[i])
+
+
+def _tree_where(pred, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    if not leaves:
+        return jnp.array(True)
+    return jnp.all(jnp.stack(leaves))
+
+
+def _check_positive(name: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a positive number, got {value!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise InputError(f"{name} must be a positive, finite number, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- #
+# The meta-learner
+# --------------------------------------------------------------------------- #
+
+
+class MetaLearner:
+    r"""Meta-learn an initialisation (and optionally the horizon `T`).
+
+    **Arguments:**
+
+    - `model`: an equinox module, the initial meta-parameters. Its
+      floating-point arrays are learned; everything else is kept as is.
+    - `method`: `Adjoint()`, `Unrolled()`, `FirstOrder()`, `Implicit()`,
+      `Reptile()` (from `ctmeta.methods`), or [`LinearFlow`][] (head only).
+    - `optimizer`: an optax `GradientTransformation` for the outer loop.
+    - `loss`: `loss(pred, y)` or `loss(pred, y, mask)`, the per-task loss
+      (e.g. [`mse`][], [`cross_entropy`][]); inner loss on the support set,
+      outer loss on the query set.
+    - `T`: the horizon (for discrete methods, `h = T / steps` is the inner
+      learning rate), or its initial value when `learn_T=True`.
+    - `learn_T`: learn `log_T` with the other meta-parameters (COMLN's
+      parametrisation `T = exp(log_T)`). Only for methods that differentiate
+      `T`: `Adjoint`, `Unrolled`, `LinearFlow`.
+    - `metric`: `metric(pred, y, mask=None) -> scalar` per task, for
+      [`evaluate`][MetaLearner.evaluate] (default: [`nrmse_metric`][] after
+      [`mse`][], [`accuracy`][] after [`cross_entropy`][]).
+    - `apply`: `apply(model, x_set) -> pred_set` (default `apply_to_set`).
+    - `adapt`: `"all"` (the whole model adapts) or `"head"` (the model is an
+      [`EmbeddingHead`][]; only its head adapts).
+    - `on_nonfinite`: `"raise"` (default): a non-finite meta-gradient leaves
+      the state unchanged and raises `NumericalError` naming the iteration.
+      `"skip-task"`: tasks whose loss or meta-gradient is not finite are left
+      out of the average (the update is skipped when all are); the number
+      skipped is reported in the metrics as `skipped`.
+    """
+
+    def __init__(
+        self,
+        model: PyTree,
+        method,
+        optimizer: optax.GradientTransformation,
+        loss: Callable = mse,
+        *,
+        T: float = 1.0,
+        learn_T: bool = False,
+        metric: Callable | None = None,
+        apply: Callable = apply_to_set,
+        adapt: Literal["all", "head"] = "all",
+        on_nonfinite: Literal["raise", "skip-task"] = "raise",
+    ):
+        if not isinstance(method, (AbstractMethod, LinearFlow)):
+            raise InputError(
+                "MetaLearner: method must be Adjoint(), Unrolled(), FirstOrder(), Implicit(), "
+                f"Reptile() or LinearFlow(); got {method!r}"
+            )
+        if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+            raise InputError(f"MetaLearner: optimizer must be an optax GradientTransformation; got {optimizer!r}")
+        if not callable(loss):
+            raise InputError(f"MetaLearner: loss must be callable loss(pred, y); got {loss!r}")
+        if adapt not in ("all", "head"):
+            raise InputError(f"MetaLearner: adapt must be 'all' or 'head'; got {adapt!r}")
+        if on_nonfinite not in ("raise", "skip-task"):
+            raise InputError(f"MetaLearner: on_nonfinite must be 'raise' or 'skip-task'; got {on_nonfinite!r}")
+        if adapt == "head" and not isinstance(model, EmbeddingHead):
+            raise InputError("MetaLearner(adapt='head') needs an EmbeddingHead(embedding, head) model.")
+        if isinstance(method, LinearFlow) and adapt != "head":
+            raise InputError("LinearFlow (COMLN) adapts a linear head: use adapt='head' with an EmbeddingHead.")
+        if isinstance(method, Reptile) and adapt == "head":
+            raise InputError("Reptile with adapt='head' is not supported; use adapt='all'.")
+        if learn_T and isinstance(method, (FirstOrder, Implicit, Reptile)):
+            raise InputError(
+                f"learn_T=True needs a method that differentiates T (Adjoint, Unrolled, LinearFlow); "
+                f"{type(method).__name__} does not."
+            )
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+        if not jax.tree.leaves(params):
+            raise InputError("MetaLearner: the model has no floating-point arrays to learn.")
+        self.method = method
+        self.optimizer = optimizer
+        self.loss = loss
+        self.T = _check_positive("T", T)
+        self.learn_T = bool(learn_T)
+        if metric is None:
+            metric = accuracy if loss is cross_entropy else nrmse_metric
+        self.metric = metric
+        self.apply = apply
+        self.adapt = adapt
+        self.on_nonfinite = on_nonfinite
+        self._init_params = params
+        self._static = static
+        self._dtype = jnp.result_type(*jax.tree.leaves(params))
+        #: How many times `meta_step`'s function was traced (compiled); a run
+        #: with fixed shapes traces it once.
+        self.num_traces = 0
+        self._step_jit = eqx.filter_jit(self._step)
+        self._eval_jit = eqx.filter_jit(self._evaluate_chunk)
+        self._grad_jit = eqx.filter_jit(self._meta_gradient)
+
+    # -- state ---------------------------------------------------------------
+
+    def init(self, key: jax.Array, model: PyTree | None = None) -> MetaState:
+        """A fresh state: the model's arrays (or `model`'s), the optimiser's
+        initial state, the run's base `key` and iteration 0."""
+        if model is None:
+            params = self._init_params
+        else:
+            params, static = eqx.partition(model, eqx.is_inexact_array)
+            if jax.tree.structure(static) != jax.tree.structure(self._static):
+                raise InputError("MetaLearner.init: model has a different structure from the learner's.")
+        log_T = jnp.log(jnp.asarray(self.T, self._dtype)) if self.learn_T else None
+        mp = MetaParams(model=params, log_T=log_T)
+        key = jnp.asarray(key)
+        if not (key.dtype == jnp.uint32 and key.shape == (2,)):
+            raise InputError("MetaLearner.init: key must be a raw jax.random.PRNGKey(seed) (uint32[2]).")
+        return MetaState(
+            params=mp,
+            opt_state=self.optimizer.init(mp),
+            key=key,
+            iteration=jnp.asarray(0, jnp.int32),
+        )
+
+    def model(self, state_or_params: MetaState | MetaParams) -> PyTree:
+        """The full model (learned arrays + the static rest) of a state."""
+        params = state_or_params.params if isinstance(state_or_params, MetaState) else state_or_params
+        return eqx.combine(params.model, self._static)
+
+    def horizon(self, state_or_params: MetaState | MetaParams) -> jax.Array:
+        """The horizon `T` of a state (`exp(log_T)` when learned)."""
+        params = state_or_params.params if isinstance(state_or_params, MetaState) else state_or_params
+        return self._horizon(params)
+
+    def _horizon(self, params: MetaParams):
+        if params.log_T is not None:
+            return jnp.exp(params.log_T)
+        return jnp.asarray(self.T, self._dtype)
+
+    @staticmethod
+    def iteration_key(state: MetaState, iteration: int | None = None) -> jax.Array:
+        """The key of meta-iteration `iteration` (default: the state's next
+        one): `fold_in(state.key, iteration)`, independent of how many
+        iterations ran in this process."""
+        it = int(state.iteration) if iteration is None else int(iteration)
+        return jax.random.fold_in(state.key, it)
+
+    # -- one task ------------------------------------------------------------
+
+    def _call_loss(self, fn, pred, y, mask):
+        return fn(pred, y) if mask is None else fn(pred, y, mask)
+
+    def _adapted_query_pred(self, params: MetaParams, task):
+        """Adapt on the task's support set; return (query prediction, adapted arrays)."""
+        sx, sy, qx = task[0], task[1], task[2]
+        model = eqx.combine(params.model, self._static)
+        T = self._horizon(params)
+        if self.adapt == "all":
+
+            def inner_loss(m, data):
+                x, y = data
+                return self.loss(self.apply(m, x), y)
+
+            adapted = gradient_flow(inner_loss, model, (sx, sy), T, method=self.method)
+            return self.apply(adapted, qx), eqx.filter(adapted, eqx.is_inexact_array)
+        # Head only: the embedding is meta-learned through the features.
+        fs = model.features(sx)
+        fq = model.features(qx)
+        if isinstance(self.method, LinearFlow):
+            labels = jax.nn.one_hot(sy, model.head.shape[0], dtype=fs.dtype)
+            W = self.method.adapt_head(model.head, fs, labels, T.astype(fs.dtype))
+        else:
+
+            def head_loss(W, data):
+                f, y = data
+                return self.loss(f @ W.T, y)
+
+            W = gradient_flow(head_loss, model.head, (fs, sy), T, method=self.method)
+        return fq @ W.T, W
+
+    def _task_objective(self, params: MetaParams, task):
+        pred, adapted = self._adapted_query_pred(params, task)
+        mask = task[4] if len(task) > 4 else None
+        return self._call_loss(self.loss, pred, task[3], mask), adapted
+
+    # -- the meta-step ---------------------------------------------------------
+
+    def _per_task(self, params: MetaParams, batch):
+        """Per-task query losses and meta-gradients (Reptile: directions), vmapped."""
+        tasks = tuple(batch)
+        if isinstance(self.method, Reptile):
+
+            def per_task(p, task):
+                loss, adapted = self._task_objective(p, task)
+                return loss, MetaParams(model=reptile_direction(p.model, adapted), log_T=None)
+
+            return jax.vmap(per_task, in_axes=(None, 0))(params, tasks)
+        grad_fn = jax.value_and_grad(lambda p, t: self._task_objective(p, t)[0])
+        return jax.vmap(grad_fn, in_axes=(None, 0))(params, tasks)
+
+    def _combine_tasks(self, losses, grads):
+        n = losses.shape[0]
+        task_ok = jax.vmap(lambda l, g: jnp.isfinite(l) & _all_finite(g))(losses, grads)
+        if self.on_nonfinite == "skip-task":
+            # Hook: drop the tasks whose loss or meta-gradient is not finite.
+            weights = task_ok.astype(losses.dtype) / jnp.maximum(jnp.sum(task_ok), 1).astype(losses.dtype)
+            grads = jax.tree.map(
+                lambda g: jnp.tensordot(weights, jnp.where(task_ok.reshape((n,) + (1,) * (g.ndim - 1)), g, 0.0), 1),
+                grads,
+            )
+            meta_loss = jnp.sum(jnp.where(task_ok, losses, 0.0) * weights)
+            skipped = n - jnp.sum(task_ok)
+        else:
+            grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+            meta_loss = jnp.mean(losses)
+            skipped = jnp.asarray(0)
+        return meta_loss, grads, task_ok, skipped
+
+    def _meta_gradient(self, params: MetaParams, batch):
+        losses, grads = self._per_task(params, batch)
+        meta_loss, grads, _, _ = self._combine_tasks(losses, grads)
+        return meta_loss, grads
+
+    def meta_gradient(self, state_or_params: MetaState | MetaParams, batch) -> tuple[jax.Array, MetaParams]:
+        """The meta-loss and the meta-gradient (for Reptile, the direction
+        `theta - u_K`) averaged over the tasks of `batch`, without updating.
+        Same computation as `meta_step`'s (a `vmap` over tasks)."""
+        params = state_or_params.params if isinstance(state_or_params, MetaState) else state_or_params
+        return self._grad_jit(params, batch)
+
+    def task_objective(self, state_or_params: MetaState | MetaParams, task) -> jax.Array:
+        """The query loss of ONE task (no task axis) after adaptation on its
+        support set; `jax.grad` of it is that task's meta-gradient."""
+        params = state_or_params.params if isinstance(state_or_params, MetaState) else state_or_params
+        return self._task_objective(params, tuple(task))[0]
+
+    def _step(self, state: MetaState, batch):
+        self.num_traces += 1  # Python side effect: runs once per trace
+        params = state.params
+        losses, grads = self._per_task(params, batch)
+        meta_loss, grads, task_ok, skipped = self._combine_tasks(losses, grads)
+        finite = _all_finite(grads) & jnp.isfinite(meta_loss)
+        if self.on_nonfinite == "skip-task":
+            finite = finite & jnp.any(task_ok)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, params)
+        new_params = eqx.apply_updates(params, updates)
+        # Never let a non-finite gradient into the parameters.
+        new_params = _tree_where(finite, new_params, params)
+        opt_state = _tree_where(finite, opt_state, state.opt_state)
+        new_state = MetaState(
+            params=new_params,
+            opt_state=opt_state,
+            key=state.key,
+            iteration=state.iteration + finite.astype(state.iteration.dtype),
+        )
+        metrics = {
+            "meta_loss": meta_loss,
+            "grad_norm": optax.tree.norm(grads),
+            "T": self._horizon(params),
+            "finite": finite,
+            "skipped": skipped,
+        }
+        return new_state, metrics
+
+    def meta_step(self, state: MetaState, batch, *, check: bool = True) -> tuple[MetaState, dict]:
+        """One meta-iteration on `batch` (a `Batch` with a leading task axis).
+
+        Returns the new state and the metrics `meta_loss` (mean query loss
+        after adaptation), `grad_norm` (of the averaged meta-gradient or
+        Reptile direction), `T` (the horizon used), `finite`, `skipped`, as
+        arrays. The underlying function is compiled once per shape.
+
+        With `check=True` (default), a non-finite meta-gradient (or a solve
+        that failed) raises `NumericalError` naming the iteration; the
+        parameters are never updated with non-finite values either way.
+        """
+        try:
+            new_state, metrics = self._step_jit(state, batch)
+            finite = bool(metrics["finite"]) if check else True
+        except (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError) as err:
+            msg = str(err).strip().splitlines()
+            msg = next((line for line in msg if line.strip()), type(err).__name__)
+            raise NumericalError(
+                f"meta-iteration {int(state.iteration) + 1}: the inner solve failed: {msg}"
+            ) from err
+        if check and not finite:
+            if self.on_nonfinite == "skip-task":
+                raise NumericalError(
+                    f"meta-iteration {int(state.iteration) + 1}: every task of the meta-batch gave a "
+                    "non-finite loss or meta-gradient; the parameters were left unchanged."
+                )
+            raise NumericalError(
+                f"meta-iteration {int(state.iteration) + 1}: non-finite meta-gradient or meta-loss "
+                f"(meta-loss {float(metrics['meta_loss']):.4g}); the parameters were left unchanged. "
+                "Lower the horizon T or the outer learning rate, or use on_nonfinite='skip-task'."
+            )
+        return new_state, metrics
+
+    # -- evaluation ------------------------------------------------------------
+
+    def _evaluate_chunk(self, params: MetaParams, batch, segments: tuple[int, ...], lr):
+        """Per-task metric after sum(segments[:i]) GD steps, for each i (incl. 0)."""
+        model = eqx.combine(params.model, self._static)
+        tasks = tuple(batch)
+
+        def one(task):
+            sx, sy, qx, qy = task[:4]
+            mask = task[4] if len(task) > 4 else None
+            if self.adapt == "all":
+                u, static = eqx.partition(model, eqx.is_inexact_array)
+
+                def support_loss(u):
+                    return self.loss(self.apply(eqx.combine(u, static), sx), sy)
+
+                def score(u):
+                    return self._call_loss(self.metric, self.apply(eqx.combine(u, static), qx), qy, mask)
+
+            else:
+                fs = jax.lax.stop_gradient(model.features(sx))
+                fq = model.features(qx)
+                u = model.head
+
+                def support_loss(W):
+                    return self.loss(fs @ W.T, sy)
+
+                def score(W):
+                    return self._call_loss(self.metric, fq @ W.T, qy, mask)
+
+            def gd(u, _):
+                g = jax.grad(support_loss)(u)
+                return jax.tree.map(lambda a, b: a - lr * b, u, g), None
+
+            out = [score(u)]
+            for k in segments:
+                u, _ = jax.lax.scan(gd, u, None, length=k)
+                out.append(score(u))
+            return jnp.stack(out)
+
+        return jax.vmap(one)(tasks)
+
+    def evaluate(
+        self,
+        state_or_params: MetaState | MetaParams,
+        batch,
+        steps_list=(0, 50, 200),
+        *,
+        lr: float | None = None,
+        chunk_size: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Evaluation:
+        """Adapt on each task's support set from the learned initialisation by
+        plain gradient descent with learning rate `lr` (default: the method's
+        `T / K`), recording the query metric after each number of steps in
+        `steps_list`.
+
+        `batch` holds the evaluation tasks (a `Batch`, or a `MaskedBatch`
+        whose `query_mask` the metric uses). They are processed `chunk_size`
+        tasks at a time (all at once by default); `progress(n)` is called
+        with the number of tasks done after each chunk. With `adapt="head"`
+        only the head adapts, on fixed features. Returns an [`Evaluation`][].
+        """
+        params = state_or_params.params if isinstance(state_or_params, MetaState) else state_or_params
+        steps = sorted({int(s) for s in steps_list})
+        if not steps or steps[0] < 0:
+            raise InputError(f"evaluate: steps_list must be non-negative ints, got {list(steps_list)!r}")
+        if lr is None:
+            lr = float(self._horizon(params)) / self.method.inner_steps
+        lr = _check_positive("evaluate: lr", lr)
+        positive = [s for s in steps if s > 0]
+        segments = tuple(b - a for a, b in zip([0] + positive[:-1], positive))
+        n = jax.tree.leaves(batch)[0].shape[0]
+        chunk = n if chunk_size is None else max(1, min(int(chunk_size), n))
+        results = []
+        lr_arr = jnp.asarray(lr, self._dtype)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            idx = np.minimum(np.arange(start, start + chunk), n - 1)  # pad: fixed shapes
+            part = jax.tree.map(lambda a: a[idx], tuple(batch))
+            values = self._eval_jit(params, type(batch)(*part), segments, lr_arr)
+            results.append(np.asarray(values)[: stop - start])
+            if progress is not None:
+                progress(stop)
+        values = np.concatenate(results, axis=0)  # column 0: step 0; then `positive`
+        columns = [0 if s == 0 else 1 + positive.index(s) for s in steps]
+        per_task = values[:, columns]
+        stats = [summarize(per_task[:, i]) for i in range(per_task.shape[1])]
+        return Evaluation(
+            steps=np.asarray(steps),
+            per_task=per_task,
+            mean=np.asarray([m for m, _ in stats]),
+            ci95=np.asarray([c for _, c in stats]),
+            lr=lr,
+        )
+
+    # -- persistence -----------------------------------------------------------
+
+    def save(self, path, state: MetaState, metadata: dict | None = None) -> None:
+        """[`save_state`][] with this learner's state."""
+        save_state(path, state, metadata)
+
+    def load(self, path, *, key: jax.Array | None = None) -> tuple[MetaState, dict]:
+        """[`load_state`][] into a template from `self.init` (structure only)."""
+        like = self.init(jax.random.PRNGKey(0) if key is None else key)
+        return load_state(path, like)
+
+
+# --------------------------------------------------------------------------- #
+# Save / load without pickle
+# --------------------------------------------------------------------------- #
+
+_FORMAT = "ctmeta-state/1"
+
+
+def _leaf_specs(tree) -> list[str]:
+    """`"float32[32,2]"` for each array leaf, in order."""
+    specs = []
+    for leaf in jax.tree.leaves(tree):
+        arr = np.asarray(leaf)
+        specs.append(f"{arr.dtype}[{','.join(str(d) for d in arr.shape)}]")
+    return specs
+
+
+def _fsync_dir(directory: pathlib.Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file, fsync and rename."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def sidecar_path(path: str | os.PathLike) -> pathlib.Path:
+    """The JSON sidecar of a state file: `ckpt-100.eqx` -> `ckpt-100.json`."""
+    return pathlib.Path(path).with_suffix(".json")
+
+
+def save_state(path: str | os.PathLike, state: MetaState, metadata: dict | None = None) -> None:
+    """Save a learner state to `path` (arrays, `eqx.tree_serialise_leaves`)
+    and `path.json` (iteration, shapes, checksum, `metadata`), atomically.
+
+    No pickle: loading needs a like-structured template ([`load_state`][]).
+    The JSON sidecar is written last, so a complete sidecar means a complete
+    state file.
+    """
+    import io
+
+    path = pathlib.Path(path)
+    buf = io.BytesIO()
+    eqx.tree_serialise_leaves(buf, state)
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    side = {
+        "format": _FORMAT,
+        "ctmeta_version": __version__,
+        "file": path.name,
+        "iteration": int(state.iteration),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "leaves": _leaf_specs(state),
+        "metadata": metadata or {},
+    }
+    atomic_write_bytes(sidecar_path(path), (json.dumps(side, indent=2) + "\n").encode())
+
+
+def read_sidecar(path: str | os.PathLike) -> dict:
+    """The JSON sidecar of a saved state, checked for format."""
+    side_path = sidecar_path(path)
+    try:
+        side = json.loads(side_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path}: its sidecar {side_path} is missing (an interrupted save?)") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: cannot read {side_path}: {err}") from None
+    if not isinstance(side, dict) or side.get("format") != _FORMAT:
+        raise CheckpointError(f"checkpoint {path}: {side_path} is not a ctmeta state sidecar ({_FORMAT}).")
+    return side
+
+
+def load_state(path: str | os.PathLike, like: MetaState) -> tuple[MetaState, dict]:
+    """Load a state saved by [`save_state`][] into the structure of `like`.
+
+    Checks the checksum and that every array has the template's shape and
+    dtype; raises `CheckpointError` saying what does not match. Returns the
+    state and the sidecar's `metadata`.
+    """
+    import io
+
+    path = pathlib.Path(path)
+    side = read_sidecar(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from None
+    if hashlib.sha256(data).hexdigest() != side.get("sha256"):
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated (checksum mismatch).")
+    expected = _leaf_specs(like)
+    if side.get("leaves") != expected:
+        got = side.get("leaves") or []
+        detail = f"{len(got)} arrays saved, {len(expected)} expected"
+        for i, (a, b) in enumerate(zip(got, expected)):
+            if a != b:
+                detail = f"array {i} is {a} in the checkpoint but {b} here"
+                break
+        raise CheckpointError(
+            f"checkpoint {path} does not match this model/optimiser ({detail}); "
+            "was it written with a different configuration or dtype?"
+        )
+    try:
+        state = eqx.tree_deserialise_leaves(io.BytesIO(data), like)
+    except Exception as err:  # malformed payload despite the checksum
+        raise CheckpointError(f"checkpoint {path} cannot be deserialised: {err}") from None
+    return state, side.get("metadata", {})

@@ -1,0 +1,501 @@
+"""Run directories: configuration, metrics, checkpoints, figures and results.
+
+A run directory holds
+
+    config.json               everything needed to rerun (resolved defaults, version)
+    metrics.csv               one row per meta-iteration: iteration, meta_loss, grad_norm, T, seconds
+    checkpoints/ckpt-<i>.eqx  the learner state after i meta-iterations (+ ckpt-<i>.json); the last 2 kept
+    figures/meta_loss.png     the meta-loss curve
+    figures/error_vs_steps.png  meta-test error against adaptation steps, learned vs random init
+    results.md, results.json  the final table
+
+and is written so that an interrupted run can continue: every file is
+replaced atomically, the metrics rows after the last checkpoint are dropped
+on resume, and the meta-batch of iteration `i` is drawn with
+`fold_in(key, i)`, so a resumed run ends exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import math
+import os
+import pathlib
+import re
+import time
+
+from ._errors import CheckpointError, InputError
+
+__all__ = ["RunDir", "default_run_dir", "train", "evaluate_run"]
+
+METRIC_COLUMNS = ("iteration", "meta_loss", "grad_norm", "T", "seconds")
+KEEP_CHECKPOINTS = 2
+_CKPT = re.compile(r"^ckpt-(\d+)\.eqx$")
+
+
+def _atomic_text(path: pathlib.Path, text: str) -> None:
+    from .meta import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
+
+
+def default_run_dir(benchmark: str, method: str) -> pathlib.Path:
+    """`runs/<benchmark>-<method>-<timestamp>`, made unique."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = pathlib.Path("runs") / f"{benchmark}-{method}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+class RunDir:
+    """The files of one run (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+
+    config_path = property(lambda self: self.path / "config.json")
+    metrics_path = property(lambda self: self.path / "metrics.csv")
+    checkpoint_dir = property(lambda self: self.path / "checkpoints")
+    figure_dir = property(lambda self: self.path / "figures")
+    results_path = property(lambda self: self.path / "results.md")
+
+    # -- creation / opening ------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, config: dict) -> "RunDir":
+        run = cls(path)
+        if run.path.exists() and not run.path.is_dir():
+            raise InputError(f"--out {run.path} exists and is not a directory")
+        if run.config_path.exists():
+            raise InputError(
+                f"--out {run.path} already holds a run; continue it with --resume {run.path} "
+                "or choose another --out"
+            )
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.checkpoint_dir.mkdir(exist_ok=True)
+        run.write_config(config)
+        _atomic_text(run.metrics_path, ",".join(METRIC_COLUMNS) + "\n")
+        return run
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "RunDir":
+        run = cls(path)
+        if not run.path.is_dir():
+            raise InputError(f"run directory {run.path} does not exist")
+        if not run.config_path.is_file():
+            raise CheckpointError(f"{run.path} is not a ctmeta run directory: config.json is missing")
+        return run
+
+    def read_config(self) -> dict:
+        try:
+            config = json.loads(self.config_path.read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"cannot read {self.config_path}: {err}") from None
+        if not isinstance(config, dict) or "benchmark" not in config or "method" not in config:
+            raise CheckpointError(f"{self.config_path} is not a ctmeta run configuration")
+        return config
+
+    def write_config(self, config: dict) -> None:
+        _atomic_text(self.config_path, json.dumps(config, indent=2, sort_keys=False) + "\n")
+
+    # -- metrics -------------------------------------------------------------------
+
+    def read_metrics(self) -> list[dict[str, float]]:
+        if not self.metrics_path.is_file():
+            return []
+        rows = []
+        with open(self.metrics_path, newline="") as f:
+            for row in csv.DictReader(f):
+                try:
+                    rows.append({k: float(row[k]) for k in METRIC_COLUMNS})
+                except (KeyError, TypeError, ValueError):
+                    break  # a torn last line from a crash
+        return rows
+
+    def truncate_metrics(self, iteration: int) -> list[dict[str, float]]:
+        """Keep the rows up to `iteration` (the resumed checkpoint's); return them."""
+        if not self.metrics_path.is_file():
+            _atomic_text(self.metrics_path, ",".join(METRIC_COLUMNS) + "\n")
+            return []
+        with open(self.metrics_path, newline="") as f:
+            lines = f.read().splitlines()
+        keep = [lines[0]] if lines else [",".join(METRIC_COLUMNS)]
+        for line in lines[1:]:
+            head = line.split(",", 1)[0]
+            try:
+                if int(head) <= iteration and line.count(",") == len(METRIC_COLUMNS) - 1:
+                    keep.append(line)
+            except ValueError:
+                continue
+        _atomic_text(self.metrics_path, "\n".join(keep) + "\n")
+        return self.read_metrics()
+
+    # -- checkpoints ---------------------------------------------------------------
+
+    def checkpoints(self) -> list[tuple[int, pathlib.Path]]:
+        """`(iteration, path)` of the checkpoints, oldest first."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        found = []
+        for p in self.checkpoint_dir.iterdir():
+            m = _CKPT.match(p.name)
+            if m:
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def save_checkpoint(self, state, metadata: dict) -> pathlib.Path:
+        from .meta import save_state, sidecar_path
+
+        it = int(state.iteration)
+        path = self.checkpoint_dir / f"ckpt-{it}.eqx"
+        save_state(path, state, metadata)
+        for old_it, old in self.checkpoints()[:-KEEP_CHECKPOINTS]:
+            for p in (old, sidecar_path(old)):
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
+        return path
+
+    def load_latest(self, like, *, warn=print):
+        """The newest checkpoint that loads; falls back to the one before it."""
+        from .meta import load_state
+
+        ckpts = self.checkpoints()
+        if not ckpts:
+            raise CheckpointError(f"{self.path} has no checkpoint to resume from (checkpoints/ckpt-<i>.eqx)")
+        errors = []
+        for it, path in reversed(ckpts):
+            try:
+                state, meta = load_state(path, like)
+            except CheckpointError as err:
+                errors.append(str(err))
+                warn(f"warning: skipping {path.name}: {err}")
+                continue
+            if int(state.iteration) != it:
+                errors.append(f"{path.name} holds iteration {int(state.iteration)}")
+                continue
+            return state, meta, path
+        raise CheckpointError(
+            f"no usable checkpoint in {self.checkpoint_dir} ({len(errors)} tried); the newest: {errors[0]}"
+        )
+
+
+# --------------------------------------------------------------------------- #
+# Console output
+# --------------------------------------------------------------------------- #
+
+
+class Reporter:
+    """Progress bars (rich, on stderr) and log lines (stdout)."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+
+    def log(self, message: str) -> None:
+        print(message, flush=True)
+
+    def progress(self, description: str, total: int, completed: int = 0):
+        return _Bar(description, total, completed, enabled=not self.quiet)
+
+
+class _Bar:
+    def __init__(self, description, total, completed, enabled):
+        self.enabled = enabled
+        self.description = description
+        self.total = total
+        self.completed = completed
+        self._progress = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                ProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.text import Text
+
+            class RateColumn(ProgressColumn):
+                def render(self, task):
+                    speed = task.finished_speed or task.speed
+                    if speed is None:
+                        return Text("-- it/s", style="progress.data.speed")
+                    if speed < 1:
+                        return Text(f"{1 / speed:.2f} s/it", style="progress.data.speed")
+                    return Text(f"{speed:.1f} it/s", style="progress.data.speed")
+
+            self._progress = Progress(
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                RateColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.description, total=self.total, completed=self.completed)
+        return self
+
+    def update(self, completed: int) -> None:
+        self.completed = completed
+        if self._progress is not None:
+            self._progress.update(self._task, completed=completed)
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+        return False
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4e}" if (x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e4)) else f"{x:.4f}"
+
+
+# --------------------------------------------------------------------------- #
+# Training
+# --------------------------------------------------------------------------- #
+
+
+def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter: Reporter | None = None):
+    """Meta-train from `state` (default: a fresh one) up to the configured
+    number of meta-iterations, writing metrics and checkpoints. Returns the
+    final state. A `KeyboardInterrupt` saves a checkpoint first."""
+    import jax
+
+    reporter = reporter or Reporter()
+    cfg = exp.config
+    learner, family = exp.learner, exp.family
+    total = int(cfg["meta_iterations"])
+    every = int(cfg["checkpoint_every"])
+    meta_batch = int(cfg["meta_batch"])
+    if state is None:
+        state = learner.init(exp.run_key)
+    start = int(state.iteration)
+    log_every = max(1, total // 10)
+    t0 = time.perf_counter()
+    last_saved = start
+
+    def metadata(elapsed):
+        return {"seconds": elapsed, "benchmark": cfg["benchmark"], "method": cfg["method"]}
+
+    if start >= total:
+        reporter.log(f"already at meta-iteration {start} of {total}; nothing to train")
+        return state
+    reporter.log(
+        f"meta-training {cfg['benchmark']} with {cfg['method']}: iterations {start + 1}..{total}, "
+        f"meta-batch {meta_batch}, T {cfg['T']:g}{' (learned)' if cfg.get('learn_T') else ''}, "
+        f"steps {cfg['steps'] if cfg['steps'] is not None else 'adaptive (dopri5)'}"
+    )
+    f = open(run.metrics_path, "a", newline="")
+    try:
+        with reporter.progress("meta-training", total, start) as bar:
+            for it in range(start, total):
+                key = jax.random.fold_in(state.key, it)
+                batch = family.sample(key, meta_batch, "train")
+                state, m = learner.meta_step(state, batch)
+                done = it + 1
+                elapsed = seconds_offset + (time.perf_counter() - t0)
+                row = (done, float(m["meta_loss"]), float(m["grad_norm"]), float(m["T"]), elapsed)
+                f.write(",".join([str(done)] + [repr(x) for x in row[1:4]] + [f"{elapsed:.3f}"]) + "\n")
+                f.flush()
+                if done % every == 0 or done == total:
+                    run.save_checkpoint(state, metadata(elapsed))
+                    last_saved = done
+                bar.update(done)
+                if done == start + 1:
+                    t_first = time.perf_counter()  # the rate leaves out the compilation
+                if done == start + 1:
+                    reporter.log(
+                        f"[iter {done:>{len(str(total))}}/{total}] meta-loss {_fmt(row[1])}  "
+                        f"grad-norm {_fmt(row[2])}  T {row[3]:.4g}  "
+                        f"(compiled and ran in {time.perf_counter() - t0:.1f} s)"
+                    )
+                elif done % log_every == 0 or done == total:
+                    rate = (done - start - 1) / max(time.perf_counter() - t_first, 1e-9)
+                    eta = (total - done) / rate if rate > 0 else float("nan")
+                    reporter.log(
+                        f"[iter {done:>{len(str(total))}}/{total}] meta-loss {_fmt(row[1])}  "
+                        f"grad-norm {_fmt(row[2])}  T {row[3]:.4g}  {rate:.2f} it/s  "
+                        f"ETA {_hms(eta)}"
+                    )
+    except KeyboardInterrupt:
+        if int(state.iteration) > last_saved:
+            run.save_checkpoint(state, metadata(seconds_offset + (time.perf_counter() - t0)))
+        raise
+    finally:
+        f.close()
+    return state
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+# --------------------------------------------------------------------------- #
+# Evaluation, results and figures
+# --------------------------------------------------------------------------- #
+
+
+def evaluate_run(exp, run: RunDir, state, *, reporter: Reporter | None = None) -> dict:
+    """Evaluate the learned and a random initialisation on the meta-test
+    tasks; write results.md, results.json and the figures; print the table."""
+    reporter = reporter or Reporter()
+    cfg = exp.config
+    learner = exp.learner
+    ev = cfg["eval"]
+    curve = [int(s) for s in ev["curve"]]
+    batch = exp.eval_batch()
+    import jax
+
+    n_tasks = jax.tree.leaves(batch)[0].shape[0]
+    evaluations = {}
+    inits = {"learned": state, "random": learner.init(exp.run_key)}
+    for name, st in inits.items():
+        with reporter.progress(f"evaluating {name} init", n_tasks) as bar:
+            evaluations[name] = learner.evaluate(
+                st, batch, curve, lr=float(ev["lr"]), chunk_size=exp.eval_chunk, progress=bar.update
+            )
+    T_learned = float(learner.horizon(state))
+    results = {
+        "benchmark": cfg["benchmark"],
+        "method": cfg["method"],
+        "iteration": int(state.iteration),
+        "metric": exp.metric_name,
+        "lower_is_better": exp.lower_is_better,
+        "tasks": int(n_tasks),
+        "lr": float(ev["lr"]),
+        "T": T_learned,
+        "table_steps": [int(s) for s in ev["steps"]],
+        "curve_steps": curve,
+        **{
+            name: {"mean": e.mean.tolist(), "ci95": e.ci95.tolist()}
+            for name, e in evaluations.items()
+        },
+    }
+    _atomic_text(run.path / "results.json", json.dumps(results, indent=2) + "\n")
+    md = results_markdown(results)
+    _atomic_text(run.results_path, md)
+    try:
+        write_figures(run, results)
+    except Exception as err:  # figures are a convenience; never lose a run over them
+        reporter.log(f"warning: could not draw the figures: {type(err).__name__}: {err}")
+    reporter.log("")
+    reporter.log(results_text(results))
+    reporter.log(f"\nrun directory: {run.path}")
+    return results
+
+
+def _cell(results: dict, name: str, step: int) -> str:
+    i = results["curve_steps"].index(step)
+    mean, ci = results[name]["mean"][i], results[name]["ci95"][i]
+    if results["metric"] == "accuracy":
+        return f"{100 * mean:.2f} ± {100 * ci:.2f}%"
+    return f"{mean:.4f} ± {ci:.4f}"
+
+
+def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    steps = results["table_steps"]
+    header = ["initialisation"] + [f"{s} steps" for s in steps]
+    rows = [
+        [f"learned ({results['method']})"] + [_cell(results, "learned", s) for s in steps],
+        ["random"] + [_cell(results, "random", s) for s in steps],
+    ]
+    return header, rows
+
+
+def _caption(results: dict) -> str:
+    better = "lower" if results["lower_is_better"] else "higher"
+    return (
+        f"Meta-test {results['metric']} ({better} is better) on {results['tasks']} test tasks of "
+        f"{results['benchmark']} after {results['iteration']} meta-iterations of {results['method']} "
+        f"(T = {results['T']:.4g}); gradient descent with learning rate {results['lr']:g} on each "
+        "task's support set; mean ± 95% CI over tasks."
+    )
+
+
+def results_markdown(results: dict) -> str:
+    header, rows = _table_rows(results)
+    lines = [f"# {results['benchmark']} / {results['method']}", "", _caption(results), ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---"] * len(header)) + "|")
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def results_text(results: dict) -> str:
+    header, rows = _table_rows(results)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([_caption(results), "", fmt(header), sep] + [fmt(r) for r in rows])
+
+
+def write_figures(run: RunDir, results: dict | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    run.figure_dir.mkdir(exist_ok=True)
+    rows = run.read_metrics()
+    if rows:
+        it = np.array([r["iteration"] for r in rows])
+        loss = np.array([r["meta_loss"] for r in rows])
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(it, loss, lw=0.6, alpha=0.4, label="per iteration")
+        if len(loss) >= 10:
+            w = max(5, len(loss) // 50)
+            smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+            ax.plot(it[w - 1 :], smooth, lw=1.5, label=f"moving average ({w})")
+        if np.all(loss > 0):
+            ax.set_yscale("log")
+        ax.set_xlabel("meta-iteration")
+        ax.set_ylabel("meta-loss (query loss after adaptation)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        _save_fig(fig, run.figure_dir / "meta_loss.png")
+        plt.close(fig)
+    if results is not None:
+        steps = np.array(results["curve_steps"])
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, label in (("learned", f"learned ({results['method']})"), ("random", "random init")):
+            mean = np.array(results[name]["mean"])
+            ci = np.array(results[name]["ci95"])
+            ax.plot(steps, mean, marker="o", ms=3, label=label)
+            ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2)
+        ax.set_xlabel(f"adaptation steps (GD, lr {results['lr']:g})")
+        ax.set_ylabel(f"meta-test {results['metric']}")
+        ax.set_title(f"{results['benchmark']}: {results['tasks']} test tasks")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        _save_fig(fig, run.figure_dir / "error_vs_steps.png")
+        plt.close(fig)
+
+
+def _save_fig(fig, path: pathlib.Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    from .meta import atomic_write_bytes
+
+    atomic_write_bytes(path, buf.getvalue())

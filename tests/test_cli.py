@@ -1,0 +1,198 @@
+"""The `ctmeta` command line: help, flag errors, run directories, resume."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import ctmeta.presets as presets
+from ctmeta.cli import main
+
+TINY = ["--method", "fomaml", "--steps", "3", "--meta-batch", "3", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def short_evaluation(monkeypatch, tmp_path):
+    """A short error-vs-steps curve keeps the tests quick; runs land in tmp_path."""
+    p = presets.BENCHMARKS["cosmixture"]
+    monkeypatch.setitem(
+        presets.BENCHMARKS, "cosmixture", dataclasses.replace(p, eval_steps=(0, 5, 20), eval_every=5)
+    )
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """4 meta-iterations in one go, a checkpoint every 2."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    mp = pytest.MonkeyPatch()
+    p = presets.BENCHMARKS["cosmixture"]
+    mp.setitem(presets.BENCHMARKS, "cosmixture", dataclasses.replace(p, eval_steps=(0, 5, 20), eval_every=5))
+    try:
+        code = main(["train", *TINY, "--meta-iterations", "4", "--checkpoint-every", "2", "--out", str(out)])
+    finally:
+        mp.undo()
+    assert code == 0
+    return out
+
+
+def _rows(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------- help
+
+
+def test_help_lists_commands_and_flags(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "evaluate" in out
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--benchmark", "--method", "--T", "--steps", "--meta-iterations", "--meta-batch", "--ways",
+                 "--shots", "--data-dir", "--seed", "--out", "--checkpoint-every", "--resume", "--quiet",
+                 "--debug", "cosmixture", "miniimagenet", "amaml", "comln"):
+        assert flag in out, flag
+    assert main(["bench", "--help"]) == 0  # handed to ctmeta.bench
+    assert "ctmeta bench" in capsys.readouterr().out
+
+
+# -------------------------------------------------------------- bad flags
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--T", "-1"], "--T"),
+        (["train", "--T", "0"], "--T"),
+        (["train", "--T", "nan"], "--T"),
+        (["train", "--steps", "0"], "--steps"),
+        (["train", "--meta-batch", "0"], "--meta-batch"),
+        (["train", "--meta-batch", "101"], "--meta-batch"),
+        (["train", "--meta-iterations", "-3"], "--meta-iterations"),
+        (["train", "--checkpoint-every", "0"], "--checkpoint-every"),
+        (["train", "--ways", "5"], "--ways"),
+        (["train", "--method", "comln"], "comln"),
+        (["train", "--benchmark", "movielens", "--data-dir", "/nonexistent/ml"], "does not exist"),
+        (["train", "--data-dir", "/tmp"], "--data-dir"),
+        (["train", "--resume", "/nonexistent/run"], "does not exist"),
+        (["evaluate", "/nonexistent/run"], "does not exist"),
+    ],
+)
+def test_bad_flag_values_exit_2_with_one_line(argv, message, capsys, tmp_path):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ctmeta: error:") and message in err[0], err
+    assert not (tmp_path / "runs").exists()  # checked before any run directory or JAX work
+
+
+@pytest.mark.parametrize(
+    "argv", [["train", "--benchmark", "nope"], ["train", "--method", "nope"], ["train", "--steps", "abc"], []]
+)
+def test_argparse_errors_exit_2(argv, capsys):
+    assert main(argv) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_console_script_exit_code_and_message():
+    exe = os.path.join(os.path.dirname(sys.executable), "ctmeta")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "ctmeta.cli"]
+    proc = subprocess.run([*cmd, "train", "--T", "-1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--T" in proc.stderr
+
+
+def test_other_exceptions_exit_1_traceback_only_with_debug(monkeypatch, capsys):
+    def boom(*a, **k):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(presets, "build", boom)
+    assert main(["train", *TINY, "--meta-iterations", "1", "--out", "r1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "RuntimeError: boom" in err[0] and "--debug" in err[0]
+    assert main(["train", *TINY, "--meta-iterations", "1", "--out", "r2", "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: boom" in err
+
+
+# ------------------------------------------------------------- run directory
+
+
+def test_train_writes_the_run_directory(finished_run):
+    config = json.loads((finished_run / "config.json").read_text())
+    for key, value in {"benchmark": "cosmixture", "method": "fomaml", "steps": 3, "meta_iterations": 4,
+                       "meta_batch": 3, "seed": 0, "checkpoint_every": 2}.items():
+        assert config[key] == value
+    assert config["T"] == pytest.approx(0.03) and config["ctmeta_version"]
+    assert config["optimizer"] == {"name": "adam", "learning_rate": 1e-3}
+    rows = _rows(finished_run)
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
+    assert set(rows[0]) == {"iteration", "meta_loss", "grad_norm", "T", "seconds"}
+    ckpts = sorted(p.name for p in (finished_run / "checkpoints").iterdir())
+    assert ckpts == ["ckpt-2.eqx", "ckpt-2.json", "ckpt-4.eqx", "ckpt-4.json"]
+    for fig in ("meta_loss.png", "error_vs_steps.png"):
+        assert (finished_run / "figures" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (finished_run / "results.md").read_text()
+    assert "| learned (fomaml) |" in md and "| random |" in md and "20 steps" in md
+    results = json.loads((finished_run / "results.json").read_text())
+    assert results["iteration"] == 4 and len(results["learned"]["mean"]) == len(results["curve_steps"])
+
+
+def test_out_holding_a_run_is_refused(finished_run, capsys):
+    assert main(["train", *TINY, "--out", str(finished_run)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_ends_exactly_as_an_uninterrupted_run(finished_run, tmp_path, capsys):
+    out = tmp_path / "split"
+    assert main(["train", *TINY, "--meta-iterations", "2", "--checkpoint-every", "2", "--out", str(out)]) == 0
+    # A torn extra row after the checkpoint (a crash mid-iteration) is dropped on resume.
+    with open(out / "metrics.csv", "a") as f:
+        f.write("3,0.5,0.5,0.03,1.0\n")
+    # Changing the configuration on resume is refused.
+    assert main(["train", "--resume", str(out), "--steps", "5", "--quiet"]) == 2
+    assert main(["train", "--resume", str(out), "--meta-iterations", "4", "--quiet"]) == 0
+    capsys.readouterr()
+    full, split = _rows(finished_run), _rows(out)
+    assert len(full) == len(split) == 4
+    for a, b in zip(full, split):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    # Same parameters, optimiser state, key and iteration, bit for bit.
+    assert (finished_run / "checkpoints" / "ckpt-4.eqx").read_bytes() == (out / "checkpoints" / "ckpt-4.eqx").read_bytes()
+    ra = json.loads((finished_run / "results.json").read_text())
+    rb = json.loads((out / "results.json").read_text())
+    assert ra["learned"] == rb["learned"] and ra["random"] == rb["random"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["meta_iterations"] == 4 and config["resumes"][0]["from_iteration"] == 2
+
+
+def test_evaluate_falls_back_to_the_previous_checkpoint(finished_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    newest = run / "checkpoints" / "ckpt-4.eqx"
+    newest.write_bytes(newest.read_bytes()[:-10])  # truncated
+    assert main(["evaluate", str(run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "skipping ckpt-4.eqx" in out and "ckpt-2.eqx (iteration 2)" in out
+    assert "learned (fomaml)" in out
+    assert json.loads((run / "results.json").read_text())["iteration"] == 2
+
+
+def test_movielens_end_to_end_with_masked_test_queries(data_dir, monkeypatch, tmp_path, capsys):
+    p = presets.BENCHMARKS["movielens"]
+    monkeypatch.setitem(presets.BENCHMARKS, "movielens", dataclasses.replace(p, eval_steps=(0, 5), eval_every=5))
+    out = tmp_path / "ml"
+    argv = ["train", "--benchmark", "movielens", "--data-dir", str(data_dir / "movielens"), "--method", "maml",
+            "--steps", "2", "--meta-iterations", "2", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["metric"] == "nRMSE" and results["tasks"] == 100
+    assert all(0 < m < 10 for m in results["learned"]["mean"])
