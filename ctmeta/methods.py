@@ -73,8 +73,12 @@ class GradientField(ode.AbstractVectorField):
     def __call__(self, t, u, data):
         return _neg(jax.grad(self.loss)(u, data))
 
-    def vjp(self, t, u, data, a):
-        diff, nondiff = eqx.partition((u, data, self.loss), eqx.is_inexact_array)
+    def vjp(self, t, u, data, a, wrt=None):
+        # `wrt` is over (data, self); this field's only leaves are those of `loss`.
+        wrt_data, wrt_self = wrt if wrt is not None else (True, True)
+        wrt_loss = wrt_self.loss if isinstance(wrt_self, GradientField) else wrt_self
+        spec = ode.differentiable((u, data, self.loss), (True, wrt_data, wrt_loss))
+        diff, nondiff = eqx.partition((u, data, self.loss), spec)
         full_grad = jax.grad(lambda d: _call_loss(eqx.combine(d, nondiff)))
         tangent = (a,) + jax.tree.map(jnp.zeros_like, diff[1:])
         _, hvp = jax.jvp(full_grad, (diff,), (tangent,))

@@ -83,14 +83,18 @@ class AbstractVectorField(eqx.Module):
     def __call__(self, t, y: PyTree, args: PyTree) -> PyTree:
         """Evaluate $f(t, y, \\text{args})$; same structure as `y`."""
 
-    def vjp(self, t, y: PyTree, args: PyTree, a: PyTree):
+    def vjp(self, t, y: PyTree, args: PyTree, a: PyTree, wrt: PyTree = None):
         r"""Return $\big((\partial f/\partial y)^\top a,\ (\partial f/\partial \text{args})^\top a,\
         (\partial f/\partial \text{self})^\top a\big)$.
 
-        Leaves that are not floating-point arrays get `None`.
+        `wrt`, a pytree of bools over `(args, self)` (a prefix is enough),
+        restricts the last two to the leaves being differentiated; the others
+        and every leaf that is not a floating-point array get `None`.
         """
-        _, pullback = eqx.filter_vjp(lambda y_, args_, field: field(t, y_, args_), y, args, self)
-        return pullback(a)
+        spec = differentiable((y, args, self), (True,) + (wrt if wrt is not None else (True, True)))
+        diff, nondiff = eqx.partition((y, args, self), spec)
+        _, pullback = jax.vjp(lambda d: _call_field(eqx.combine(d, nondiff), t), diff)
+        return pullback(a)[0]
 
     def closure_convert(self, t, y, args) -> "AbstractVectorField":
         """Hoist arrays that user callables close over into pytree leaves.
@@ -118,6 +122,20 @@ def literals_as_arrays(tree):
     """
     is_literal = lambda x: isinstance(x, (int, float, complex)) and type(x) not in (int, float, complex, bool)
     return jax.tree.map(lambda x: jnp.asarray(x) if is_literal(x) else x, tree)
+
+
+def _call_field(triple, t):
+    y, args, field = triple
+    return field(t, y, args)
+
+
+def differentiable(tree: PyTree, wrt: PyTree) -> PyTree:
+    """Boolean filter spec: floating-point arrays of `tree` where the prefix `wrt` is True."""
+
+    def leaf_spec(w, sub):
+        return jax.tree.map(lambda x: bool(w) and eqx.is_inexact_array(x), sub)
+
+    return jax.tree.map(leaf_spec, wrt, tree, is_leaf=lambda w: isinstance(w, bool))
 
 
 class VectorField(AbstractVectorField):
@@ -321,7 +339,7 @@ def _hermite_midpoint(y0, y1, f0, f1, h):
     return jax.tree.map(lambda a, b, fa, fb: 0.5 * (a + b) + (h / 8) * (fa - fb), y0, y1, f0, f1)
 
 
-def adjoint_sweep(field, ys, t0, h, args, a_end, scheme: str):
+def adjoint_sweep(field, ys, t0, h, args, a_end, scheme: str, wrt=None):
     r"""Solve the adjoint backward over stored states `ys[0..n]` at `t0 + j h`.
 
     Returns `(a(t0), integral of (df/dparams)^T a)` where params are
@@ -346,7 +364,7 @@ def adjoint_sweep(field, ys, t0, h, args, a_end, scheme: str):
     add = lambda *trees: jax.tree.map(lambda *xs: sum(xs), *trees)
 
     def vjp_at(t, y, a):
-        ay, aargs, afield = field.vjp(t, y, args, a)
+        ay, aargs, afield = field.vjp(t, y, args, a, wrt)
         return cotangent_like(ay, a), cotangent_like((aargs, afield), (args, field))
 
     def step(carry, x):
@@ -385,11 +403,14 @@ def adjoint_sweep(field, ys, t0, h, args, a_end, scheme: str):
 @_stored_adjoint_solve.def_bwd
 def _stored_adjoint_bwd(ys, g, perturbed, primal, rule, options):
     field, y0, t1, args = literals_as_arrays(primal)
+    # Only what is being differentiated gets Jacobian products (e.g. not the images
+    # in `args` when only the initialisation is learned).
+    wrt = (perturbed[3], perturbed[0])
     y1 = jax.tree.map(lambda x: x[-1], ys)
     g = cotangent_like(g, y1)
     h_fine = t1 / options.steps
     if rule.checkpoints is None:
-        a0, (gargs, gfield) = adjoint_sweep(field, ys, 0.0, h_fine, args, g, rule.scheme)
+        a0, (gargs, gfield) = adjoint_sweep(field, ys, 0.0, h_fine, args, g, rule.scheme, wrt)
     else:
         # Each coarse segment is re-integrated to its fine states, then swept.
         per = options.steps // rule.checkpoints
@@ -404,7 +425,7 @@ def _stored_adjoint_bwd(ys, g, perturbed, primal, rule, options):
             t_start = k * h_coarse
             fine_ts = t_start + jnp.arange(per + 1) * h_fine
             fine = _forward(field, y_start, t_start, t_start + h_coarse, args, seg_options, ts=fine_ts)
-            a, seg_acc = adjoint_sweep(field, fine, t_start, h_fine, args, a, rule.scheme)
+            a, seg_acc = adjoint_sweep(field, fine, t_start, h_fine, args, a, rule.scheme, wrt)
             return (a, jax.tree.map(jnp.add, acc, seg_acc)), None
 
         (a0, (gargs, gfield)), _ = jax.lax.scan(
