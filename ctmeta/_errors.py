@@ -6,6 +6,8 @@ what was wrong and what to do. The CLI turns these into one line on stderr and
 exit code 2; anything else is a bug and exits 1.
 """
 
+import operator
+
 
 class CtmetaError(ValueError):
     """Base class of every error ctmeta raises on purpose."""
@@ -25,3 +27,16 @@ class CheckpointError(CtmetaError):
 
 class NumericalError(CtmetaError):
     """A solve or a meta-gradient produced non-finite values or ran out of steps."""
+
+
+def check_int(name: str, value, *, minimum: int = 1) -> int:
+    """`value` as a Python int `>= minimum`, or an `InputError` saying what was wrong."""
+    if isinstance(value, bool):
+        raise InputError(f"{name} must be an integer, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise InputError(f"{name} must be an integer, got {value!r}") from None
+    if value < minimum:
+        raise InputError(f"{name} must be >= {minimum}, got {value}")
+    return value

@@ -41,7 +41,6 @@ each on a small CPU): build a model once and reuse it.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Sequence
 
 import equinox as eqx
@@ -49,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._errors import InputError
+from ._errors import InputError, check_int
 
 __all__ = [
     "MLP",
@@ -66,16 +65,6 @@ __all__ = [
 ]
 
 
-def _check_int(name: str, value, *, minimum: int = 1) -> int:
-    if isinstance(value, bool):
-        raise InputError(f"{name} must be an integer, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise InputError(f"{name} must be an integer, got {value!r}") from None
-    if value < minimum:
-        raise InputError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _float_dtype(dtype):
@@ -146,10 +135,10 @@ class MLP(eqx.Module):
         dtype=None,
         key: jax.Array,
     ):
-        in_size = _check_int("in_size", in_size)
-        out_size = _check_int("out_size", out_size)
-        width = _check_int("width", width)
-        depth = _check_int("depth", depth, minimum=0)
+        in_size = check_int("in_size", in_size)
+        out_size = check_int("out_size", out_size)
+        width = check_int("width", width)
+        depth = check_int("depth", depth, minimum=0)
         sizes = [in_size] + [width] * depth + [out_size]
         keys = jax.random.split(key, depth + 1)
         dtype = _float_dtype(dtype)
@@ -200,15 +189,15 @@ class Conv2d(eqx.Module):
         dtype=None,
         key: jax.Array,
     ):
-        in_channels = _check_int("in_channels", in_channels)
-        out_channels = _check_int("out_channels", out_channels)
-        kernel_size = _check_int("kernel_size", kernel_size)
+        in_channels = check_int("in_channels", in_channels)
+        out_channels = check_int("out_channels", out_channels)
+        kernel_size = check_int("kernel_size", kernel_size)
         dtype = _float_dtype(dtype)
         fan_in = in_channels * kernel_size * kernel_size
         shape = (out_channels, in_channels, kernel_size, kernel_size)
         self.weight = jax.random.normal(key, shape, dtype) * math.sqrt(2.0 / fan_in)
         self.bias = jnp.zeros((out_channels,), dtype) if use_bias else None
-        self.padding = _check_int("padding", padding, minimum=0)
+        self.padding = check_int("padding", padding, minimum=0)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = jnp.result_type(x, self.weight)
@@ -238,7 +227,7 @@ class SetBatchNorm(eqx.Module):
     eps: float = eqx.field(static=True)
 
     def __init__(self, channels: int, eps: float = 1e-5, *, dtype=None):
-        channels = _check_int("channels", channels)
+        channels = check_int("channels", channels)
         dtype = _float_dtype(dtype)
         self.weight = jnp.ones((channels,), dtype)
         self.bias = jnp.zeros((channels,), dtype)
@@ -321,18 +310,18 @@ class Conv4(SetModule):
         dtype=None,
         key: jax.Array,
     ):
-        self.in_channels = _check_int("in_channels", in_channels)
-        hidden = _check_int("hidden", hidden)
+        self.in_channels = check_int("in_channels", in_channels)
+        hidden = check_int("hidden", hidden)
         # Size the head first, so that a bad argument fails before any work.
         if out_size is not None:
-            out_size = _check_int("out_size", out_size)
+            out_size = check_int("out_size", out_size)
             if image_size is None:
                 raise InputError(
                     "Conv4 with a linear head (out_size given) needs image_size, "
                     "e.g. 28 for Omniglot or 84 for miniImageNet, to size the head"
                 )
             h, w = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
-            h, w = _check_int("image_size", h) // 16, _check_int("image_size", w) // 16
+            h, w = check_int("image_size", h) // 16, check_int("image_size", w) // 16
             if h * w == 0:
                 raise InputError(f"image_size {image_size} is too small for 4 pools (min 16)")
         keys = jax.random.split(key, 5)
@@ -435,8 +424,8 @@ class ResNet12(SetModule):
         dtype=None,
         key: jax.Array,
     ):
-        self.in_channels = _check_int("in_channels", in_channels)
-        channels = [_check_int("channels", c) for c in channels]
+        self.in_channels = check_int("in_channels", in_channels)
+        channels = [check_int("channels", c) for c in channels]
         if not channels:
             raise InputError("channels must name at least one block width")
         keys = jax.random.split(key, len(channels))

@@ -43,7 +43,6 @@ import contextlib
 import hashlib
 import io
 import json
-import operator
 import os
 import pathlib
 import secrets
@@ -55,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._errors import DataError, InputError
+from .._errors import DataError, InputError, check_int
 from .base import Batch, TaskFamily
 
 __all__ = [
@@ -73,17 +72,6 @@ _CACHE_VERSION = 1
 _MAX_PIXELS = 4096 * 4096
 
 
-def _check_int(name: str, value, *, minimum: int = 1) -> int:
-    """`value` as a Python int, or an InputError saying what was wrong."""
-    if isinstance(value, bool):
-        raise InputError(f"{name} must be an integer, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise InputError(f"{name} must be an integer, got {value!r}") from None
-    if value < minimum:
-        raise InputError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 # ----------------------------------------------------------------------- keys
@@ -271,9 +259,9 @@ class FewShotClassification(TaskFamily):
     kind = "classification"
 
     def __init__(self, ways: int, shots: int, queries: int):
-        self.ways = _check_int("ways", ways, minimum=2)
-        self.shots = _check_int("shots", shots)
-        self.queries = _check_int("queries", queries)
+        self.ways = check_int("ways", ways, minimum=2)
+        self.shots = check_int("shots", shots)
+        self.queries = check_int("queries", queries)
         self._pools: dict[str, ClassPool] = {}
 
     def _set_pools(self, pools: dict[str, ClassPool]) -> None:
@@ -333,7 +321,7 @@ class FewShotClassification(TaskFamily):
     def class_images(self, split: str, index: int) -> np.ndarray:
         """Every image of class `index` of `split`, `(count, C, H, W)` float32 in [0, 1]."""
         pool = self._pool(split)
-        index = _check_int("index", index, minimum=0)
+        index = check_int("index", index, minimum=0)
         if index >= len(pool.names):
             raise InputError(
                 f"class index {index} out of range for split {split!r} ({len(pool.names)} classes)"
@@ -346,7 +334,7 @@ class FewShotClassification(TaskFamily):
 
     def _draw(self, key, meta_batch, split):
         pool = self._pool(split)
-        meta_batch = _check_int("meta_batch", meta_batch)
+        meta_batch = check_int("meta_batch", meta_batch)
         rng = numpy_rng(key)
         n = len(pool.names)
         classes = np.stack([rng.choice(n, self.ways, replace=False) for _ in range(meta_batch)])

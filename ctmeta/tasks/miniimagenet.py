@@ -50,9 +50,9 @@ from typing import Literal
 
 import numpy as np
 
-from .._errors import DataError, InputError
+from .._errors import DataError, InputError, check_int
 from ._archive import DirTree, FileTree, ZipTree
-from .images import ClassPool, FewShotClassification, _check_int, cached_array, decode_image, progress_bar
+from .images import ClassPool, FewShotClassification, cached_array, decode_image, progress_bar
 
 __all__ = ["MiniImageNet"]
 
@@ -202,8 +202,8 @@ class MiniImageNet(FewShotClassification):
         super().__init__(ways, shots, queries)
         if protocol not in ("ravi", "train64"):
             raise InputError(f"protocol must be 'ravi' or 'train64', got {protocol!r}")
-        split_seed = _check_int("split_seed", split_seed, minimum=0)
-        image_size = _check_int("image_size", image_size)
+        split_seed = check_int("split_seed", split_seed, minimum=0)
+        image_size = check_int("image_size", image_size)
         data_dir = pathlib.Path(data_dir).expanduser()
 
         csv_splits = ("train", "val", "test") if protocol == "ravi" else ("train",)

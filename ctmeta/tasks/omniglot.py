@@ -47,9 +47,9 @@ import pathlib
 
 import numpy as np
 
-from .._errors import DataError, InputError
+from .._errors import DataError, InputError, check_int
 from ._archive import DirTree, FileTree, ZipTree, is_hidden
-from .images import ClassPool, FewShotClassification, _check_int, cached_array, decode_image, progress_bar
+from .images import ClassPool, FewShotClassification, cached_array, decode_image, progress_bar
 
 __all__ = ["Omniglot"]
 
@@ -132,10 +132,10 @@ class Omniglot(FewShotClassification):
         progress: bool = True,
     ):
         super().__init__(ways, shots, queries)
-        train_characters = _check_int("train_characters", train_characters)
-        val_characters = _check_int("val_characters", val_characters, minimum=0)
-        split_seed = _check_int("split_seed", split_seed, minimum=0)
-        image_size = _check_int("image_size", image_size)
+        train_characters = check_int("train_characters", train_characters)
+        val_characters = check_int("val_characters", val_characters, minimum=0)
+        split_seed = check_int("split_seed", split_seed, minimum=0)
+        image_size = check_int("image_size", image_size)
         if val_characters >= train_characters:
             raise InputError(
                 f"val_characters={val_characters} must be smaller than "

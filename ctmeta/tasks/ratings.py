@@ -35,7 +35,6 @@ MovieLens-1M `ml-1m/ratings.dat` (from a directory or the zip) and Jester-1
 from __future__ import annotations
 
 import dataclasses
-import operator
 import pathlib
 import re
 import warnings
@@ -46,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._errors import DataError, InputError
+from .._errors import DataError, InputError, check_int
 from .base import Batch, TaskFamily
 
 __all__ = [
@@ -93,16 +92,6 @@ class RatingsTable(NamedTuple):
     source: str
 
 
-def _check_int(name: str, value, *, minimum: int = 1) -> int:
-    if isinstance(value, bool):
-        raise InputError(f"{name} must be an integer, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise InputError(f"{name} must be an integer, got {value!r}") from None
-    if value < minimum:
-        raise InputError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 # ---------------------------------------------------------------------------
@@ -404,12 +393,12 @@ class RatingsFamily(TaskFamily):
         num_test_users: int = 100,
         seed: int = 0,
     ):
-        self.shots = _check_int("shots", shots)
-        self.queries = _check_int("queries", queries)
-        self.top_items = _check_int("top_items", top_items)
-        self.min_ratings = _check_int("min_ratings", min_ratings)
-        self.num_test_users = _check_int("num_test_users", num_test_users)
-        self.seed = _check_int("seed", seed, minimum=0)
+        self.shots = check_int("shots", shots)
+        self.queries = check_int("queries", queries)
+        self.top_items = check_int("top_items", top_items)
+        self.min_ratings = check_int("min_ratings", min_ratings)
+        self.num_test_users = check_int("num_test_users", num_test_users)
+        self.seed = check_int("seed", seed, minimum=0)
         self.source = table.source
         users = np.asarray(table.users, dtype=np.int64)
         items = np.asarray(table.items, dtype=np.int64)
@@ -533,7 +522,7 @@ class RatingsFamily(TaskFamily):
         per user, drawn afresh with the key. `"test"`: a `MaskedBatch` of test
         users with their fixed support and padded, masked query.
         """
-        meta_batch = _check_int("meta_batch", meta_batch)
+        meta_batch = check_int("meta_batch", meta_batch)
         if split == "test":
             n = self._test.query_mask.shape[0]
             self._check_batch(meta_batch, n, "test users")

@@ -28,30 +28,18 @@ from __future__ import annotations
 
 import abc
 import math
-import operator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._errors import InputError
+from .._errors import InputError, check_int
 from .base import Batch, TaskFamily
 from .metrics import nrmse
 
 __all__ = ["Alpine", "CosMixture", "FunctionRegression", "nrmse"]
 
 
-def _check_int(name: str, value, *, minimum: int = 1) -> int:
-    """`value` as a Python int, or an InputError saying what was wrong."""
-    if isinstance(value, bool):
-        raise InputError(f"{name} must be an integer, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise InputError(f"{name} must be an integer, got {value!r}") from None
-    if value < minimum:
-        raise InputError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 class FunctionRegression(TaskFamily):
@@ -82,12 +70,12 @@ class FunctionRegression(TaskFamily):
         test_queries: int = 100,
         seed: int = 0,
     ):
-        self.shots = _check_int("shots", shots)
-        self.queries = _check_int("queries", queries)
-        self.num_train_tasks = _check_int("num_train_tasks", num_train_tasks)
-        self.num_test_tasks = _check_int("num_test_tasks", num_test_tasks)
-        self.test_queries = _check_int("test_queries", test_queries)
-        self.seed = _check_int("seed", seed, minimum=0)
+        self.shots = check_int("shots", shots)
+        self.queries = check_int("queries", queries)
+        self.num_train_tasks = check_int("num_train_tasks", num_train_tasks)
+        self.num_test_tasks = check_int("num_test_tasks", num_test_tasks)
+        self.test_queries = check_int("test_queries", test_queries)
+        self.seed = check_int("seed", seed, minimum=0)
 
         # Separate streams for the task parameters and for the points, so that
         # the same seed gives the same functions whatever shots/queries are.
@@ -133,7 +121,7 @@ class FunctionRegression(TaskFamily):
         """
         tasks = self._split(split)
         n = tasks.support_x.shape[0]
-        meta_batch = _check_int("meta_batch", meta_batch)
+        meta_batch = check_int("meta_batch", meta_batch)
         if meta_batch > n:
             raise InputError(
                 f"meta_batch={meta_batch} exceeds the {n} {split} tasks of "
