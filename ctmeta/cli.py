@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import signal
 import sys
 import traceback
 
-from ._errors import CtmetaError, InputError
+from ._errors import CtmetaError, InputError, NumericalError
 from .presets import BENCHMARKS, METHODS
 
 __all__ = ["main", "build_parser"]
@@ -53,13 +54,20 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars: print log lines only")
     p.add_argument("--debug", action="store_true", help="print the full traceback on errors")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ctmeta", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     from . import __version__
@@ -105,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save a checkpoint every INT meta-iterations (default: meta-iterations/5)")
     t.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run in DIR from its last checkpoint with its saved configuration "
-                   "(only --meta-iterations and --checkpoint-every may change)")
+                   "(only --meta-iterations, --checkpoint-every and --on-nonfinite may change)")
+    t.add_argument("--on-nonfinite", choices=["error", "skip-task"], default=None,
+                   help="a task whose loss or meta-gradient is not finite (or whose ODE solve runs out "
+                   "of steps): 'error' stops the run naming the iteration and task (default); "
+                   "'skip-task' leaves such tasks out and counts them in metrics.csv (column skipped)")
     _add_common(t)
 
     e = sub.add_parser(
@@ -124,17 +136,41 @@ def build_parser() -> argparse.ArgumentParser:
         "(see: ctmeta bench --help)",
         add_help=False,
     )
+    # `ctmeta reproduce ...` is handed to ctmeta.experiments.reproduce.main.
+    sub.add_parser(
+        "reproduce",
+        help="reproduce a paper's figure or table (see: ctmeta reproduce --list)",
+        add_help=False,
+    )
     return parser
 
 
 # --------------------------------------------------------------------------- #
 
 
-_RESUMABLE = ("meta_iterations", "checkpoint_every")
+_RESUMABLE = ("meta_iterations", "checkpoint_every", "on_nonfinite")
 _FIXED_ON_RESUME = ("benchmark", "method", "T", "steps", "meta_batch", "ways", "shots", "seed")
+# Upper bounds on numeric flags: beyond them a value is a typo, not a run.
+_LIMITS = {"T": 1e6, "steps": 10**6, "meta_iterations": 10**9, "meta_batch": 10**5, "ways": 10**4,
+           "shots": 10**5, "checkpoint_every": 10**9, "seed": 2**32 - 1}
+
+
+def _check_limits(args) -> None:
+    for name, limit in _LIMITS.items():
+        value = getattr(args, name, None)
+        if value is not None and value > limit:
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{flag} {value} is too large (at most {limit:g}); choose a smaller value")
 
 
 def _resolve_train(args) -> dict:
+    _check_limits(args)
+    config = _resolve_train_config(args)
+    config["on_nonfinite"] = args.on_nonfinite or "error"
+    return config
+
+
+def _resolve_train_config(args) -> dict:
     from .presets import resolve_config
 
     return resolve_config(
@@ -163,7 +199,10 @@ def _check_resume_flags(args, config: dict) -> dict:
                 f"{flag} {value} differs from the resumed run's {config.get(name)!r}; a resumed run keeps "
                 "its configuration (only --meta-iterations and --checkpoint-every may change)"
             )
+    _check_limits(args)
     config = dict(config)
+    if args.on_nonfinite is not None:
+        config["on_nonfinite"] = args.on_nonfinite
     if args.meta_iterations is not None:
         if args.meta_iterations < 1:
             raise InputError(f"--meta-iterations must be a positive integer, got {args.meta_iterations}")
@@ -209,6 +248,8 @@ def _cmd_train(args, argv) -> int:
     if args.resume is not None:
         run = RunDir.open(args.resume)
         config = _check_resume_flags(args, run.read_config())
+        run.lock()
+        run.remove_temporaries()
     else:
         config = _resolve_train(args)  # every flag checked before any JAX work
         out = args.out if args.out is not None else str(default_run_dir(config["benchmark"], config["method"]))
@@ -222,7 +263,7 @@ def _cmd_train(args, argv) -> int:
     if args.resume is not None:
         if config.get("dtype") and config["dtype"] != _dtype_name():
             raise InputError(f"the run was trained in {config['dtype']} but this process uses {_dtype_name()}")
-        state, meta, path = run.load_latest(learner.init(exp.run_key), warn=reporter.log)
+        state, meta, path = run.load_latest(learner.init(exp.run_key), warn=_warn, config=config)
         it = int(state.iteration)
         rows = run.truncate_metrics(it)
         seconds = float(meta.get("seconds", rows[-1]["seconds"] if rows else 0.0))
@@ -240,12 +281,17 @@ def _cmd_train(args, argv) -> int:
         config["created"] = _dt.datetime.now().isoformat(timespec="seconds")
         config["argv"] = list(argv)
         run = RunDir.create(out, config)
+        run.lock()
         state, seconds = None, 0.0
         reporter.log(f"run directory: {run.path}")
     args.run_path = str(run.path)
     state = train(exp, run, state=state, seconds_offset=seconds, reporter=reporter)
     evaluate_run(exp, run, state, reporter=reporter)
     return 0
+
+
+def _warn(message: str) -> None:
+    print(f"ctmeta: {message}", file=sys.stderr, flush=True)
 
 
 def _cmd_evaluate(args) -> int:
@@ -256,7 +302,7 @@ def _cmd_evaluate(args) -> int:
     run = RunDir.open(args.run_dir)
     config = run.read_config()
     exp = build(config, progress=not args.quiet, log=reporter.log)
-    state, _, path = run.load_latest(exp.learner.init(exp.run_key), warn=reporter.log)
+    state, _, path = run.load_latest(exp.learner.init(exp.run_key), warn=_warn, config=config)
     reporter.log(f"evaluating {run.path} at {path.name} (iteration {int(state.iteration)})")
     evaluate_run(exp, run, state, reporter=reporter)
     return 0
@@ -289,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return _run_bench(argv[1:])
+    if argv and argv[0] == "reproduce":
+        from .experiments.reproduce import main as _reproduce_main
+
+        return _reproduce_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -301,15 +351,33 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "evaluate":
             return _cmd_evaluate(args)
         parser.error(f"unknown command {args.command!r}")
+    except NumericalError as err:  # a runtime failure, not a usage error: status 1
+        if debug:
+            traceback.print_exc()
+        where = getattr(args, "run_path", None)
+        hint = (f"; the last good iteration is checkpointed: continue with "
+                f"ctmeta train --resume {where} --on-nonfinite skip-task, or change the configuration"
+                if where and args.command == "train" else "")
+        print(f"ctmeta: error: {err}{hint}", file=sys.stderr)
+        return 1
     except CtmetaError as err:
         if debug:
             traceback.print_exc()
         print(f"ctmeta: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        where = getattr(args, "run_path", None) or "RUN_DIR"
-        print(f"ctmeta: interrupted; continue with: ctmeta train --resume {where}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", 2)
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        where = getattr(args, "run_path", None)
+        if where is not None and args.command == "train":
+            print(f"ctmeta: interrupted by {name}; checkpoint saved: continue with: ctmeta train --resume {where}",
+                  file=sys.stderr)
+        else:
+            print(f"ctmeta: interrupted by {name}", file=sys.stderr)
+        return 128 + signum
     except Exception as err:  # a bug, or an environment problem
         if debug:
             traceback.print_exc()

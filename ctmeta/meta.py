@@ -542,6 +542,7 @@ class MetaLearner:
             "T": self._horizon(params),
             "finite": finite,
             "skipped": skipped,
+            "task_finite": task_ok,
         }
         return new_state, metrics
 
@@ -567,6 +568,8 @@ class MetaLearner:
                 f"meta-iteration {int(state.iteration) + 1}: the inner solve failed: {msg}"
             ) from err
         if check and not finite:
+            bad = np.flatnonzero(~np.asarray(metrics["task_finite"])).tolist()
+            where = f"task{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of the meta-batch" if bad else ""
             if self.on_nonfinite == "skip-task":
                 raise NumericalError(
                     f"meta-iteration {int(state.iteration) + 1}: every task of the meta-batch gave a "
@@ -574,7 +577,8 @@ class MetaLearner:
                 )
             raise NumericalError(
                 f"meta-iteration {int(state.iteration) + 1}: non-finite meta-gradient or meta-loss "
-                f"(meta-loss {float(metrics['meta_loss']):.4g}); the parameters were left unchanged. "
+                f"(meta-loss {float(metrics['meta_loss']):.4g}{'; ' + where if where else ''}); "
+                "the parameters were left unchanged. "
                 "Lower the horizon T or the outer learning rate, or use on_nonfinite='skip-task'."
             )
         return new_state, metrics

@@ -3,8 +3,10 @@
 A run directory holds
 
     config.json               everything needed to rerun (resolved defaults, version)
-    metrics.csv               one row per meta-iteration: iteration, meta_loss, grad_norm, T, seconds
-    checkpoints/ckpt-<i>.eqx  the learner state after i meta-iterations (+ ckpt-<i>.json); the last 2 kept
+    metrics.csv               one row per meta-iteration: iteration, meta_loss, grad_norm, T, seconds,
+                              skipped (tasks left out as non-finite with --on-nonfinite skip-task)
+    checkpoints/ckpt-<i>.eqx  the learner state after i meta-iterations (+ ckpt-<i>.json: shapes,
+                              sha256, the configuration and the sampler's rule); the last 2 kept
     figures/meta_loss.png     the meta-loss curve
     figures/error_vs_steps.png  meta-test error against adaptation steps, learned vs random init
     results.md, results.json  the final table
@@ -13,10 +15,18 @@ and is written so that an interrupted run can continue: every file is
 replaced atomically, the metrics rows after the last checkpoint are dropped
 on resume, and the meta-batch of iteration `i` is drawn with
 `fold_in(key, i)`, so a resumed run ends exactly as an uninterrupted one.
+
+`train` checkpoints every `checkpoint_every` iterations and when it receives
+SIGINT or SIGTERM (then raises [`Interrupted`][], a `KeyboardInterrupt`);
+a signal that arrives while a metrics row or a checkpoint is being written
+takes effect once it is written. After `kill -9`, `load_latest` skips a
+checkpoint that is truncated, corrupted or incompatible and says so, falling
+back to the previous one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import io
@@ -25,15 +35,25 @@ import math
 import os
 import pathlib
 import re
+import signal
+import threading
 import time
 
-from ._errors import CheckpointError, InputError
+from ._errors import CheckpointError, InputError, NumericalError
 
-__all__ = ["RunDir", "default_run_dir", "train", "evaluate_run"]
+__all__ = ["Interrupted", "RunDir", "default_run_dir", "train", "evaluate_run"]
 
-METRIC_COLUMNS = ("iteration", "meta_loss", "grad_norm", "T", "seconds")
+METRIC_COLUMNS = ("iteration", "meta_loss", "grad_norm", "T", "seconds", "skipped")
+_OPTIONAL_COLUMNS = {"skipped": 0.0}  # absent from runs written before the column existed
+#: The fields of the configuration a checkpoint must agree with to be resumed.
+CHECKPOINT_CONFIG_FIELDS = ("benchmark", "method", "T", "learn_T", "steps", "meta_batch", "ways", "shots",
+                            "queries", "seed", "model", "optimizer", "method_options")
+NONFINITE_POLICIES = {"error": "raise", "skip-task": "skip-task"}
 KEEP_CHECKPOINTS = 2
 _CKPT = re.compile(r"^ckpt-(\d+)\.eqx$")
+
+
+_HELD_LOCKS: dict[str, int] = {}  # run directory -> open, flock'ed file descriptor
 
 
 def _atomic_text(path: pathlib.Path, text: str) -> None:
@@ -113,7 +133,10 @@ class RunDir:
         with open(self.metrics_path, newline="") as f:
             for row in csv.DictReader(f):
                 try:
-                    rows.append({k: float(row[k]) for k in METRIC_COLUMNS})
+                    rows.append({
+                        k: float(_OPTIONAL_COLUMNS[k] if k in _OPTIONAL_COLUMNS and row.get(k) is None else row[k])
+                        for k in METRIC_COLUMNS
+                    })
                 except (KeyError, TypeError, ValueError):
                     break  # a torn last line from a crash
         return rows
@@ -125,16 +148,62 @@ class RunDir:
             return []
         with open(self.metrics_path, newline="") as f:
             lines = f.read().splitlines()
-        keep = [lines[0]] if lines else [",".join(METRIC_COLUMNS)]
+        keep = [lines[0]] if lines and lines[0].startswith("iteration,") else [",".join(METRIC_COLUMNS)]
+        commas = keep[0].count(",")
         for line in lines[1:]:
             head = line.split(",", 1)[0]
             try:
-                if int(head) <= iteration and line.count(",") == len(METRIC_COLUMNS) - 1:
+                if int(head) <= iteration and line.count(",") == commas and line.split(",")[-1].strip():
                     keep.append(line)
             except ValueError:
                 continue
         _atomic_text(self.metrics_path, "\n".join(keep) + "\n")
         return self.read_metrics()
+
+    # -- exclusive use, leftovers -------------------------------------------------
+
+    def lock(self) -> None:
+        """Take an exclusive lock on the run directory for this process's
+        lifetime (released by the OS on exit, `kill -9` included); raise
+        `InputError` if another process holds it."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover (not POSIX)
+            return
+        where = str(self.path.resolve())
+        if where in _HELD_LOCKS:  # this process already holds it (in-process reruns)
+            return
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise InputError(
+                f"run directory {self.path} is in use by another ctmeta process; wait for it to end "
+                "or stop it first"
+            ) from None
+        _HELD_LOCKS[where] = fd  # kept open: the lock lives as long as the process
+
+    def unlock(self) -> None:
+        """Release the lock `lock` took (if this process holds it)."""
+        fd = _HELD_LOCKS.pop(str(self.path.resolve()), None)
+        if fd is not None:
+            os.close(fd)
+
+    def remove_temporaries(self) -> list[pathlib.Path]:
+        """Delete the `.<name>.<random>.tmp` files an interrupted atomic write left."""
+        removed = []
+        for folder in (self.path, self.checkpoint_dir, self.figure_dir):
+            if not folder.is_dir():
+                continue
+            for p in folder.iterdir():
+                if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+                    try:
+                        p.unlink()
+                        removed.append(p)
+                    except OSError:
+                        pass
+        return removed
 
     # -- checkpoints ---------------------------------------------------------------
 
@@ -163,27 +232,49 @@ class RunDir:
                     pass
         return path
 
-    def load_latest(self, like, *, warn=print):
-        """The newest checkpoint that loads; falls back to the one before it."""
+    def load_latest(self, like, *, warn=print, config: dict | None = None):
+        """The newest checkpoint that loads; falls back to the one before it,
+        saying so through `warn`. A checkpoint is refused when its file is
+        truncated or corrupted (sha256), its sidecar is missing or malformed,
+        its arrays do not match `like`'s shapes and dtypes, it holds another
+        iteration than its name, or (given `config`) its saved configuration
+        differs from `config` in `CHECKPOINT_CONFIG_FIELDS`."""
         from .meta import load_state
 
         ckpts = self.checkpoints()
         if not ckpts:
-            raise CheckpointError(f"{self.path} has no checkpoint to resume from (checkpoints/ckpt-<i>.eqx)")
+            raise CheckpointError(
+                f"{self.path} has no checkpoint to resume from (expected {self.checkpoint_dir}/ckpt-<i>.eqx "
+                "with its ckpt-<i>.json); start a new run instead"
+            )
         errors = []
-        for it, path in reversed(ckpts):
+        for n, (it, path) in enumerate(reversed(ckpts)):
             try:
                 state, meta = load_state(path, like)
+                if int(state.iteration) != it:
+                    raise CheckpointError(
+                        f"checkpoint {path} holds iteration {int(state.iteration)}, not {it} (renamed?)"
+                    )
+                saved = meta.get("config") if isinstance(meta, dict) else None
+                if config is not None and isinstance(saved, dict):
+                    for name in CHECKPOINT_CONFIG_FIELDS:
+                        if name in saved and saved[name] != config.get(name):
+                            raise CheckpointError(
+                                f"checkpoint {path} was written with {name}={saved[name]!r} but the run's "
+                                f"config.json has {config.get(name)!r} (incompatible)"
+                            )
             except CheckpointError as err:
                 errors.append(str(err))
-                warn(f"warning: skipping {path.name}: {err}")
+                older = "; falling back to the previous checkpoint" if n + 1 < len(ckpts) else ""
+                warn(f"warning: skipping {path.name}: {err}{older}")
                 continue
-            if int(state.iteration) != it:
-                errors.append(f"{path.name} holds iteration {int(state.iteration)}")
-                continue
+            if errors:
+                warn(f"warning: resuming from {path.name} (iteration {it}), the newest usable checkpoint; "
+                     f"{len(errors)} newer one{'s' if len(errors) > 1 else ''} skipped")
             return state, meta, path
         raise CheckpointError(
-            f"no usable checkpoint in {self.checkpoint_dir} ({len(errors)} tried); the newest: {errors[0]}"
+            f"no usable checkpoint in {self.checkpoint_dir} ({len(errors)} tried, none loads); the newest: "
+            f"{errors[0]} -- restore a good checkpoint or start a new run"
         )
 
 
@@ -271,10 +362,79 @@ def _fmt(x: float) -> str:
 # --------------------------------------------------------------------------- #
 
 
+class Interrupted(KeyboardInterrupt):
+    """`train` stopped on SIGINT or SIGTERM after saving a checkpoint; `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)
+
+    @property
+    def signal_name(self) -> str:
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
+
+class _Signals:
+    """SIGINT/SIGTERM -> `Interrupted`, deferred while a `critical()` block runs."""
+
+    def __init__(self):
+        self.pending: int | None = None
+        self.depth = 0
+        self.previous: dict = {}
+
+    def _handler(self, signum, frame):
+        if self.depth:
+            self.pending = signum
+            return
+        raise Interrupted(signum)
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except (ValueError, OSError):  # pragma: no cover
+                pass
+
+    def restore(self) -> None:
+        for sig, old in self.previous.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, OSError, TypeError):  # pragma: no cover
+                pass
+        self.previous = {}
+
+    @contextlib.contextmanager
+    def critical(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending is not None:
+                signum, self.pending = self.pending, None
+                raise Interrupted(signum)
+
+
+def _checkpoint_config(cfg: dict) -> dict:
+    return {k: cfg.get(k) for k in CHECKPOINT_CONFIG_FIELDS}
+
+
 def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter: Reporter | None = None):
     """Meta-train from `state` (default: a fresh one) up to the configured
-    number of meta-iterations, writing metrics and checkpoints. Returns the
-    final state. A `KeyboardInterrupt` saves a checkpoint first."""
+    number of meta-iterations, writing one metrics row per iteration and a
+    checkpoint every `checkpoint_every` iterations and at the end. Returns
+    the final state.
+
+    SIGINT and SIGTERM save a checkpoint of the last completed iteration and
+    raise [`Interrupted`][]; a `NumericalError` (a non-finite meta-gradient,
+    or a solve out of steps, under `on_nonfinite="error"`) saves the last
+    good state the same way before propagating. `config["on_nonfinite"]`
+    (`"error"`, default, or `"skip-task"`) sets the learner's policy."""
     import jax
 
     reporter = reporter or Reporter()
@@ -283,15 +443,32 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
     total = int(cfg["meta_iterations"])
     every = int(cfg["checkpoint_every"])
     meta_batch = int(cfg["meta_batch"])
+    policy = cfg.get("on_nonfinite") or "error"
+    if policy not in NONFINITE_POLICIES:
+        raise InputError(f"--on-nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {policy!r}")
+    if learner.on_nonfinite != NONFINITE_POLICIES[policy]:
+        if learner.num_traces:
+            raise InputError("train: the learner was already compiled with another on_nonfinite policy")
+        learner.on_nonfinite = NONFINITE_POLICIES[policy]
     if state is None:
         state = learner.init(exp.run_key)
     start = int(state.iteration)
     log_every = max(1, total // 10)
     t0 = time.perf_counter()
     last_saved = start
+    skipped_total = 0
 
     def metadata(elapsed):
-        return {"seconds": elapsed, "benchmark": cfg["benchmark"], "method": cfg["method"]}
+        return {
+            "seconds": elapsed,
+            "benchmark": cfg["benchmark"],
+            "method": cfg["method"],
+            "config": _checkpoint_config(cfg),
+            # The sampler has no state of its own: iteration i's meta-batch is
+            # family.sample(fold_in(state.key, i), meta_batch, "train").
+            "sampler": {"rule": "fold_in(key, iteration)", "meta_batch": meta_batch, "split": "train"},
+            "on_nonfinite": policy,
+        }
 
     if start >= total:
         reporter.log(f"already at meta-iteration {start} of {total}; nothing to train")
@@ -300,22 +477,36 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
         f"meta-training {cfg['benchmark']} with {cfg['method']}: iterations {start + 1}..{total}, "
         f"meta-batch {meta_batch}, T {cfg['T']:g}{' (learned)' if cfg.get('learn_T') else ''}, "
         f"steps {cfg['steps'] if cfg['steps'] is not None else 'adaptive (dopri5)'}"
+        + (", skipping non-finite tasks" if policy == "skip-task" else "")
     )
+    signals = _Signals()
+    signals.install()
     f = open(run.metrics_path, "a", newline="")
     try:
+        if start == 0 and not run.checkpoints():
+            with signals.critical():  # so that `--resume` works however early the run stops
+                run.save_checkpoint(state, metadata(seconds_offset))
         with reporter.progress("meta-training", total, start) as bar:
             for it in range(start, total):
                 key = jax.random.fold_in(state.key, it)
                 batch = family.sample(key, meta_batch, "train")
-                state, m = learner.meta_step(state, batch)
+                new_state, m = learner.meta_step(state, batch)
                 done = it + 1
                 elapsed = seconds_offset + (time.perf_counter() - t0)
+                skipped = int(m["skipped"])
                 row = (done, float(m["meta_loss"]), float(m["grad_norm"]), float(m["T"]), elapsed)
-                f.write(",".join([str(done)] + [repr(x) for x in row[1:4]] + [f"{elapsed:.3f}"]) + "\n")
-                f.flush()
-                if done % every == 0 or done == total:
-                    run.save_checkpoint(state, metadata(elapsed))
-                    last_saved = done
+                line = ",".join([str(done)] + [repr(x) for x in row[1:4]] + [f"{elapsed:.3f}", str(skipped)])
+                with signals.critical():  # the state, its metrics row and its checkpoint go together
+                    state = new_state
+                    f.write(line + "\n")
+                    f.flush()
+                    if done % every == 0 or done == total:
+                        run.save_checkpoint(state, metadata(elapsed))
+                        last_saved = done
+                skipped_total += skipped
+                if skipped:
+                    reporter.log(f"warning: meta-iteration {done}: skipped {skipped} of {meta_batch} tasks "
+                                 "with a non-finite loss or meta-gradient")
                 bar.update(done)
                 if done == start + 1:
                     t_first = time.perf_counter()  # the rate leaves out the compilation
@@ -332,13 +523,18 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
                         f"[iter {done:>{len(str(total))}}/{total}] meta-loss {_fmt(row[1])}  "
                         f"grad-norm {_fmt(row[2])}  T {row[3]:.4g}  {rate:.2f} it/s  "
                         f"ETA {_hms(eta)}"
+                        + (f"  skipped tasks {skipped_total}" if skipped_total else "")
                     )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, NumericalError):
+        # Keep the last completed iteration: a resumed run continues from it.
+        f.flush()
         if int(state.iteration) > last_saved:
-            run.save_checkpoint(state, metadata(seconds_offset + (time.perf_counter() - t0)))
+            with signals.critical():
+                run.save_checkpoint(state, metadata(seconds_offset + (time.perf_counter() - t0)))
         raise
     finally:
         f.close()
+        signals.restore()
     return state
 
 

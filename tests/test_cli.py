@@ -135,7 +135,7 @@ def test_train_writes_the_run_directory(finished_run):
     assert config["optimizer"] == {"name": "adam", "learning_rate": 1e-3}
     rows = _rows(finished_run)
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
-    assert set(rows[0]) == {"iteration", "meta_loss", "grad_norm", "T", "seconds"}
+    assert set(rows[0]) == {"iteration", "meta_loss", "grad_norm", "T", "seconds", "skipped"}
     ckpts = sorted(p.name for p in (finished_run / "checkpoints").iterdir())
     assert ckpts == ["ckpt-2.eqx", "ckpt-2.json", "ckpt-4.eqx", "ckpt-4.json"]
     for fig in ("meta_loss.png", "error_vs_steps.png"):
@@ -180,8 +180,9 @@ def test_evaluate_falls_back_to_the_previous_checkpoint(finished_run, tmp_path, 
     newest = run / "checkpoints" / "ckpt-4.eqx"
     newest.write_bytes(newest.read_bytes()[:-10])  # truncated
     assert main(["evaluate", str(run), "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert "skipping ckpt-4.eqx" in out and "ckpt-2.eqx (iteration 2)" in out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "skipping ckpt-4.eqx" in captured.err and "ckpt-2.eqx (iteration 2)" in out
     assert "learned (fomaml)" in out
     assert json.loads((run / "results.json").read_text())["iteration"] == 2
 

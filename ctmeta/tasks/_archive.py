@@ -148,7 +148,8 @@ class ZipTree(FileTree):
             self._zip = zipfile.ZipFile(self.path)
         except FileNotFoundError:
             raise DataError(f"{self.path} does not exist") from None
-        except (zipfile.BadZipFile, OSError) as e:
+        except (zipfile.BadZipFile, OSError, UnicodeDecodeError) as e:
+            # A member name flagged UTF-8 that is not decodes as UnicodeDecodeError.
             raise DataError(f"{self.path} is not a readable zip archive: {e}") from None
         try:
             for info in self._zip.infolist():

@@ -160,7 +160,7 @@ def _read_movielens_bytes(path: pathlib.Path, fmt: _MovieLensFormat) -> tuple[by
                     )
                 return archive.read(match), f"{path}:{match}"
         return path.read_bytes(), str(path)
-    except (OSError, zipfile.BadZipFile) as err:
+    except (OSError, zipfile.BadZipFile, UnicodeDecodeError) as err:
         raise DataError(f"could not read {path}: {err}") from err
 
 

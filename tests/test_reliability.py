@@ -1,0 +1,355 @@
+"""Reliability of `ctmeta train`: kill -9 / SIGTERM and resume, corrupted
+checkpoints, non-finite tasks.
+
+The runs are tiny (CosMixture, MAML with 5 steps, meta-batch 2) so that the
+file runs in about a minute on 2 CPU cores; the subprocess runs are long
+enough (a few hundred meta-iterations) to be stopped in the middle.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ctmeta import presets
+from ctmeta._errors import CheckpointError
+from ctmeta.cli import main
+from ctmeta.meta import load_state
+from ctmeta.runs import RunDir
+
+SMALL = ["--benchmark", "cosmixture", "--method", "maml", "--steps", "5", "--meta-batch", "2", "--quiet"]
+EVERY, TOTAL = 20, 240
+LONG = [*SMALL, "--meta-iterations", str(TOTAL), "--checkpoint-every", str(EVERY)]
+
+
+def _ctmeta() -> list[str]:
+    exe = os.path.join(os.path.dirname(sys.executable), "ctmeta")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "ctmeta.cli"]
+
+
+# The tests run in float64 (conftest.py); the subprocesses must too, to compare bits.
+# They share a persistent compilation cache (the same programs compile once).
+ENV = {**os.environ, "JAX_ENABLE_X64": "1" if jax.config.jax_enable_x64 else "0",
+       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quick(tmp_path_factory):
+    """A short meta-test curve (0 and 5 steps) for the in-process runs."""
+    ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax-cache"))
+    p = presets.BENCHMARKS["cosmixture"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(presets.BENCHMARKS, "cosmixture", dataclasses.replace(p, eval_steps=(0, 5), eval_every=5))
+        yield
+
+
+def _rows(run) -> list[dict]:
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _without_seconds(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "seconds"}
+
+
+def _final_state(run):
+    """The state of the run's newest checkpoint, loaded through the library."""
+    config = json.loads((run / "config.json").read_text())
+    exp = presets.build(config, progress=False, log=lambda *_: None)
+    state, _, path = RunDir(run).load_latest(exp.learner.init(exp.run_key), warn=lambda *_: None)
+    return state, path
+
+
+def _assert_same_run(a, b, total):
+    ra, rb = _rows(a), _rows(b)
+    assert len(ra) == len(rb) == total
+    # Every row (the final one included) equal, to the last bit of its repr; seconds aside.
+    assert [_without_seconds(r) for r in ra] == [_without_seconds(r) for r in rb]
+    sa, pa = _final_state(a)
+    sb, pb = _final_state(b)
+    assert pa.name == pb.name == f"ckpt-{total}.eqx"
+    assert pa.read_bytes() == pb.read_bytes()  # params, optimiser state, key, iteration
+    la, lb = jax.tree.leaves(sa), jax.tree.leaves(sb)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    # The meta-test error at the steps both evaluated (the in-process runs use a shorter curve).
+    res_a, res_b = (json.loads((r / "results.json").read_text()) for r in (a, b))
+    common = sorted(set(res_a["curve_steps"]) & set(res_b["curve_steps"]))
+    assert common and 0 in common
+    for step in common:
+        ia, ib = res_a["curve_steps"].index(step), res_b["curve_steps"].index(step)
+        assert res_a["learned"]["mean"][ia] == res_b["learned"]["mean"][ib]
+
+
+def _wait_for_checkpoint(proc, out, min_iteration, timeout=180.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        its = [i for i, p in RunDir(out).checkpoints() if p.with_suffix(".json").exists()]
+        if its and max(its) >= min_iteration:
+            return max(its)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail(f"no checkpoint >= {min_iteration} while the run was going: {proc.communicate()[1][-2000:]}")
+
+
+def test_sigterm_then_kill_9_then_resume_ends_bit_for_bit_as_an_uninterrupted_run(tmp_path, capsys):
+    """SIGTERM: a checkpoint and a message; resume; kill -9 mid-way; resume:
+    the final metrics row, every row, and the parameters, optimiser state and
+    key equal an uninterrupted run's, bit for bit."""
+    reference = tmp_path / "reference"
+    assert main(["train", *LONG, "--out", str(reference)]) == 0  # uninterrupted, in-process
+    out = tmp_path / "interrupted"
+
+    # 1. SIGTERM after the first periodic checkpoint.
+    proc = subprocess.Popen([*_ctmeta(), "train", *LONG, "--out", str(out)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(proc, out, EVERY)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "SIGTERM" in lines[0] and f"ctmeta train --resume {out}" in lines[0]
+    # The checkpoint is of the last completed iteration: every metrics row has its state.
+    termed_at = max(i for i, _ in RunDir(out).checkpoints())
+    assert EVERY <= termed_at < TOTAL and int(_rows(out)[-1]["iteration"]) == termed_at
+
+    # 2. Resume, then kill -9 once it has written a further checkpoint.
+    proc = subprocess.Popen([*_ctmeta(), "train", "--resume", str(out), "--quiet"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    nxt = (termed_at // EVERY + 1) * EVERY
+    _wait_for_checkpoint(proc, out, min(nxt, TOTAL - EVERY))
+    running = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert running and proc.returncode == -signal.SIGKILL, "the resumed run ended before kill -9"
+    killed_at = max(i for i, _ in RunDir(out).checkpoints())
+    assert termed_at < killed_at < TOTAL
+
+    # 3. Resume to the end (in-process).
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    _assert_same_run(reference, out, TOTAL)
+    resumes = json.loads((out / "config.json").read_text())["resumes"]
+    assert [r["from_iteration"] for r in resumes][0] == termed_at and len(resumes) == 2
+    assert resumes[1]["from_iteration"] >= killed_at - EVERY
+
+
+# ------------------------------------------------------------- corrupted checkpoints
+
+TINY = [*SMALL, "--meta-iterations", "4", "--checkpoint-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    assert main(["train", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def _truncate(p):
+    p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+
+
+def _flip(p):
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+def _bad_shapes(p):
+    side = p.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    meta["leaves"][0] = "float32[3,7]"
+    side.write_text(json.dumps(meta))
+
+
+def _no_sidecar(p):
+    p.with_suffix(".json").unlink()
+
+
+def _other_config(p):
+    side = p.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    meta["metadata"]["config"]["steps"] = 99
+    side.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip, _bad_shapes, _no_sidecar, _other_config])
+def test_resume_falls_back_from_a_bad_newest_checkpoint(tiny_run, tmp_path, capsys, damage):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    damage(run / "checkpoints" / "ckpt-4.eqx")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    cap = capsys.readouterr()
+    assert "skipping ckpt-4.eqx" in cap.err and "falling back" in cap.err
+    assert "resuming from ckpt-2.eqx (iteration 2)" in cap.err
+    assert "from ckpt-2.eqx (iteration 2)" in cap.out
+    # It trained iterations 3 and 4 again, to the same result.
+    assert [_without_seconds(r) for r in _rows(run)] == [_without_seconds(r) for r in _rows(tiny_run)]
+    assert (run / "checkpoints" / "ckpt-4.eqx").read_bytes() == (tiny_run / "checkpoints" / "ckpt-4.eqx").read_bytes()
+
+
+def test_resume_with_no_good_checkpoint_exits_2(tiny_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    _truncate(run / "checkpoints" / "ckpt-4.eqx")
+    _flip(run / "checkpoints" / "ckpt-2.eqx")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ctmeta: error: no usable checkpoint in") and "2 tried" in err[-1]
+    assert "start a new run" in err[-1] and "Traceback" not in "\n".join(err)
+    # The same through the API.
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        _final_state(run)
+
+
+def test_leftover_temporaries_are_removed_and_the_run_dir_is_locked(tiny_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    leftover = run / "checkpoints" / ".ckpt-6.eqx.abc123.tmp"
+    leftover.write_bytes(b"partial")
+    held = RunDir(run)
+    held.lock()  # as if another process were training in it
+    try:
+        code = subprocess.run([*_ctmeta(), "train", "--resume", str(run), "--quiet"], env=ENV,
+                              capture_output=True, text=True, timeout=120)
+        assert code.returncode == 2 and "in use by another ctmeta process" in code.stderr
+    finally:
+        held.unlock()
+    assert main(["train", "--resume", str(run), "--meta-iterations", "6", "--quiet"]) == 0
+    assert not leftover.exists()
+    assert [i for i, _ in RunDir(run).checkpoints()] == [4, 6]
+
+
+def test_checkpoint_holds_config_and_sampler_without_pickle(tiny_run):
+    side = json.loads((tiny_run / "checkpoints" / "ckpt-4.json").read_text())
+    meta = side["metadata"]
+    assert meta["config"]["method"] == "maml" and meta["config"]["steps"] == 5
+    assert meta["sampler"]["rule"] == "fold_in(key, iteration)"
+    assert side["iteration"] == 4 and len(side["sha256"]) == 64
+    data = (tiny_run / "checkpoints" / "ckpt-4.eqx").read_bytes()
+    assert not data.startswith(b"\x80")  # not a pickle stream
+
+
+# ------------------------------------------------------------- non-finite tasks
+
+
+def _poisoned_family(monkeypatch, *, every_task=False):
+    """CosMixture whose training task 0 (or every task) has a NaN query target."""
+    from ctmeta.tasks.regression import CosMixture
+
+    class Poisoned(CosMixture):
+        def sample(self, key, meta_batch, split="train"):
+            b = super().sample(key, meta_batch, split)
+            if split != "train":
+                return b
+            bad = b.query_y.at[:, 0, 0].set(jnp.nan) if every_task else b.query_y.at[0, 0, 0].set(jnp.nan)
+            return b._replace(query_y=bad)
+
+    original = presets.build_family
+
+    def build_family(config, **kw):
+        fam = original(config, **kw)
+        return Poisoned(shots=fam.shots, queries=fam.queries, seed=0)
+
+    monkeypatch.setattr(presets, "build_family", build_family)
+
+
+def test_nonfinite_task_errors_by_default_naming_iteration_and_task(monkeypatch, tmp_path, capsys):
+    _poisoned_family(monkeypatch)
+    out = tmp_path / "nan"
+    assert main(["train", *TINY, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "meta-iteration 1" in err[0] and "task 0" in err[0] and "non-finite" in err[0]
+    assert f"--resume {out} --on-nonfinite skip-task" in err[0]
+    # The run can go on with the skip policy, from the saved state.
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--on-nonfinite", "skip-task", "--quiet"]) == 0
+    rows = _rows(out)
+    assert [int(r["skipped"]) for r in rows] == [1, 1, 1, 1]
+    assert all(np.isfinite(float(r["meta_loss"])) for r in rows)
+
+
+def test_skip_task_counts_skipped_tasks_in_metrics(monkeypatch, tmp_path, capsys):
+    _poisoned_family(monkeypatch)
+    out = tmp_path / "skip"
+    assert main(["train", *TINY, "--on-nonfinite", "skip-task", "--out", str(out)]) == 0
+    rows = _rows(out)
+    assert [int(r["skipped"]) for r in rows] == [1, 1, 1, 1]
+    assert json.loads((out / "config.json").read_text())["on_nonfinite"] == "skip-task"
+    state, _ = _final_state(out)
+    assert int(state.iteration) == 4
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.params))
+
+
+def test_skip_task_with_every_task_nonfinite_fails_loudly(monkeypatch, tmp_path, capsys):
+    _poisoned_family(monkeypatch, every_task=True)
+    assert main(["train", *TINY, "--on-nonfinite", "skip-task", "--out", str(tmp_path / "all")]) == 1
+    err = capsys.readouterr().err
+    assert "meta-iteration 1" in err and "every task" in err
+
+
+def test_solver_out_of_steps_is_a_numerical_error_naming_the_iteration():
+    """An ODE solve that exhausts its step budget: NumericalError from the API."""
+    import optax
+
+    from ctmeta._errors import NumericalError
+    from ctmeta.meta import LinearFlow, MetaLearner, EmbeddingHead, cross_entropy
+    import equinox as eqx
+
+    class Emb(eqx.Module):
+        w: jax.Array
+
+        def __call__(self, x):
+            return x * self.w
+
+    model = EmbeddingHead(embedding=Emb(jnp.ones((3,))), head=jnp.zeros((2, 3)))
+    learner = MetaLearner(model, LinearFlow(max_steps=2, rtol=1e-12, atol=1e-12), optax.sgd(0.1),
+                          cross_entropy, T=50.0, adapt="head")
+    state = learner.init(jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 3)) * 10
+    y = jnp.tile(jnp.array([0, 1, 0, 1, 0, 1]), (2, 1))
+    from ctmeta.tasks.base import Batch
+
+    with pytest.raises(NumericalError, match="meta-iteration 1"):
+        learner.meta_step(state, Batch(x, y, x, y))
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip-task"])
+def test_adjoint_solve_out_of_steps_is_a_numerical_error(policy):
+    """A-MAML's forward solve with too small a step budget: NumericalError naming
+    the iteration, under either policy (a solver failure inside the vmapped
+    meta-batch stops the whole step; it cannot be pinned on one task)."""
+    import optax
+
+    from ctmeta._errors import NumericalError
+    from ctmeta.meta import MetaLearner, mse
+    from ctmeta.methods import Adjoint
+    from ctmeta.models import MLP
+    from ctmeta.tasks.regression import CosMixture
+
+    learner = MetaLearner(MLP(2, 1, 8, 1, key=jax.random.PRNGKey(0)), Adjoint(steps=5, max_steps=2),
+                          optax.adam(1e-3), mse, T=2.0, on_nonfinite=policy)
+    state = learner.init(jax.random.PRNGKey(0))
+    batch = CosMixture(shots=5, queries=5).sample(jax.random.PRNGKey(1), 2, "train")
+    with pytest.raises(NumericalError, match="meta-iteration 1: the inner solve failed"):
+        learner.meta_step(state, batch)
