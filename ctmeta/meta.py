@@ -225,10 +225,13 @@ class LinearFlow(eqx.Module):
 
 class MetaParams(eqx.Module):
     """The meta-parameters: the model's floating-point arrays (its other
-    leaves are `None`; the learner keeps them) and `log_T` when `T` is learned."""
+    leaves are `None`; the learner keeps them), `log_T` when `T` is learned,
+    and `T_weights (d,)` when each task gets its own horizon
+    `T = exp(log_T + T_weights . mean(support features))`."""
 
     model: PyTree
     log_T: jax.Array | None = None
+    T_weights: jax.Array | None = None
 
 
 class MetaState(eqx.Module):
@@ -306,7 +309,12 @@ class MetaLearner:
       learning rate), or its initial value when `learn_T=True`.
     - `learn_T`: learn `log_T` with the other meta-parameters (COMLN's
       parametrisation `T = exp(log_T)`). Only for methods that differentiate
-      `T`: `Adjoint`, `Unrolled`, `LinearFlow`.
+      `T`: `Adjoint`, `Unrolled`, `LinearFlow`. `"per-task"` (with
+      `adapt="head"`; COMLN's future work) also learns `T_weights`, so that
+      each task adapts for its own horizon
+      `T = exp(log_T + T_weights . mean_m phi_m)` read off its embedded
+      support set; `T_weights` starts at zero (every task at `T`).
+      Evaluation adapts with the shared `exp(log_T)`.
     - `metric`: `metric(pred, y, mask=None) -> scalar` per task, for
       [`evaluate`][MetaLearner.evaluate] (default: [`nrmse_metric`][] after
       [`mse`][], [`accuracy`][] after [`cross_entropy`][]).
@@ -328,7 +336,7 @@ class MetaLearner:
         loss: Callable = mse,
         *,
         T: float = 1.0,
-        learn_T: bool = False,
+        learn_T: bool | Literal["per-task"] = False,
         metric: Callable | None = None,
         apply: Callable = apply_to_set,
         adapt: Literal["all", "head"] = "all",
@@ -353,6 +361,11 @@ class MetaLearner:
             raise InputError("LinearFlow (COMLN) adapts a linear head: use adapt='head' with an EmbeddingHead.")
         if isinstance(method, Reptile) and adapt == "head":
             raise InputError("Reptile with adapt='head' is not supported; use adapt='all'.")
+        if learn_T not in (False, True, "per-task"):
+            raise InputError(f"MetaLearner: learn_T must be False, True or 'per-task'; got {learn_T!r}")
+        if learn_T == "per-task" and adapt != "head":
+            raise InputError("MetaLearner(learn_T='per-task') reads each task's horizon off its support "
+                             "features: use adapt='head' with an EmbeddingHead.")
         if learn_T and isinstance(method, (FirstOrder, Implicit, Reptile)):
             raise InputError(
                 f"learn_T=True needs a method that differentiates T (Adjoint, Unrolled, LinearFlow); "
@@ -366,6 +379,7 @@ class MetaLearner:
         self.loss = loss
         self.T = _check_positive("T", T)
         self.learn_T = bool(learn_T)
+        self.per_task_T = learn_T == "per-task"
         if metric is None:
             metric = accuracy if loss is cross_entropy else nrmse_metric
         self.metric = metric
@@ -394,7 +408,10 @@ class MetaLearner:
             if jax.tree.structure(static) != jax.tree.structure(self._static):
                 raise InputError("MetaLearner.init: model has a different structure from the learner's.")
         log_T = jnp.log(jnp.asarray(self.T, self._dtype)) if self.learn_T else None
-        mp = MetaParams(model=params, log_T=log_T)
+        T_weights = None
+        if self.per_task_T:
+            T_weights = jnp.zeros(eqx.combine(params, self._static).head.shape[1], self._dtype)
+        mp = MetaParams(model=params, log_T=log_T, T_weights=T_weights)
         key = jnp.asarray(key)
         if not (key.dtype == jnp.uint32 and key.shape == (2,)):
             raise InputError("MetaLearner.init: key must be a raw jax.random.PRNGKey(seed) (uint32[2]).")
@@ -449,6 +466,8 @@ class MetaLearner:
         # Head only: the embedding is meta-learned through the features.
         fs = model.features(sx)
         fq = model.features(qx)
+        if params.T_weights is not None:  # this task's own horizon
+            T = jnp.exp(params.log_T + jnp.dot(params.T_weights, jnp.mean(fs, axis=0)))
         if isinstance(self.method, LinearFlow):
             labels = jax.nn.one_hot(sy, model.head.shape[0], dtype=fs.dtype)
             W = self.method.adapt_head(model.head, fs, labels, T.astype(fs.dtype))

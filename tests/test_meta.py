@@ -243,3 +243,24 @@ def test_evaluate_uses_the_query_mask_of_a_masked_batch():
     a = learner.evaluate(state, batch, [0, 4], lr=0.05)
     b = learner.evaluate(state, masked, [0, 4], lr=0.05)
     np.testing.assert_allclose(a.per_task, b.per_task, rtol=1e-12)
+
+
+def test_per_task_horizons_are_learned_with_exact_gradients():
+    emb = MLP(5, 4, 8, 1, key=jax.random.PRNGKey(0))
+    model = EmbeddingHead(embedding=emb, head=jnp.zeros((3, 4)))
+    learner = MetaLearner(model, LinearFlow(rtol=1e-10, atol=1e-12), optax.adam(1e-2), cross_entropy,
+                          T=0.5, learn_T="per-task", adapt="head")
+    state = learner.init(jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(state.params.T_weights, jnp.zeros(4))  # every task starts at T
+    batch = _tiny_classification(jax.random.PRNGKey(2))
+    _, grads = learner.meta_gradient(state, batch)
+    # The gradient in T_weights against central differences of the meta-loss.
+    direction = jnp.array([0.3, -0.2, 0.5, 0.1])
+    meta_loss = lambda p: learner.meta_gradient(p, batch)[0]
+    shifted = lambda eps: eqx.tree_at(lambda p: p.T_weights, state.params, state.params.T_weights + eps * direction)
+    eps = 1e-5
+    fd = (meta_loss(shifted(eps)) - meta_loss(shifted(-eps))) / (2 * eps)
+    np.testing.assert_allclose(jnp.dot(grads.T_weights, direction), fd, rtol=1e-5)
+    assert float(jnp.linalg.norm(grads.T_weights)) > 0
+    with pytest.raises(InputError, match="per-task"):
+        MetaLearner(MLP(1, 1, 4, 1, key=jax.random.PRNGKey(0)), Adjoint(), optax.adam(1e-3), learn_T="per-task")
