@@ -156,10 +156,14 @@ _LIMITS = {"T": 1e6, "steps": 10**6, "meta_iterations": 10**9, "meta_batch": 10*
 
 
 def _check_limits(args) -> None:
+    for name, value in vars(args).items():
+        if isinstance(value, list):  # argparse turns `--flag=--` into [] without checking it
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{flag} needs a value; got {' '.join(map(str, value)) or '--'!r}")
     for name, limit in _LIMITS.items():
         value = getattr(args, name, None)
+        flag = "--" + name.replace("_", "-")
         if value is not None and value > limit:
-            flag = "--" + name.replace("_", "-")
             raise InputError(f"{flag} {value} is too large (at most {limit:g}); choose a smaller value")
 
 
@@ -245,6 +249,7 @@ def _cmd_train(args, argv) -> int:
     from .runs import Reporter, RunDir, default_run_dir, evaluate_run, train
 
     reporter = Reporter(quiet=args.quiet)
+    _check_limits(args)  # before the run directory is touched
     if args.resume is not None:
         run = RunDir.open(args.resume)
         config = _check_resume_flags(args, run.read_config())

@@ -197,3 +197,11 @@ def test_movielens_end_to_end_with_masked_test_queries(data_dir, monkeypatch, tm
     results = json.loads((out / "results.json").read_text())
     assert results["metric"] == "nRMSE" and results["tasks"] == 100
     assert all(0 < m < 10 for m in results["learned"]["mean"])
+
+
+@pytest.mark.parametrize("flag", ["--shots", "--T", "--method", "--benchmark", "--out", "--resume", "--data-dir"])
+def test_a_bare_double_dash_as_a_flag_value_is_a_usage_error(flag, capsys, tmp_path):
+    # argparse hands `--flag=--` over as [] without type or choice checks.
+    code = main(["train", f"{flag}=--", "--meta-iterations", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{flag} needs a value" in err
