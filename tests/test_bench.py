@@ -1,0 +1,97 @@
+"""`ctmeta bench` on a tiny run: files, columns, and the memory trends (no wall-clock assertions)."""
+
+import csv
+import math
+
+import pytest
+
+from ctmeta import bench
+from ctmeta._errors import InputError
+
+REQUIRED = {"method", "benchmark", "steps", "peak_bytes", "seconds", "forward_seconds",
+            "device", "dtype", "meta_batch", "repeats", "temp_bytes", "checkpoints", "status"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # time_budget=0: the first step count of each method is timed on its
+    # warm-up call only and the larger one is compiled for memory only, so
+    # the test pays for compilation and little else.
+    rows = bench.run(
+        ["cosmixture/maml+amaml+amaml-ckpt"], [8, 64], out, quick=True, repeats=1,
+        meta_batch=2, time_budget=0.0, vmap=False, diagnostics=False, progress=False,
+    )
+    return out, rows
+
+
+def _row(rows, method, steps):
+    return next(r for r in rows if r["method"] == method and r["steps"] == steps)
+
+
+def test_files_and_columns(tiny_run):
+    out, rows = tiny_run
+    with open(out / "bench.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert REQUIRED <= set(reader.fieldnames)
+        written = list(reader)
+    assert len(written) == len(rows) == 6
+    assert {r["method"] for r in written} == {"maml", "amaml", "amaml-ckpt"}
+    assert all(r["meta_batch"] == "2" and r["dtype"] == "float32" for r in written)
+    png = out / "bench-cosmixture.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "targets.md").is_file() and "met" in (out / "targets.md").read_text()
+    # read_csv parses the numbers back
+    parsed = bench.read_csv(out / "bench.csv")
+    assert parsed[0]["peak_bytes"] == rows[0]["peak_bytes"]
+
+
+def test_values_positive_finite(tiny_run):
+    _, rows = tiny_run
+    for r in rows:
+        assert r["status"].startswith(("ok", "memory only")), r["status"]
+        for key in ("peak_bytes", "temp_bytes", "argument_bytes", "output_bytes"):
+            assert r[key] > 0 and math.isfinite(r[key])
+        assert r["peak_bytes"] == r["temp_bytes"] + r["argument_bytes"] + r["output_bytes"]
+    for method in ("maml", "amaml", "amaml-ckpt"):
+        r = _row(rows, method, 8)  # the first step count is always timed
+        assert r["seconds"] > 0 and math.isfinite(r["seconds"])
+        assert r["forward_seconds"] > 0 and math.isfinite(r["forward_seconds"])
+    assert _row(rows, "amaml-ckpt", 64)["checkpoints"] == 8
+
+
+def test_memory_trends(tiny_run):
+    _, rows = tiny_run
+    growth = {m: _row(rows, m, 64)["peak_bytes"] - _row(rows, m, 8)["peak_bytes"] for m in ("maml", "amaml", "amaml-ckpt")}
+    assert growth["maml"] > 0  # the unrolled graph grows with the steps
+    assert growth["amaml"] > 0  # the stored states do too, more slowly
+    assert growth["amaml-ckpt"] < growth["amaml"]  # sqrt(K) checkpoints grow slower still
+    assert _row(rows, "amaml", 64)["peak_bytes"] < _row(rows, "maml", 64)["peak_bytes"]
+
+
+def test_targets_from_rows(tiny_run):
+    _, rows = tiny_run
+    targets = bench.evaluate_targets(rows)
+    by_name = {t["name"][:2]: t for t in targets}
+    assert by_name["3."]["met"] is None  # no Conv-4 rows in this run
+    ckpt = [t for t in targets if t["name"].startswith("6.")]
+    assert ckpt and ckpt[0]["met"] is True
+
+
+def test_checkpoints_for():
+    assert bench.checkpoints_for(100) == 10
+    assert bench.checkpoints_for(1000) == 25
+    assert bench.checkpoints_for(64) == 8
+    assert bench.checkpoints_for(13) == 1
+    for k in (10, 50, 200, 500, 2000, 10000):
+        assert k % bench.checkpoints_for(k) == 0
+
+
+def test_bad_arguments():
+    with pytest.raises(InputError):
+        bench._parse_cases(["nosuchbench"])
+    with pytest.raises(InputError):
+        bench._parse_cases(["cosmixture/comln"])
+    assert bench._parse_cases(["omniglot/comln+anil", "cosmixture/maml"]) == [
+        ("omniglot", "comln"), ("omniglot", "anil"), ("cosmixture", "maml")]
+    assert bench.main(["--cases", "nosuchbench", "--out", "unused"]) == 2
