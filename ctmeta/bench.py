@@ -872,19 +872,91 @@ def comln_solver_steps(problem: Problem, steps: int) -> dict:
                 rejected_steps=int(r), euler_steps=steps, dopri5_evals=6 * int(n) + 1)
 
 
+def amaml_solver_steps(problem: Problem, steps: int, rtol=1e-6, atol=1e-8) -> dict:
+    """Dopri5's step count in A-MAML's forward solve to `T = steps * h` (largest over the meta-batch)."""
+    import diffrax
+
+    T = steps * H
+    field = GradientField(problem.whole_loss)
+
+    @jax.jit
+    def count(params, batch):
+        def one(task):
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(lambda t, y, a: field(t, y, a)), diffrax.Dopri5(), 0.0, T, None, params,
+                args=(task[0], task[1]), saveat=diffrax.SaveAt(t1=True),
+                stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=16384,
+            )
+            return sol.stats["num_steps"], sol.stats["num_rejected_steps"]
+
+        return jax.vmap(one)(batch)
+
+    n, r = count(problem.params, problem.batch)
+    n = int(np.max(n))
+    return dict(benchmark=problem.name, method="amaml", steps=steps, T=T, meta_batch=problem.meta_batch,
+                dopri5_steps=n, rejected_steps=int(np.max(r)), dopri5_evals=6 * n + 1, grad_evals_per_h=(6 * n + 1) / steps)
+
+
+def comln_head_timing(problem: Problem, steps: int, repeats: int = 7) -> dict:
+    """COMLN's meta-gradient through `linear_flow` alone (features fixed, no Conv-4),
+    Dopri5 vs Euler with `steps` steps, the two timed alternately."""
+    T = steps * H
+    emb, W0 = problem.head["split"](problem.params)
+    ways = problem.head["ways"]
+    fs = jax.vmap(lambda x: problem.head["features"](emb, x))(problem.batch[0])
+    fq = jax.vmap(lambda x: problem.head["features"](emb, x))(problem.batch[2])
+    onehot = jax.nn.one_hot(problem.batch[1], ways, dtype=fs.dtype)
+
+    def make(kw):
+        def loss(W0, fs, onehot, fq, qy):
+            return _cross_entropy(fq @ linear_flow(W0, fs, onehot, T, **kw).T, qy)
+
+        def grad(W0, fs, onehot, fq, qy):
+            g = jax.vmap(jax.grad(loss, argnums=(0, 1, 3)), in_axes=(None, 0, 0, 0, 0))(W0, fs, onehot, fq, qy)
+            return jax.tree.map(lambda x: jnp.mean(x, 0), g)
+
+        return jax.jit(grad).lower(W0, fs, onehot, fq, problem.batch[3]).compile()
+
+    args = (W0, fs, onehot, fq, problem.batch[3])
+    fns = {"dopri5": make(dict(max_steps=16384)), "euler": make(dict(solver="euler", steps=steps))}
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        jax.block_until_ready(f(*args))
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[k].append(time.perf_counter() - t0)
+    d, e = statistics.median(times["dopri5"]), statistics.median(times["euler"])
+    return dict(benchmark=problem.name, method="comln-head-only", steps=steps, T=T, meta_batch=problem.meta_batch,
+                dopri5_head_seconds=d, euler_head_seconds=e, dopri5_over_euler=d / e, repeats=repeats)
+
+
 def run_diagnostics(rows, problems, *, repeats=3, quick=False, data_dir=None, budget=120.0) -> list[dict]:
-    """A-MAML's time breakdown on CosMixture (at 500 steps, or the closest
-    measured), and COMLN's Dopri5 step counts, at the step counts measured."""
+    """Where the time goes, measured: A-MAML's time breakdown on CosMixture
+    (at 500 steps, or the closest measured; meta-batch 5 and 1) and its Dopri5
+    step counts at every step count; on Conv-4, A-MAML's Dopri5 steps at
+    T = 0.1 for a zero and a random head, COMLN's Dopri5 step counts and its
+    head-only Dopri5-vs-Euler times."""
     out = []
+
+    def guard(fn, **where):
+        try:
+            out.append(fn())
+        except Exception as err:  # noqa: BLE001 - recorded, the run goes on
+            out.append(dict(where, error=f"{type(err).__name__}: {err}"[:200]))
+
     measured = sorted({r["steps"] for r in rows if r["benchmark"] == "cosmixture" and r["method"] == "amaml"
                        and r.get("seconds") is not None})
     if measured:
         k = min(measured, key=lambda s: (abs(math.log(s / 500)), -s))
         problem = problems.get("cosmixture") or make_problem("cosmixture", 5)
-        try:
-            out.append(amaml_breakdown(problem, k, repeats))
-        except Exception as err:  # noqa: BLE001
-            out.append(dict(benchmark="cosmixture", method="amaml", steps=k, error=f"{type(err).__name__}: {err}"[:200]))
+        guard(lambda: amaml_breakdown(problem, k, repeats), benchmark="cosmixture", method="amaml", steps=k)
+        if problem.meta_batch > 1:
+            single = make_problem("cosmixture", 1)
+            guard(lambda: amaml_breakdown(single, k, repeats), benchmark="cosmixture", method="amaml", steps=k)
+        for s in measured:
+            guard(lambda: amaml_solver_steps(problem, s), benchmark="cosmixture", method="amaml", steps=s)
     for bench in ("omniglot", "miniimagenet"):
         if quick or bench not in problems or not any(r["benchmark"] == bench and r["method"] == "amaml" for r in rows):
             continue
@@ -901,12 +973,15 @@ def run_diagnostics(rows, problems, *, repeats=3, quick=False, data_dir=None, bu
             except Exception as err:  # noqa: BLE001
                 out.append(dict(benchmark=bench, method="amaml", steps=10, head_init=init, error=f"{type(err).__name__}: {err}"[:200]))
     for bench in ("omniglot", "miniimagenet"):
+        if bench not in problems:
+            continue
         ks = sorted({r["steps"] for r in rows if r["benchmark"] == bench and r["method"] == "comln"})
         for k in ks:
-            try:
-                out.append(comln_solver_steps(problems[bench], k))
-            except Exception as err:  # noqa: BLE001
-                out.append(dict(benchmark=bench, method="comln", steps=k, error=f"{type(err).__name__}: {err}"[:200]))
+            guard(lambda: comln_solver_steps(problems[bench], k), benchmark=bench, method="comln", steps=k)
+        timed = sorted({r["steps"] for r in rows if r["benchmark"] == bench and r["method"] == "comln-euler"
+                        and r.get("seconds") is not None and r["steps"] * H >= 1})
+        for k in timed[:2] if quick else timed:
+            guard(lambda: comln_head_timing(problems[bench], k, max(repeats, 5)), benchmark=bench, method="comln", steps=k)
     return out
 
 
@@ -1052,7 +1127,44 @@ def targets_markdown(targets, diag_rows=()) -> str:
     text = "\n".join(lines) + "\n"
     if details:
         text += "\nAll step counts:\n\n" + "\n".join(details) + "\n"
+    notes = limit_notes(diag_rows)
+    if notes:
+        text += "\nWhat limits them (measured, diagnostics.csv):\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     return text
+
+
+def limit_notes(diag_rows) -> list[str]:
+    """One line per diagnostic: the measured quantities behind the targets."""
+    notes = []
+    for d in diag_rows or ():
+        if d.get("error"):
+            notes.append(f"{d.get('benchmark')} {d.get('method')} K={d.get('steps')}: diagnostic failed: {d['error']}")
+        elif d.get("sweep_seconds") is not None:
+            k = d["steps"]
+            notes.append(
+                f"A-MAML, CosMixture K={k}, meta-batch {d['meta_batch']}: Dopri5 took {d['dopri5_steps']} steps "
+                f"({d['rejected_steps']} rejected), ~{6 * d['dopri5_steps'] + 1} gradient evaluations; forward to u(T) "
+                f"{_fmt_s(d['fwd_t1_seconds'])}, forward storing {k + 1} states {_fmt_s(d['fwd_stored_seconds'])}, "
+                f"backward Heun sweep ({2 * k} HVPs) {_fmt_s(d['sweep_seconds'])}; one gradient "
+                f"{d['grad_eval_seconds'] * 1e6:.0f} us, one HVP {d['hvp_seconds'] * 1e6:.0f} us "
+                f"({d['hvp_per_grad']:.2f} gradients; {d['hvp_u_only_seconds'] * 1e6:.0f} us without the data cotangent); "
+                f"(stored forward + sweep) / forward = "
+                f"{(d['fwd_stored_seconds'] + d['sweep_seconds']) / d['fwd_t1_seconds']:.1f}.")
+        elif d.get("method") == "amaml" and d.get("grad_evals_per_h") is not None:
+            notes.append(f"A-MAML, {d['benchmark']} K={d['steps']} (T={d['T']:g}): Dopri5 {d['dopri5_steps']} steps "
+                         f"= {d['grad_evals_per_h']:.2f} gradient evaluations per h = 0.01 (backward: 2 HVPs per h).")
+        elif d.get("head_init"):
+            notes.append(f"A-MAML, whole Conv-4 ({d['benchmark']}), {d['head_init']} head: Dopri5 needs "
+                         f"~{d['dopri5_steps']} steps to T = {d.get('T', 0.1):g} (last step {d['last_dt']:.2g}; "
+                         f"reached t = {d['reached_t']:.3g} in the counted steps).")
+        elif d.get("method") == "comln" and d.get("euler_steps") is not None:
+            notes.append(f"COMLN, {d['benchmark']} K={d['steps']} (T={d['T']:g}): Dopri5 {d['dopri5_steps']} steps "
+                         f"({d['dopri5_evals']} evaluations of the augmented field) vs Euler {d['euler_steps']}.")
+        elif d.get("method") == "comln-head-only":
+            notes.append(f"COMLN head only (features fixed), K={d['steps']}: Dopri5 {_fmt_s(d['dopri5_head_seconds'])} "
+                         f"vs Euler {_fmt_s(d['euler_head_seconds'])} (ratio {d['dopri5_over_euler']:.2f}, "
+                         f"timed alternately).")
+    return notes
 
 
 def print_summary(targets, console=None):
@@ -1181,13 +1293,45 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--no-vmap", action="store_true", help="skip the vmap-vs-loop measurement")
     p.add_argument("--no-diagnostics", action="store_true", help="skip the time breakdowns")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--diagnostics-only", action="store_true",
+                   help="read OUT/bench.csv (and vmap.csv) of an earlier run, measure the diagnostics again, "
+                        "rewrite diagnostics.csv, targets.md and the figures")
     return p
+
+
+def rerun_diagnostics(out_dir, *, repeats: int = 3, data_dir=None, console=None) -> list[dict]:
+    """`--diagnostics-only`: the diagnostics of an earlier run's `bench.csv`, and its targets again."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    out = pathlib.Path(out_dir)
+    rows = read_csv(out / "bench.csv")
+    for r in rows:
+        r["checkpoints"] = "" if r.get("checkpoints") is None else r["checkpoints"]
+    vmap_rows = read_csv(out / "vmap.csv") if (out / "vmap.csv").is_file() else []
+    problems = {}
+    for bench in dict.fromkeys(r["benchmark"] for r in rows):
+        mb = next(r["meta_batch"] for r in rows if r["benchmark"] == bench)
+        problems[bench] = make_problem(bench, mb, data_dir=data_dir)
+    quick = len({r["steps"] for r in rows}) <= 2
+    diag = run_diagnostics(rows, problems, repeats=repeats, quick=quick, data_dir=data_dir)
+    write_csv(out / "diagnostics.csv", diag, _union_keys(diag))
+    plot(rows, out)
+    targets = evaluate_targets(rows, vmap_rows, diag)
+    text = (out / "targets.md").read_text() if (out / "targets.md").is_file() else "# ctmeta bench: targets\n\n"
+    head = text.split("| target |")[0]
+    (out / "targets.md").write_text(head + targets_markdown(targets, diag))
+    print_summary(targets, console)
+    return diag
 
 
 def main(argv: list[str] | None = None) -> int:
     """`ctmeta bench [--quick] --out DIR ...`; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        if args.diagnostics_only:
+            rerun_diagnostics(args.out, repeats=args.repeats or 3, data_dir=args.data_dir)
+            return 0
         run(
             args.cases, args.steps, args.out, args.quick, args.repeats,
             meta_batch=args.meta_batch, time_budget=args.time_budget, max_bytes=args.max_bytes,
