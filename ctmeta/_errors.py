@@ -6,6 +6,7 @@ what was wrong and what to do. The CLI turns these into one line on stderr and
 exit code 2; anything else is a bug and exits 1.
 """
 
+import math
 import operator
 
 
@@ -40,3 +41,14 @@ def check_int(name: str, value, *, minimum: int = 1) -> int:
     if value < minimum:
         raise InputError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def check_positive(name: str, value) -> float:
+    """`value` as a positive, finite Python float, or an `InputError` saying what was wrong."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a positive number, got {value!r}") from None
+    if not (math.isfinite(x) and x > 0):
+        raise InputError(f"{name} must be a positive, finite number, got {value!r}")
+    return x

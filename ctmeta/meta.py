@@ -57,7 +57,7 @@ import numpy as np
 import optax
 
 from . import __version__
-from ._errors import CheckpointError, InputError, NumericalError
+from ._errors import CheckpointError, InputError, NumericalError, check_positive
 from .adaptation import gradient_flow
 from .methods import AbstractMethod, FirstOrder, Implicit, Reptile, reptile_direction
 from .models import SetModule, apply_to_set
@@ -277,15 +277,6 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves))
 
 
-def _check_positive(name: str, value) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a positive number, got {value!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise InputError(f"{name} must be a positive, finite number, got {value!r}")
-    return value
-
 
 # --------------------------------------------------------------------------- #
 # The meta-learner
@@ -377,7 +368,7 @@ class MetaLearner:
         self.method = method
         self.optimizer = optimizer
         self.loss = loss
-        self.T = _check_positive("T", T)
+        self.T = check_positive("T", T)
         self.learn_T = bool(learn_T)
         self.per_task_T = learn_T == "per-task"
         if metric is None:
@@ -671,7 +662,7 @@ class MetaLearner:
             raise InputError(f"evaluate: steps_list must be non-negative ints, got {list(steps_list)!r}")
         if lr is None:
             lr = float(self._horizon(params)) / self.method.inner_steps
-        lr = _check_positive("evaluate: lr", lr)
+        lr = check_positive("evaluate: lr", lr)
         positive = [s for s in steps if s > 0]
         segments = tuple(b - a for a, b in zip([0] + positive[:-1], positive))
         n = jax.tree.leaves(batch)[0].shape[0]

@@ -21,12 +21,11 @@ Horizon and steps (the papers' convention `T = steps * h`, `h = 0.01`):
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import pathlib
 from typing import Any
 
-from ._errors import DataError, InputError
+from ._errors import DataError, InputError, check_positive
 
 __all__ = ["BENCHMARKS", "METHODS", "BenchmarkPreset", "Experiment", "build", "resolve_config"]
 
@@ -118,15 +117,6 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
-def _positive_float(name: str, value) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a positive number, got {value!r}") from None
-    if not (math.isfinite(x) and x > 0):
-        raise InputError(f"{name} must be a positive, finite number, got {value!r}")
-    return x
-
 
 def default_data_dir(preset: BenchmarkPreset) -> pathlib.Path:
     """`$CTMETA_DATA/<subdir>` if set, else `./data/<subdir>`."""
@@ -159,7 +149,7 @@ def resolve_config(
         raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     p = BENCHMARKS[benchmark]
     if T is not None:
-        T = _positive_float("--T", T)
+        T = check_positive("--T", T)
     if steps is not None:
         steps = _positive_int("--steps", steps)
     meta_iterations = _positive_int("--meta-iterations", p.meta_iterations if meta_iterations is None else meta_iterations)
