@@ -169,9 +169,10 @@ class Problem:
 
     `params` are the meta-parameters (array leaves, `None` elsewhere) and
     `batch` a tuple `(support_x, support_y, query_x, query_y)` with a leading
-    task axis. `task_objective(method, steps)` returns `(loss, forward)`: the
-    per-task query loss after adaptation (differentiated for the meta-gradient)
-    and the per-task function timed as the forward pass.
+    task axis. `task_objective(method, steps)` returns `(loss, forward,
+    adapt)`: the per-task query loss after adaptation (differentiated for the
+    meta-gradient), the per-task function timed as the forward pass, and (for
+    whole-model methods, else `None`) the adaptation `adapt(params, task)`.
     """
 
     name: str
