@@ -48,6 +48,7 @@ def gradient_flow(
     T,
     *,
     method: AbstractMethod = Adjoint(),
+    throw: bool = True,
 ) -> PyTree:
     r"""Adapt `params` by the gradient flow $\dot u = -\nabla_u L(u, \text{data})$ for time `T`.
 
@@ -61,8 +62,15 @@ def gradient_flow(
     - `T`: the horizon, a positive scalar; may be traced and learned, or
       differ between the tasks of a `vmap`-ed meta-batch (early stopping).
     - `method`: the meta-gradient rule ([`Adjoint`][] by default).
+    - `throw`: what a failed inner solve (step budget `max_steps` exhausted,
+      non-finite state) does. `True` (default): raise at run time, inside
+      `jit` too; under `vmap` that stops every task. `False`: return NaN for
+      the failed task's $u(T)$ and its derivatives, and a status (see below),
+      so that a meta-batch can skip or name that task alone.
 
-    **Returns:** the adapted parameters $u(T)$, with the structure of `params`.
+    **Returns:** the adapted parameters $u(T)$, with the structure of `params`;
+    with `throw=False`, the pair `(u(T), status)`, `status` an int32
+    `ctmeta.ode.SolveStatus` code (always `SUCCESS` for rules without a solve).
     """
     if not isinstance(method, AbstractMethod):
         raise InputError(
@@ -80,5 +88,7 @@ def gradient_flow(
     def diff_loss(u, data_):
         return loss_fn(eqx.combine(u, static), data_)
 
-    adapted = method.adapt(diff_loss, diff, data, T)
-    return eqx.combine(adapted, static)
+    if throw:
+        return eqx.combine(method.adapt(diff_loss, diff, data, T), static)
+    adapted, status = method.adapt_with_status(diff_loss, diff, data, T)
+    return eqx.combine(adapted, static), status

@@ -14,7 +14,7 @@ import sys
 import traceback
 
 from ._errors import CtmetaError, InputError, NumericalError
-from .presets import BENCHMARKS, METHODS
+from .presets import BACKBONES, BENCHMARKS, LR_SCHEDULES, METHODS, OPTIMIZERS
 
 __all__ = ["main", "build_parser"]
 
@@ -43,6 +43,17 @@ steps=200 on the regressions). For the discrete methods, --steps is the number
 of inner GD steps and, without --T, T = steps * 0.01 (learning rate 0.01).
 For comln, --T is the initial horizon, learned as exp(log T); the head's flow
 uses Dopri5, or Euler with --steps fixed steps if given.
+
+outer optimisers (--optimizer), each with its paper's defaults; A-MAML
+meta-trains every method with adam, COMLN every method of its Table 2 with
+sgd, so comln and anil default to sgd:
+""" + "\n".join(f"  {k:<13} {v}" for k, v in OPTIMIZERS.items()) + """
+--meta-lr and --lr-schedule override the rate and the schedule; a schedule
+spans the run's --meta-iterations (fixed when the run is created):
+""" + "\n".join(f"  {k:<13} {v}" for k, v in LR_SCHEDULES.items()) + """
+
+backbones (--backbone, omniglot and miniimagenet):
+""" + "\n".join(f"  {k:<13} {v}" for k, v in BACKBONES.items()) + """
 
 The run directory (--out, default runs/<benchmark>-<method>-<timestamp>) gets
 config.json, metrics.csv, checkpoints/, figures/ and results.md. Data sets are
@@ -104,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="support examples per task (per class for images); regression uses as many queries")
     t.add_argument("--data-dir", default=None, metavar="DIR",
                    help="data set location (movielens, movielens-1m, jester, omniglot, miniimagenet)")
+    t.add_argument("--backbone", choices=list(BACKBONES), default=None,
+                   help="embedding network of omniglot and miniimagenet (default: conv4)")
+    t.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
+                   help="outer optimiser, with its paper's defaults (default: sgd for comln and anil, "
+                   "adam for the others; see below)")
+    t.add_argument("--meta-lr", type=float, default=None, metavar="FLOAT",
+                   help="outer (meta) learning rate, > 0 (default: 1e-3 with adam, 0.1 with sgd)")
+    t.add_argument("--lr-schedule", choices=list(LR_SCHEDULES), default=None,
+                   help="decay of the outer learning rate over the meta-iterations "
+                   "(default: none with adam, step with sgd; see below)")
     t.add_argument("--seed", type=int, default=None, metavar="INT",
                    help="seed of the initialisation and of the task order (default: 0); "
                    "the benchmark's task sets are fixed")
@@ -118,6 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a task whose loss or meta-gradient is not finite (or whose ODE solve runs out "
                    "of steps): 'error' stops the run naming the iteration and task (default); "
                    "'skip-task' leaves such tasks out and counts them in metrics.csv (column skipped)")
+    d = t.add_argument_group(
+        "several devices and hosts",
+        "The tasks of each meta-batch are split over all visible devices (--meta-batch must be a\n"
+        "multiple of their number). On several hosts, start one process per host with the same\n"
+        "--coordinator-address, --num-processes and --out (or --resume), and its own --process-id;\n"
+        "process 0 writes the run directory.",
+    )
+    d.add_argument("--devices", type=int, default=None, metavar="INT",
+                   help="devices of each process to split the meta-batch over, > 0 (default: all visible)")
+    d.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="multi-process run: process 0's host and a free port, where it coordinates the others")
+    d.add_argument("--num-processes", type=int, default=None, metavar="INT",
+                   help="multi-process run: the number of processes, > 0")
+    d.add_argument("--process-id", type=int, default=None, metavar="INT",
+                   help="multi-process run: this process's index, 0..num-processes-1 (0 writes the files)")
     _add_common(t)
 
     e = sub.add_parser(
@@ -152,7 +188,8 @@ _RESUMABLE = ("meta_iterations", "checkpoint_every", "on_nonfinite")
 _FIXED_ON_RESUME = ("benchmark", "method", "T", "steps", "meta_batch", "ways", "shots", "seed")
 # Upper bounds on numeric flags: beyond them a value is a typo, not a run.
 _LIMITS = {"T": 1e6, "steps": 10**6, "meta_iterations": 10**9, "meta_batch": 10**5, "ways": 10**4,
-           "shots": 10**5, "checkpoint_every": 10**9, "seed": 2**32 - 1}
+           "shots": 10**5, "checkpoint_every": 10**9, "seed": 2**32 - 1,
+           "devices": 10**5, "num_processes": 10**5, "meta_lr": 1e2}
 
 
 def _check_limits(args) -> None:
@@ -189,7 +226,22 @@ def _resolve_train_config(args) -> dict:
         data_dir=args.data_dir,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
+        optimizer=args.optimizer,
+        meta_lr=args.meta_lr,
+        lr_schedule=args.lr_schedule,
+        backbone=args.backbone,
     )
+
+
+def _saved_choices(config: dict) -> dict:
+    """The values of --optimizer, --meta-lr, --lr-schedule and --backbone that
+    a saved configuration holds (runs written before `backbone` was recorded
+    name it through their model)."""
+    opt = config.get("optimizer") or {}
+    model = str((config.get("model") or {}).get("name", ""))
+    backbone = config.get("backbone") or next((b for b in BACKBONES if model.startswith(b)), None)
+    return {"optimizer": opt.get("name"), "meta_lr": opt.get("learning_rate"),
+            "lr_schedule": opt.get("schedule") or "none", "backbone": backbone}
 
 
 def _check_resume_flags(args, config: dict) -> dict:
@@ -203,6 +255,14 @@ def _check_resume_flags(args, config: dict) -> dict:
                 f"{flag} {value} differs from the resumed run's {config.get(name)!r}; a resumed run keeps "
                 "its configuration (only --meta-iterations and --checkpoint-every may change)"
             )
+    for name, saved in _saved_choices(config).items():
+        value = getattr(args, name)
+        if value is not None and value != saved:
+            flag = "--" + name.replace("_", "-")
+            raise InputError(
+                f"{flag} {value} differs from the resumed run's {saved!r}; a resumed run keeps "
+                "its configuration (only --meta-iterations and --checkpoint-every may change)"
+            )
     _check_limits(args)
     config = dict(config)
     if args.on_nonfinite is not None:
@@ -211,6 +271,13 @@ def _check_resume_flags(args, config: dict) -> dict:
         if args.meta_iterations < 1:
             raise InputError(f"--meta-iterations must be a positive integer, got {args.meta_iterations}")
         config["meta_iterations"] = args.meta_iterations
+        opt = config.get("optimizer") or {}
+        if opt.get("schedule") and args.meta_iterations > int(opt.get("decay_steps") or 0):
+            raise InputError(
+                f"--meta-iterations {args.meta_iterations} goes past the end of the run's {opt['schedule']} "
+                f"learning-rate schedule ({opt.get('decay_steps')} meta-iterations, fixed when the run was "
+                "created); a resumed run keeps its schedule: train a new run with the longer --meta-iterations"
+            )
     if args.checkpoint_every is not None:
         if args.checkpoint_every < 1:
             raise InputError(f"--checkpoint-every must be a positive integer, got {args.checkpoint_every}")
@@ -227,66 +294,102 @@ def _check_resume_flags(args, config: dict) -> dict:
     return config
 
 
-def _dtype_name() -> str:
-    import jax
+def _cluster(args) -> tuple[str, int, int] | None:
+    """`(coordinator address, number of processes, process id)` of a
+    multi-process run, checked; `None` for one process."""
+    flags = {"--coordinator-address": args.coordinator_address, "--num-processes": args.num_processes,
+             "--process-id": args.process_id}
+    given = [flag for flag, value in flags.items() if value is not None]
+    if not given:
+        return None
+    if len(given) < len(flags):
+        missing = [flag for flag in flags if flag not in given]
+        raise InputError(
+            f"{' and '.join(given)} without {' and '.join(missing)}: a multi-process run needs "
+            "--coordinator-address, --num-processes and --process-id together (none for one process)"
+        )
+    from .sharding import check_cluster
 
-    return "float64" if jax.config.jax_enable_x64 else "float32"
+    cluster = (args.coordinator_address, args.num_processes, args.process_id)
+    check_cluster(*cluster)
+    return cluster
 
 
-def _versions() -> dict:
-    from importlib import metadata
+def _task_mesh(cluster, devices: int | None, meta_batch: int):
+    """Join the multi-process job, if any, and return the mesh the meta-batch
+    is split over (`None` with one device: no sharding)."""
+    from .sharding import initialize, task_mesh, tasks_per_device
 
-    out = {"python": sys.version.split()[0]}
-    for name in ("jax", "jaxlib", "equinox", "diffrax", "optax", "numpy"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    if devices is not None and devices < 1:
+        raise InputError(f"--devices must be a positive integer, got {devices}")
+    if cluster is not None:
+        initialize(*cluster)
+    mesh = task_mesh(per_process=devices)
+    if mesh.size == 1:
+        return None
+    tasks_per_device(meta_batch, mesh)
+    return mesh
 
 
 def _cmd_train(args, argv) -> int:
-    from .runs import Reporter, RunDir, default_run_dir, evaluate_run, train
+    from .runs import Reporter, RunDir, default_run_dir, dtype_name, evaluate_run, package_versions, train
 
-    reporter = Reporter(quiet=args.quiet)
     _check_limits(args)  # before the run directory is touched
+    cluster = _cluster(args)
+    # Several processes: all compute, process 0 alone writes (and prints).
+    writes = cluster is None or cluster[2] == 0
+    reporter = Reporter(quiet=args.quiet, silent=not writes)
     if args.resume is not None:
         run = RunDir.open(args.resume)
         config = _check_resume_flags(args, run.read_config())
-        run.lock()
-        run.remove_temporaries()
+        if writes:
+            run.lock()
+            run.remove_temporaries()
     else:
         config = _resolve_train(args)  # every flag checked before any JAX work
+        if cluster is not None and cluster[1] > 1 and args.out is None:
+            raise InputError("a multi-process run needs --out DIR, the same on every process (process 0 writes it)")
         out = args.out if args.out is not None else str(default_run_dir(config["benchmark"], config["method"]))
-        if RunDir(out).config_path.exists():
+        if writes and RunDir(out).config_path.exists():
             raise InputError(f"--out {out} already holds a run; continue it with --resume {out} or choose another --out")
+
+    mesh = _task_mesh(cluster, args.devices, int(config["meta_batch"]))
+    import jax
 
     from .presets import build
 
     exp = build(config, progress=not args.quiet, log=reporter.log)
     learner = exp.learner
+    if mesh is not None:
+        learner.mesh = mesh
+    placement = {"devices": 1 if mesh is None else int(mesh.size), "processes": jax.process_count()}
     if args.resume is not None:
-        if config.get("dtype") and config["dtype"] != _dtype_name():
-            raise InputError(f"the run was trained in {config['dtype']} but this process uses {_dtype_name()}")
+        if config.get("dtype") and config["dtype"] != dtype_name():
+            raise InputError(f"the run was trained in {config['dtype']} but this process uses {dtype_name()}")
         state, meta, path = run.load_latest(learner.init(exp.run_key), warn=_warn, config=config)
         it = int(state.iteration)
-        rows = run.truncate_metrics(it)
+        rows = run.truncate_metrics(it) if writes else []
         seconds = float(meta.get("seconds", rows[-1]["seconds"] if rows else 0.0))
         resumes = list(config.get("resumes", []))
         resumes.append({"from_iteration": it, "at": _dt.datetime.now().isoformat(timespec="seconds"),
-                        "argv": list(argv)})
+                        "argv": list(argv), **placement})
         config["resumes"] = resumes
-        run.write_config(config)
+        if writes:
+            run.write_config(config)
         args.run_path = str(run.path)
         reporter.log(f"resuming {run.path} from {path.name} (iteration {it})")
     else:
-        config["dtype"] = _dtype_name()
+        config["dtype"] = dtype_name()
         config["task_family"] = repr(exp.family)
-        config["versions"] = _versions()
+        config["versions"] = package_versions()
         config["created"] = _dt.datetime.now().isoformat(timespec="seconds")
         config["argv"] = list(argv)
-        run = RunDir.create(out, config)
-        run.lock()
+        config.update(placement)  # the devices the meta-batch was split over, and the processes
+        if writes:
+            run = RunDir.create(out, config)
+            run.lock()
+        else:
+            run = RunDir(out)
         state, seconds = None, 0.0
         reporter.log(f"run directory: {run.path}")
     args.run_path = str(run.path)

@@ -103,6 +103,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._errors import InputError, NumericalError
+from .ode import SolveStatus, solve_status
 
 __all__ = ["linear_flow", "linear_flow_adapt"]
 
@@ -132,6 +133,7 @@ class _FlowConfig:
     atol: float
     step_mode: str  # "auto" (Dopri5 picks its first step) or "dt0"
     max_steps: int
+    throw: bool = True  # raise on a failed solve, or return NaN and a status
 
 
 class _Dynamic(NamedTuple):
@@ -166,7 +168,7 @@ def _positive_number(name: str, value, *, allow_none: bool = False, integer: boo
     return int(value) if integer else float(value)
 
 
-def _make_config(*, lam, solver, rtol, atol, dt0, steps, max_steps):
+def _make_config(*, lam, solver, rtol, atol, dt0, steps, max_steps, throw=True):
     """Validate the options; return the static `_FlowConfig` and the numbers
     `(lam, dt0, steps)` that become `_Dynamic`."""
     if solver not in _SOLVERS:
@@ -199,7 +201,7 @@ def _make_config(*, lam, solver, rtol, atol, dt0, steps, max_steps):
             "(control them with `rtol`/`atol`, and `dt0` for the first step)."
         )
     step_mode = "auto" if dt0 is None and steps is None else "dt0"
-    return _FlowConfig(solver, rtol, atol, step_mode, max_steps), (float(lam), dt0, steps)
+    return _FlowConfig(solver, rtol, atol, step_mode, max_steps, bool(throw)), (float(lam), dt0, steps)
 
 
 def _check_arrays(W0, features, labels, T):
@@ -379,12 +381,13 @@ def _zeros_augmented(M, N, dtype) -> _Augmented:
 
 
 def _solve(field, y0, T, problem: _Problem, config: _FlowConfig, step):
-    """Integrate `field` from 0 to `T`; keep only the final state.
+    """Integrate `field` from 0 to `T`; return the final state and its `SolveStatus`.
 
     `SaveAt(t1=True)` and no differentiation through the solver: nothing is
     stored along the trajectory, so memory does not depend on `T`. The solver
-    is run with `throw=False` and checked below, so that a failure names
-    linear_flow's options rather than the solver's internals.
+    is run with `throw=False`; with `config.throw` the status is checked
+    below, so that a failure names linear_flow's options rather than the
+    solver's internals. Otherwise the caller handles the status.
     """
     if config.solver == "dopri5":
         solver = diffrax.Dopri5()
@@ -408,6 +411,9 @@ def _solve(field, y0, T, problem: _Problem, config: _FlowConfig, step):
         throw=False,
     )
     y_T = jax.tree.map(lambda leaf: leaf[0], solution.ys)
+    status = solve_status(solution.result, y_T)
+    if not config.throw:
+        return y_T, status
     failed = solution.result != diffrax.RESULTS.successful
     y_T = eqx.error_if(
         y_T,
@@ -426,7 +432,7 @@ def _solve(field, y0, T, problem: _Problem, config: _FlowConfig, step):
         "loss (use smaller `dt0` or more `steps`, or solver='dopri5'); otherwise "
         "check `W0`, `features` and `T` for extreme values.",
     )
-    return y_T
+    return y_T, status
 
 
 def _problem(W0, features, labels, lam) -> _Problem:
@@ -445,21 +451,25 @@ def _problem(W0, features, labels, lam) -> _Problem:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flow(config: _FlowConfig, W0, features, labels, T, dynamic: _Dynamic):
-    W_T, _ = _flow_fwd(config, W0, features, labels, T, dynamic)
-    return W_T
+    """`(W(T), status)`; the integer status gets no cotangent."""
+    out, _ = _flow_fwd(config, W0, features, labels, T, dynamic)
+    return out
 
 
 def _flow_fwd(config: _FlowConfig, W0, features, labels, T, dynamic: _Dynamic):
     problem = _problem(W0, features, labels, dynamic.lam)
     M, N = labels.shape
     y0 = _zeros_augmented(M, N, W0.dtype)
-    state = _solve(_augmented_field, y0, T, problem, config, dynamic.step)
-    W_T = W0 - state.s.T @ features
-    return W_T, (state, W0, features, labels, T, dynamic)
+    state, status = _solve(_augmented_field, y0, T, problem, config, dynamic.step)
+    failed = status != SolveStatus.SUCCESS
+    # A failed solve (possible only with `throw=False`) has no value: NaN.
+    W_T = jnp.where(failed, jnp.nan, W0 - state.s.T @ features)
+    return (W_T, status), (state, failed, W0, features, labels, T, dynamic)
 
 
-def _flow_bwd(config: _FlowConfig, residuals, V):
-    state, W0, features, labels, T, dynamic = residuals
+def _flow_bwd(config: _FlowConfig, residuals, cotangents):
+    V, _ = cotangents  # that of W(T); the status has none
+    state, failed, W0, features, labels, T, dynamic = residuals
     s, B, z = state
     # U[i] = V phi_i: the outer cotangent seen through each support example.
     U = features @ V.T  # (M, N)
@@ -473,6 +483,8 @@ def _flow_bwd(config: _FlowConfig, residuals, V):
     # `labels` and the `_Dynamic` numbers are not meta-parameters (the boundary
     # makes `lam`, `dt0`, `steps` Python numbers): zero cotangents.
     zeros = jax.tree.map(jnp.zeros_like, dynamic)
+    # ... nor any derivative: NaN, so that no caller mistakes it for one.
+    W0_bar, features_bar, T_bar = (jnp.where(failed, jnp.nan, x) for x in (W0_bar, features_bar, T_bar))
     return W0_bar, features_bar, jnp.zeros_like(labels), T_bar.astype(T.dtype), zeros
 
 
@@ -493,6 +505,7 @@ def linear_flow(
     dt0: float | None = None,
     steps: int | None = None,
     max_steps: int = 4096,
+    throw: bool = True,
 ) -> jax.Array:
     r"""Adapt a linear softmax head by gradient flow up to time `T` (COMLN).
 
@@ -521,22 +534,29 @@ def linear_flow(
       first step (default: chosen automatically).
     - `steps`: Euler's number of steps `K` (`h = T/K`); give `dt0` or `steps`.
     - `max_steps`: the solver's step budget.
+    - `throw`: `True` (default): a failed solve raises (below). `False`:
+      nothing raises; a failed solve gives NaN for `W(T)` and its
+      meta-gradients, and a status says why (for a `vmap`-ed meta-batch, so
+      that one task's failure does not stop the others).
 
-    **Returns:** `W(T)`, `(N, d)`.
+    **Returns:** `W(T)`, `(N, d)`; with `throw=False`, the pair
+    `(W(T), status)`, `status` an int32 `ctmeta.ode.SolveStatus` code
+    (`MAX_STEPS` when `max_steps` ran out, `NONFINITE` for a non-finite state).
 
     **Raises:** `InputError` for bad arguments (checked eagerly; value
-    checks only on arrays that are not traced). `NumericalError` when run
-    eagerly and the solver runs out of steps or the state is not finite;
-    under the caller's `jit` the same check raises JAX's runtime error with
-    the same message.
+    checks only on arrays that are not traced). With `throw=True`,
+    `NumericalError` when run eagerly and the solver runs out of steps or the
+    state is not finite; under the caller's `jit` the same check raises JAX's
+    runtime error with the same message.
     """
     config, numbers = _make_config(
-        lam=lam, solver=solver, rtol=rtol, atol=atol, dt0=dt0, steps=steps, max_steps=max_steps
+        lam=lam, solver=solver, rtol=rtol, atol=atol, dt0=dt0, steps=steps, max_steps=max_steps, throw=throw
     )
     _check_arrays(W0, features, labels, T)
     W0, features, labels, T, dynamic = _as_arrays(W0, features, labels, T, numbers)
     with _numerical_errors_as_numerical_error():
-        return _flow_jit(config, W0, features, labels, T, dynamic)
+        W_T, status = _flow_jit(config, W0, features, labels, T, dynamic)
+    return W_T if throw else (W_T, status)
 
 
 # --------------------------------------------------------------------------
@@ -548,7 +568,7 @@ def linear_flow(
 def _adapt(config: _FlowConfig, W0, features, labels, T, dynamic: _Dynamic):
     problem = _problem(W0, features, labels, dynamic.lam)
     s0 = jnp.zeros(labels.shape, W0.dtype)
-    s_T = _solve(_s_field, s0, T, problem, config, dynamic.step)
+    s_T, _ = _solve(_s_field, s0, T, problem, config, dynamic.step)  # checked: config.throw
     return W0 - s_T.T @ features
 
 

@@ -34,6 +34,12 @@ use [`MetaLearner.iteration_key`][] (`fold_in(key, iteration)`) to sample a
 meta-batch, so that a run resumed from a checkpoint draws what an
 uninterrupted run would have drawn.
 
+Several devices or hosts: give the learner a mesh with a task axis
+(`MetaLearner(..., mesh=ctmeta.sharding.task_mesh())`); the tasks of each
+meta-batch are then split over the devices and the meta-parameters kept
+replicated (see `ctmeta.sharding`). The results equal one device's up to the
+order of the final sum over tasks.
+
 Checkpoints are written without pickle: [`save_state`][] stores the state's
 arrays with `eqx.tree_serialise_leaves` plus a JSON sidecar, atomically, and
 [`load_state`][] reads them back into a like-structured template (for
@@ -55,12 +61,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from . import __version__
 from ._errors import CheckpointError, InputError, NumericalError, check_positive
 from .adaptation import gradient_flow
 from .methods import AbstractMethod, FirstOrder, Implicit, Reptile, reptile_direction
 from .models import SetModule, apply_to_set
+from .ode import SolveStatus
+from .sharding import TASK_AXIS, constrain_replicated, map_over_tasks, place_replicated, place_tasks
 
 PyTree = Any
 
@@ -201,7 +210,8 @@ class LinearFlow(eqx.Module):
     def inner_steps(self) -> int:
         return self.steps if self.steps is not None else 100
 
-    def adapt_head(self, W0, features, labels_onehot, T):
+    def adapt_head(self, W0, features, labels_onehot, T, throw: bool = True):
+        """`W(T)`; with `throw=False`, `(W(T), status)` (see `linear_flow`)."""
         from .linear_flow import linear_flow
 
         return linear_flow(
@@ -215,6 +225,7 @@ class LinearFlow(eqx.Module):
             rtol=self.rtol,
             atol=self.atol,
             max_steps=self.max_steps,
+            throw=throw,
         )
 
 
@@ -264,6 +275,10 @@ class Evaluation(NamedTuple):
             raise InputError(f"step {step} was not evaluated; evaluated steps: {self.steps.tolist()}")
         i = int(where[0])
         return float(self.mean[i]), float(self.ci95[i])
+
+
+_SOLVE_ADVICE = ("Raise the method's max_steps, loosen its rtol/atol or lower the horizon T "
+                 "(a stiff or diverging inner flow)")
 
 
 def _tree_where(pred, new, old):
@@ -317,6 +332,15 @@ class MetaLearner:
       `"skip-task"`: tasks whose loss or meta-gradient is not finite are left
       out of the average (the update is skipped when all are); the number
       skipped is reported in the metrics as `skipped`.
+    - `mesh`: a `jax.sharding.Mesh` with a `"tasks"` axis
+      (`ctmeta.sharding.task_mesh()`), or `None` (default: one device). With
+      a mesh, `meta_step`, `meta_gradient` and `evaluate` split the tasks of
+      a batch over the mesh's devices (a `shard_map` of the per-task work),
+      keep the meta-parameters and the optimiser's state replicated, and
+      return replicated results, readable on every process of a
+      multi-process run. The meta-batch must be a multiple of the number of
+      devices. The mesh can be set later (`learner.mesh = ...`); that starts
+      fresh compilations.
     """
 
     def __init__(
@@ -332,6 +356,7 @@ class MetaLearner:
         apply: Callable = apply_to_set,
         adapt: Literal["all", "head"] = "all",
         on_nonfinite: Literal["raise", "skip-task"] = "raise",
+        mesh: Mesh | None = None,
     ):
         if not isinstance(method, (AbstractMethod, LinearFlow)):
             raise InputError(
@@ -383,9 +408,32 @@ class MetaLearner:
         #: How many times `meta_step`'s function was traced (compiled); a run
         #: with fixed shapes traces it once.
         self.num_traces = 0
+        self.mesh = mesh  # also compiles (lazily) meta_step, meta_gradient, evaluate
+
+    @property
+    def mesh(self) -> Mesh | None:
+        """The device mesh the tasks of a batch are split over (`None`: one device)."""
+        return self._mesh
+
+    @mesh.setter
+    def mesh(self, mesh: Mesh | None) -> None:
+        if mesh is not None and (not isinstance(mesh, Mesh) or TASK_AXIS not in mesh.axis_names):
+            raise InputError(
+                f"MetaLearner: mesh must be a jax.sharding.Mesh with a {TASK_AXIS!r} axis "
+                f"(ctmeta.sharding.task_mesh()) or None; got {mesh!r}"
+            )
+        self._mesh = mesh
+        # The compiled functions depend on the mesh: start afresh.
         self._step_jit = eqx.filter_jit(self._step)
         self._eval_jit = eqx.filter_jit(self._evaluate_chunk)
         self._grad_jit = eqx.filter_jit(self._meta_gradient)
+
+    def _placed(self, tree, batch=None):
+        """`tree` replicated and `batch` split over the mesh (unchanged without one)."""
+        if self._mesh is None:
+            return tree, batch
+        tree = place_replicated(tree, self._mesh)
+        return tree, (None if batch is None else place_tasks(batch, self._mesh))
 
     # -- state ---------------------------------------------------------------
 
@@ -434,26 +482,39 @@ class MetaLearner:
         one): `fold_in(state.key, iteration)`, independent of how many
         iterations ran in this process."""
         it = int(state.iteration) if iteration is None else int(iteration)
-        return jax.random.fold_in(state.key, it)
+        # From the host copy of the key: a key local to this process, whatever
+        # devices (or processes) the state is replicated over.
+        return jax.random.fold_in(np.asarray(state.key), it)
 
     # -- one task ------------------------------------------------------------
 
     def _call_loss(self, fn, pred, y, mask):
         return fn(pred, y) if mask is None else fn(pred, y, mask)
 
-    def _adapted_query_pred(self, params: MetaParams, task):
-        """Adapt on the task's support set; return (query prediction, adapted arrays)."""
+    def _adapted_query_pred(self, params: MetaParams, task, throw: bool = True):
+        """Adapt on the task's support set; return (query prediction, adapted
+        arrays, the inner solve's `SolveStatus` code).
+
+        `throw=False` is the meta-batch's mode: a failed inner solve raises
+        nothing (under `vmap` it would stop every task) but makes this task's
+        prediction and meta-gradient NaN, and its status says why.
+        """
         sx, sy, qx = task[0], task[1], task[2]
         model = eqx.combine(params.model, self._static)
         T = self._horizon(params)
+
+        def flow(loss, u, data, T):
+            out = gradient_flow(loss, u, data, T, method=self.method, throw=throw)
+            return (out, jnp.asarray(SolveStatus.SUCCESS, jnp.int32)) if throw else out
+
         if self.adapt == "all":
 
             def inner_loss(m, data):
                 x, y = data
                 return self.loss(self.apply(m, x), y)
 
-            adapted = gradient_flow(inner_loss, model, (sx, sy), T, method=self.method)
-            return self.apply(adapted, qx), eqx.filter(adapted, eqx.is_inexact_array)
+            adapted, status = flow(inner_loss, model, (sx, sy), T)
+            return self.apply(adapted, qx), eqx.filter(adapted, eqx.is_inexact_array), status
         # Head only: the embedding is meta-learned through the features.
         fs = model.features(sx)
         fq = model.features(qx)
@@ -461,39 +522,51 @@ class MetaLearner:
             T = jnp.exp(params.log_T + jnp.dot(params.T_weights, jnp.mean(fs, axis=0)))
         if isinstance(self.method, LinearFlow):
             labels = jax.nn.one_hot(sy, model.head.shape[0], dtype=fs.dtype)
-            W = self.method.adapt_head(model.head, fs, labels, T.astype(fs.dtype))
+            W = self.method.adapt_head(model.head, fs, labels, T.astype(fs.dtype), throw=throw)
+            W, status = (W, jnp.asarray(SolveStatus.SUCCESS, jnp.int32)) if throw else W
         else:
 
             def head_loss(W, data):
                 f, y = data
                 return self.loss(f @ W.T, y)
 
-            W = gradient_flow(head_loss, model.head, (fs, sy), T, method=self.method)
-        return fq @ W.T, W
+            W, status = flow(head_loss, model.head, (fs, sy), T)
+        return fq @ W.T, W, status
 
-    def _task_objective(self, params: MetaParams, task):
-        pred, adapted = self._adapted_query_pred(params, task)
+    def _task_objective(self, params: MetaParams, task, throw: bool = True):
+        """`(query loss, adapted arrays, inner solve status)` of one task."""
+        pred, adapted, status = self._adapted_query_pred(params, task, throw)
         mask = task[4] if len(task) > 4 else None
-        return self._call_loss(self.loss, pred, task[3], mask), adapted
+        return self._call_loss(self.loss, pred, task[3], mask), adapted, status
 
     # -- the meta-step ---------------------------------------------------------
 
     def _per_task(self, params: MetaParams, batch):
-        """Per-task query losses and meta-gradients (Reptile: directions), vmapped."""
+        """Per-task query losses, meta-gradients (Reptile: directions) and inner
+        solve statuses, vmapped. The solves do not throw (see
+        `_adapted_query_pred`): a failed one is that task's NaN and status."""
         tasks = tuple(batch)
         if isinstance(self.method, Reptile):
 
             def per_task(p, task):
-                loss, adapted = self._task_objective(p, task)
-                return loss, MetaParams(model=reptile_direction(p.model, adapted), log_T=None)
+                loss, adapted, status = self._task_objective(p, task, throw=False)
+                return loss, MetaParams(model=reptile_direction(p.model, adapted), log_T=None), status
 
             return jax.vmap(per_task, in_axes=(None, 0))(params, tasks)
-        grad_fn = jax.value_and_grad(lambda p, t: self._task_objective(p, t)[0])
-        return jax.vmap(grad_fn, in_axes=(None, 0))(params, tasks)
 
-    def _combine_tasks(self, losses, grads):
+        def loss_and_status(p, task):
+            loss, _, status = self._task_objective(p, task, throw=False)
+            return loss, status
+
+        grad_fn = jax.value_and_grad(loss_and_status, has_aux=True)
+        (losses, status), grads = jax.vmap(grad_fn, in_axes=(None, 0))(params, tasks)
+        return losses, grads, status
+
+    def _combine_tasks(self, losses, grads, status=None):
         n = losses.shape[0]
         task_ok = jax.vmap(lambda l, g: jnp.isfinite(l) & _all_finite(g))(losses, grads)
+        if status is not None:  # a failed solve is NaN already; its status says so too
+            task_ok = task_ok & (status == SolveStatus.SUCCESS)
         if self.on_nonfinite == "skip-task":
             # Hook: drop the tasks whose loss or meta-gradient is not finite.
             weights = task_ok.astype(losses.dtype) / jnp.maximum(jnp.sum(task_ok), 1).astype(losses.dtype)
@@ -510,16 +583,39 @@ class MetaLearner:
         return meta_loss, grads, task_ok, skipped
 
     def _meta_gradient(self, params: MetaParams, batch):
-        losses, grads = self._per_task(params, batch)
-        meta_loss, grads, _, _ = self._combine_tasks(losses, grads)
-        return meta_loss, grads
+        losses, grads, status = map_over_tasks(self._per_task, self._mesh)(params, tuple(batch))
+        meta_loss, grads, _, _ = self._combine_tasks(losses, grads, status)
+        return constrain_replicated((meta_loss, grads, status), self._mesh)
 
     def meta_gradient(self, state_or_params: MetaState | MetaParams, batch) -> tuple[jax.Array, MetaParams]:
         """The meta-loss and the meta-gradient (for Reptile, the direction
         `theta - u_K`) averaged over the tasks of `batch`, without updating.
-        Same computation as `meta_step`'s (a `vmap` over tasks)."""
+        Same computation as `meta_step`'s (a `vmap` over tasks).
+
+        A task whose inner solve fails raises `NumericalError` naming it
+        (`on_nonfinite="raise"`) or is left out (`"skip-task"`)."""
         params = state_or_params.params if isinstance(state_or_params, MetaState) else state_or_params
-        return self._grad_jit(params, batch)
+        meta_loss, grads, status = self._grad_jit(*self._placed(params, batch))
+        if self.on_nonfinite == "raise" and np.any(np.asarray(status) != SolveStatus.SUCCESS):
+            raise NumericalError(f"meta_gradient: {self._solve_failures(status)}. {_SOLVE_ADVICE}.")
+        return meta_loss, grads
+
+    def _solve_failures(self, status) -> str:
+        """Which tasks' inner solves failed and why, grouped by cause; "" if none did.
+
+        E.g. "the inner solve of task 1 of the meta-batch exhausted its step
+        budget (max_steps=64) before reaching the horizon".
+        """
+        status = np.asarray(status).reshape(-1)
+        max_steps = getattr(self.method, "max_steps", None)
+        parts = []
+        for code in sorted(set(status.tolist()) - {int(SolveStatus.SUCCESS)}):
+            tasks = np.flatnonzero(status == code).tolist()
+            parts.append(
+                f"the inner solve of task{'s' if len(tasks) > 1 else ''} {', '.join(map(str, tasks))} "
+                f"of the meta-batch {SolveStatus(code).describe(max_steps)}"
+            )
+        return "; ".join(parts)
 
     def task_objective(self, state_or_params: MetaState | MetaParams, task) -> jax.Array:
         """The query loss of ONE task (no task axis) after adaptation on its
@@ -530,8 +626,8 @@ class MetaLearner:
     def _step(self, state: MetaState, batch):
         self.num_traces += 1  # Python side effect: runs once per trace
         params = state.params
-        losses, grads = self._per_task(params, batch)
-        meta_loss, grads, task_ok, skipped = self._combine_tasks(losses, grads)
+        losses, grads, status = map_over_tasks(self._per_task, self._mesh)(params, tuple(batch))
+        meta_loss, grads, task_ok, skipped = self._combine_tasks(losses, grads, status)
         finite = _all_finite(grads) & jnp.isfinite(meta_loss)
         if self.on_nonfinite == "skip-task":
             finite = finite & jnp.any(task_ok)
@@ -553,23 +649,30 @@ class MetaLearner:
             "finite": finite,
             "skipped": skipped,
             "task_finite": task_ok,
+            "task_status": status,  # each task's inner solve, a `ctmeta.ode.SolveStatus` code
         }
-        return new_state, metrics
+        return constrain_replicated((new_state, metrics), self._mesh)
 
     def meta_step(self, state: MetaState, batch, *, check: bool = True) -> tuple[MetaState, dict]:
         """One meta-iteration on `batch` (a `Batch` with a leading task axis).
 
         Returns the new state and the metrics `meta_loss` (mean query loss
         after adaptation), `grad_norm` (of the averaged meta-gradient or
-        Reptile direction), `T` (the horizon used), `finite`, `skipped`, as
-        arrays. The underlying function is compiled once per shape.
+        Reptile direction), `T` (the horizon used), `finite`, `skipped`,
+        `task_finite` and `task_status` (per task: finite, and the inner
+        solve's `ctmeta.ode.SolveStatus` code), as arrays. The underlying
+        function is compiled once per shape.
 
-        With `check=True` (default), a non-finite meta-gradient (or a solve
-        that failed) raises `NumericalError` naming the iteration; the
-        parameters are never updated with non-finite values either way.
+        The inner solves do not throw: a task whose solve fails (step budget
+        `max_steps` exhausted, non-finite state) gets a NaN loss and
+        meta-gradient, so `on_nonfinite="skip-task"` leaves out that task
+        alone. With `check=True` (default), a non-finite meta-gradient raises
+        `NumericalError` naming the iteration and the tasks, and for a failed
+        solve its cause; the parameters are never updated with non-finite
+        values either way.
         """
         try:
-            new_state, metrics = self._step_jit(state, batch)
+            new_state, metrics = self._step_jit(*self._placed(state, batch))
             finite = bool(metrics["finite"]) if check else True
         except (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError) as err:
             msg = str(err).strip().splitlines()
@@ -578,12 +681,21 @@ class MetaLearner:
                 f"meta-iteration {int(state.iteration) + 1}: the inner solve failed: {msg}"
             ) from err
         if check and not finite:
-            bad = np.flatnonzero(~np.asarray(metrics["task_finite"])).tolist()
+            status = np.asarray(metrics["task_status"])
+            failed_solves = self._solve_failures(status)
+            bad = np.flatnonzero(~np.asarray(metrics["task_finite"]) & (status == SolveStatus.SUCCESS)).tolist()
             where = f"task{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of the meta-batch" if bad else ""
             if self.on_nonfinite == "skip-task":
                 raise NumericalError(
                     f"meta-iteration {int(state.iteration) + 1}: every task of the meta-batch gave a "
-                    "non-finite loss or meta-gradient; the parameters were left unchanged."
+                    f"non-finite loss or meta-gradient{' (' + failed_solves + ')' if failed_solves else ''}; "
+                    "the parameters were left unchanged."
+                )
+            if failed_solves:
+                others = f"; {where} gave a non-finite loss or meta-gradient" if where else ""
+                raise NumericalError(
+                    f"meta-iteration {int(state.iteration) + 1}: {failed_solves}{others}; the parameters "
+                    f"were left unchanged. {_SOLVE_ADVICE}, or use on_nonfinite='skip-task'."
                 )
             raise NumericalError(
                 f"meta-iteration {int(state.iteration) + 1}: non-finite meta-gradient or meta-loss "
@@ -596,7 +708,12 @@ class MetaLearner:
     # -- evaluation ------------------------------------------------------------
 
     def _evaluate_chunk(self, params: MetaParams, batch, segments: tuple[int, ...], lr):
-        """Per-task metric after sum(segments[:i]) GD steps, for each i (incl. 0)."""
+        """Per-task metric after sum(segments[:i]) GD steps, for each i (incl. 0);
+        the tasks split over the mesh's devices, the result replicated."""
+        per_device = map_over_tasks(lambda shared, tasks: self._evaluate_tasks(*shared, tasks, segments), self._mesh)
+        return constrain_replicated(per_device((params, lr), tuple(batch)), self._mesh)
+
+    def _evaluate_tasks(self, params: MetaParams, lr, batch, segments: tuple[int, ...]):
         model = eqx.combine(params.model, self._static)
         tasks = tuple(batch)
 
@@ -667,13 +784,17 @@ class MetaLearner:
         segments = tuple(b - a for a, b in zip([0] + positive[:-1], positive))
         n = jax.tree.leaves(batch)[0].shape[0]
         chunk = n if chunk_size is None else max(1, min(int(chunk_size), n))
+        if self._mesh is not None:  # as many tasks on every device (padded below)
+            devices = self._mesh.shape[TASK_AXIS]
+            chunk = -(-chunk // devices) * devices
         results = []
-        lr_arr = jnp.asarray(lr, self._dtype)
+        (params, lr_arr), _ = self._placed((params, jnp.asarray(lr, self._dtype)))
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             idx = np.minimum(np.arange(start, start + chunk), n - 1)  # pad: fixed shapes
             part = jax.tree.map(lambda a: a[idx], tuple(batch))
-            values = self._eval_jit(params, type(batch)(*part), segments, lr_arr)
+            _, part = self._placed(None, type(batch)(*part))
+            values = self._eval_jit(params, part, segments, lr_arr)
             results.append(np.asarray(values)[: stop - start])
             if progress is not None:
                 progress(stop)

@@ -103,7 +103,19 @@ class AbstractMethod(eqx.Module):
 
         `params` holds only floating-point arrays (the caller partitions the
         model); `loss_fn(params, data)` is the scalar training loss.
+        A failed inner solve raises (see `ctmeta.ode.solve`).
         """
+
+    def adapt_with_status(self, loss_fn: LossFn, params: PyTree, data: PyTree, T) -> tuple[PyTree, jax.Array]:
+        """`(u(T), status)`, never raising for a failed inner solve.
+
+        As `adapt`, but a failed solve (step budget exhausted, non-finite
+        state) gives NaN for `u(T)` and for every derivative through it, and
+        `status` (an int32 `ctmeta.ode.SolveStatus` code, one per task under
+        `vmap`) says why. Rules without an ODE solve cannot fail this way:
+        their status is always `SUCCESS`.
+        """
+        return self.adapt(loss_fn, params, data, T), jnp.asarray(ode.SolveStatus.SUCCESS, jnp.int32)
 
     @property
     def inner_steps(self) -> int:
@@ -152,6 +164,12 @@ class Adjoint(AbstractMethod):
             raise InputError(f"Adjoint(checkpoints={self.checkpoints}) must divide steps={self.steps}.")
 
     def adapt(self, loss_fn, params, data, T):
+        return self._solve(loss_fn, params, data, T, throw=True)
+
+    def adapt_with_status(self, loss_fn, params, data, T):
+        return self._solve(loss_fn, params, data, T, throw=False)
+
+    def _solve(self, loss_fn, params, data, T, throw):
         # Only the array part of the parameters flows; structure is static.
         return ode.solve(
             GradientField(loss_fn),
@@ -163,6 +181,7 @@ class Adjoint(AbstractMethod):
             rtol=self.rtol,
             atol=self.atol,
             max_steps=self.max_steps,
+            throw=throw,
         )
 
 

@@ -36,12 +36,22 @@ computed is the *sensitivity rule*:
 Vector fields with structure can say how to apply their transposed Jacobian
 (see [`AbstractVectorField`][]): a gradient flow does it with one
 Hessian-vector product, forward-over-reverse.
+
+**Failures.** A forward solve fails when it exhausts its step budget
+`max_steps` before $t_1$ or ends with a non-finite state. By default
+(`throw=True`) `solve` then raises at run time, inside `jit` too. Under `vmap`
+that error stops the whole batch and cannot say which element failed, so
+with `throw=False` a failed solve instead returns NaN for $y(t_1)$ and for
+every derivative through it, together with a [`SolveStatus`][] code per
+element saying why. A meta-learner uses that mode to skip or name the one
+task of a meta-batch whose inner solve failed.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import enum
 from typing import Any, Callable, Literal
 
 import diffrax
@@ -61,6 +71,7 @@ __all__ = [
     "StoredAdjoint",
     "Backprop",
     "Backsolve",
+    "SolveStatus",
     "solve",
 ]
 
@@ -151,6 +162,110 @@ class VectorField(AbstractVectorField):
 
 
 # --------------------------------------------------------------------------- #
+# How a solve ended
+# --------------------------------------------------------------------------- #
+
+
+class SolveStatus(enum.IntEnum):
+    """How a forward solve ended: the int32 codes `solve(..., throw=False)` returns.
+
+    - `SUCCESS` (0): it reached $t_1$ with finite states.
+    - `MAX_STEPS` (1): it used its whole step budget `max_steps` before $t_1$.
+      A stiff flow does this; so does a diverging one under an adaptive
+      solver, which rejects non-finite steps and shrinks the step until the
+      budget runs out.
+    - `NONFINITE` (2): it reached $t_1$ but a stored or final state is NaN or
+      infinite (a fixed-step solver on a diverging flow; non-finite inputs).
+    - `FAILED` (3): any other failure the solver reports.
+    """
+
+    SUCCESS = 0
+    MAX_STEPS = 1
+    NONFINITE = 2
+    FAILED = 3
+
+    def describe(self, max_steps: int | None = None) -> str:
+        """What went wrong, as the end of a sentence ("the inner solve ...")."""
+        budget = f" (max_steps={max_steps})" if max_steps is not None else " (max_steps)"
+        return {
+            SolveStatus.SUCCESS: "succeeded",
+            SolveStatus.MAX_STEPS: f"exhausted its step budget{budget} before reaching the horizon",
+            SolveStatus.NONFINITE: "produced a non-finite state (NaN or inf)",
+            SolveStatus.FAILED: "failed (the solver stopped before reaching the horizon)",
+        }[self]
+
+
+def _all_finite(tree) -> jax.Array:
+    """Whether every inexact leaf of `tree` is finite.
+
+    As `isfinite(max |x|)` (the max propagates NaN): a reduction XLA fuses with
+    `abs`, whereas `all(isfinite(x))` materialises a boolean mask as large as
+    `x`, a quarter of the stored states in float32.
+    """
+    leaves = [jnp.isfinite(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+              if x.size]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def solve_status(result, ys) -> jax.Array:
+    """The [`SolveStatus`][] of one diffrax solve: its result, then whether `ys` is finite.
+
+    A reduction over `ys`, so no copy of the stored states is made (an
+    `eqx.error_if` on them would copy them all through its callback).
+    """
+    code = jnp.where(
+        result == diffrax.RESULTS.successful,
+        SolveStatus.SUCCESS,
+        jnp.where(result == diffrax.RESULTS.max_steps_reached, SolveStatus.MAX_STEPS, SolveStatus.FAILED),
+    )
+    code = jnp.where((code == SolveStatus.SUCCESS) & jnp.logical_not(_all_finite(ys)), SolveStatus.NONFINITE, code)
+    return code.astype(jnp.int32)
+
+
+@jax.custom_jvp
+def _nan_if(failed, x):
+    """`x`, or NaN where `failed`; derivatives through it are NaN there too.
+
+    (`jnp.where` alone would give a failed solve a zero derivative, which looks
+    like a valid one.) The tangent rule is linear in the tangent, so reverse
+    mode transposes it: cotangents are multiplied by NaN where `failed`.
+    """
+    return jnp.where(failed, jnp.nan, x)
+
+
+@_nan_if.defjvp
+def _nan_if_jvp(primals, tangents):
+    failed, x = primals
+    _, tx = tangents
+    return _nan_if(failed, x), tx * jnp.where(failed, jnp.nan, 1.0).astype(tx.dtype)
+
+
+def nan_if_failed(tree, status):
+    """Every inexact leaf of `tree` NaN, value and derivatives, where `status` is not `SUCCESS`."""
+    failed = status != SolveStatus.SUCCESS
+    return jax.tree.map(lambda x: _nan_if(failed, x) if eqx.is_inexact_array(x) else x, tree)
+
+
+def raise_if_failed(tree, status, max_steps: int | None = None, where: str = "ctmeta.ode.solve"):
+    """`tree`, raising at run time (inside `jit` too) if `status` is not `SUCCESS`.
+
+    The check is attached to `tree`, so keep it small (the final state, not
+    the stored grid): `eqx.error_if` passes what it guards through a callback.
+    """
+    advice = {
+        SolveStatus.MAX_STEPS: "The flow is stiff or diverging: raise max_steps, loosen rtol/atol, "
+        "shorten the horizon t1, or rescale the loss.",
+        SolveStatus.NONFINITE: "The ODE diverged: shorten the horizon t1, rescale the loss, or check the data.",
+        SolveStatus.FAILED: "Check the vector field and the horizon.",
+    }
+    # One `error_if` per cause rather than `branched_error_if`, whose vmapped
+    # index has no differentiation rule (the status is an output of a custom VJP).
+    for code, text in advice.items():
+        tree = eqx.error_if(tree, status == code, f"{where}: the forward solve {code.describe(max_steps)}. {text}")
+    return tree
+
+
+# --------------------------------------------------------------------------- #
 # Sensitivity rules (static configuration)
 # --------------------------------------------------------------------------- #
 
@@ -160,7 +275,8 @@ class AbstractSensitivity(eqx.Module):
 
     @abc.abstractmethod
     def _solve(self, field: AbstractVectorField, y0, t1, args, options: "_Options"):
-        """Return `y(t1)`, differentiable by this rule."""
+        """Return `(y(t1), status)`: `y(t1)` differentiable by this rule, unchecked,
+        and its [`SolveStatus`][] code (`solve` raises or NaNs on failure)."""
 
 
 class _Options(eqx.Module):
@@ -171,6 +287,7 @@ class _Options(eqx.Module):
     atol: float = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
     solver: Literal["dopri5", "tsit5", "euler", "heun"] = eqx.field(static=True)
+    throw: bool = eqx.field(static=True, default=True)
 
 
 def _diffrax_solver(name: str):
@@ -186,6 +303,10 @@ def _forward(field, y0, t0, t1, args, options: _Options, ts=None, adjoint=None):
     """One forward diffrax solve; adaptive for embedded RK pairs, fixed-step otherwise.
 
     Fixed-step solvers take `options.steps` uniform steps over `[t0, t1]`.
+    Returns `(ys, status)`: the saved states and their [`SolveStatus`][]. The
+    solve itself never throws (diffrax's `throw=False`); callers decide. The
+    exception is `BacksolveAdjoint`, whose backward re-integration can only be
+    checked by diffrax, so it gets `throw=options.throw`.
     """
     solver = _diffrax_solver(options.solver)
     if options.solver in ("euler", "heun"):
@@ -207,22 +328,13 @@ def _forward(field, y0, t0, t1, args, options: _Options, ts=None, adjoint=None):
         stepsize_controller=controller,
         max_steps=options.max_steps,
         adjoint=adjoint if adjoint is not None else diffrax.RecursiveCheckpointAdjoint(),
+        throw=options.throw and isinstance(adjoint, diffrax.BacksolveAdjoint),
     )
-    return sol.ys
+    return sol.ys, solve_status(sol.result, sol.ys)
 
 
-def _check_finite(tree, message: str):
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))]
-    if not leaves:
-        return tree
-    ok = jnp.all(jnp.stack(leaves))
-    return eqx.error_if(tree, jnp.logical_not(ok), message)
-
-
-_NONFINITE = (
-    "ctmeta.ode.solve: the forward solve produced a non-finite state. The ODE "
-    "diverged: shorten the horizon t1, rescale the loss, or check the data."
-)
+def _last(ys):
+    return jax.tree.map(lambda x: x[-1], ys)
 
 
 class Backprop(AbstractSensitivity):
@@ -233,8 +345,8 @@ class Backprop(AbstractSensitivity):
     """
 
     def _solve(self, field, y0, t1, args, options):
-        ys = _forward(field, y0, 0.0, t1, args, options)
-        return _check_finite(jax.tree.map(lambda x: x[-1], ys), _NONFINITE)
+        ys, status = _forward(field, y0, 0.0, t1, args, options)
+        return _last(ys), status
 
 
 class Backsolve(AbstractSensitivity):
@@ -243,11 +355,14 @@ class Backsolve(AbstractSensitivity):
     Memory does not grow with `t1`, but for a gradient flow the backward
     re-integration runs the flow in reverse, which amplifies errors at the
     rate of the largest Hessian eigenvalue (COMLN Sec. 3.2, Fig. 2).
+
+    With `throw=False`, a failure of the backward re-integration is not
+    reported (diffrax does not return its status): comparison only.
     """
 
     def _solve(self, field, y0, t1, args, options):
-        ys = _forward(field, y0, 0.0, t1, args, options, adjoint=diffrax.BacksolveAdjoint())
-        return _check_finite(jax.tree.map(lambda x: x[-1], ys), _NONFINITE)
+        ys, status = _forward(field, y0, 0.0, t1, args, options, adjoint=diffrax.BacksolveAdjoint())
+        return _last(ys), status
 
 
 class StoredAdjoint(AbstractSensitivity):
@@ -293,26 +408,25 @@ class StoredAdjoint(AbstractSensitivity):
 
 
 def _grid_states(field, y0, t1, args, options, rule: StoredAdjoint):
-    """States on the coarse grid that the backward pass starts from."""
+    """States on the coarse grid that the backward pass starts from, and their status."""
     n = options.steps if rule.checkpoints is None else rule.checkpoints
     ts = jnp.linspace(0.0, 1.0, n + 1, dtype=jnp.result_type(t1, float)) * t1
-    ys = _forward(field, y0, 0.0, t1, args, options, ts=ts)
-    return _check_finite(ys, _NONFINITE)
+    return _forward(field, y0, 0.0, t1, args, options, ts=ts)
 
 
 @eqx.filter_custom_vjp
 def _stored_adjoint_solve(primal, rule, options):
+    """`(y(t1), status)`; the status is an integer output, so it gets no cotangent."""
     field, y0, t1, args = primal
-    ys = _forward(field, y0, 0.0, t1, args, options)
-    return _check_finite(jax.tree.map(lambda x: x[-1], ys), _NONFINITE)
+    ys, status = _forward(field, y0, 0.0, t1, args, options)
+    return _last(ys), status
 
 
 @_stored_adjoint_solve.def_fwd
 def _stored_adjoint_fwd(perturbed, primal, rule, options):
     field, y0, t1, args = primal
-    ys = _grid_states(field, y0, t1, args, options, rule)
-    y1 = jax.tree.map(lambda x: x[-1], ys)
-    return y1, ys
+    ys, status = _grid_states(field, y0, t1, args, options, rule)
+    return (_last(ys), status), (ys, status)
 
 
 def _tree_axpy(alpha, x, y):
@@ -355,11 +469,13 @@ def adjoint_sweep(field, ys, t0, h, args, a_end, scheme: str, wrt=None):
     mid-step from cubic Hermite interpolation of the stored states and their
     derivatives $f$ (which the grid gives for free): $O(h^4)$ for the same
     memory, at two more Jacobian products and one more $f$ a step.
+
+    Memory: the sweep is a reverse `scan` over the indices $j$ that reads
+    `ys[j]` and `ys[j + 1]` in place, so the stored states are held once
+    (slicing or reversing `ys` into the scan's inputs would copy them, about
+    three times their size in all).
     """
     n = jax.tree.leaves(ys)[0].shape[0] - 1
-    later = jax.tree.map(lambda x: x[1:][::-1], ys)
-    earlier = jax.tree.map(lambda x: x[:-1][::-1], ys)
-    js = jnp.arange(n)[::-1]
     zero_p = _zeros_for((args, field))
     add = lambda *trees: jax.tree.map(lambda *xs: sum(xs), *trees)
 
@@ -367,9 +483,12 @@ def adjoint_sweep(field, ys, t0, h, args, a_end, scheme: str, wrt=None):
         ay, aargs, afield = field.vjp(t, y, args, a, wrt)
         return cotangent_like(ay, a), cotangent_like((aargs, afield), (args, field))
 
-    def step(carry, x):
+    def step(carry, j):
         a, acc = carry[:2]
-        j, y_next, y_prev = x
+        # Read the two stored states in place (a dynamic slice of `ys`, which the
+        # loop closes over): no reversed or shifted copy of the K + 1 states.
+        y_next = jax.tree.map(lambda x: x[j + 1], ys)
+        y_prev = jax.tree.map(lambda x: x[j], ys)
         t_next, t_prev = t0 + (j + 1) * h, t0 + j * h
         k1, p1 = vjp_at(t_next, y_next, a)
         if scheme == "euler":
@@ -396,12 +515,14 @@ def adjoint_sweep(field, ys, t0, h, args, a_end, scheme: str, wrt=None):
     if scheme == "rk4":
         y_last = jax.tree.map(lambda x: x[-1], ys)
         carry = carry + (field(t0 + n * h, y_last, args),)
-    carry, _ = jax.lax.scan(step, carry, (js, later, earlier))
+    carry, _ = jax.lax.scan(step, carry, jnp.arange(n), reverse=True)  # j = n - 1, ..., 0
     return carry[0], carry[1]
 
 
 @_stored_adjoint_solve.def_bwd
-def _stored_adjoint_bwd(ys, g, perturbed, primal, rule, options):
+def _stored_adjoint_bwd(residuals, g, perturbed, primal, rule, options):
+    ys, status = residuals
+    g, _ = g  # the cotangent of y(t1); the status has none
     field, y0, t1, args = literals_as_arrays(primal)
     # Only what is being differentiated gets Jacobian products (e.g. not the images
     # in `args` when only the initialisation is learned).
@@ -416,26 +537,29 @@ def _stored_adjoint_bwd(ys, g, perturbed, primal, rule, options):
         per = options.steps // rule.checkpoints
         h_coarse = t1 / rule.checkpoints
         seg_options = dataclasses.replace(options, steps=per)
-        starts = jax.tree.map(lambda x: x[:-1][::-1], ys)
-        ks = jnp.arange(rule.checkpoints)[::-1]
 
-        def segment(carry, x):
-            a, acc = carry
-            k, y_start = x
+        def segment(carry, k):
+            a, acc, seg_status = carry
+            y_start = jax.tree.map(lambda x: x[k], ys)  # read in place, as in `adjoint_sweep`
             t_start = k * h_coarse
             fine_ts = t_start + jnp.arange(per + 1) * h_fine
-            fine = _forward(field, y_start, t_start, t_start + h_coarse, args, seg_options, ts=fine_ts)
+            fine, fine_status = _forward(field, y_start, t_start, t_start + h_coarse, args, seg_options, ts=fine_ts)
             a, seg_acc = adjoint_sweep(field, fine, t_start, h_fine, args, a, rule.scheme, wrt)
-            return (a, jax.tree.map(jnp.add, acc, seg_acc)), None
+            return (a, jax.tree.map(jnp.add, acc, seg_acc), jnp.maximum(seg_status, fine_status)), None
 
-        (a0, (gargs, gfield)), _ = jax.lax.scan(
-            segment, (g, _zeros_for((args, field))), (ks, starts)
+        (a0, (gargs, gfield), seg_status), _ = jax.lax.scan(
+            segment, (g, _zeros_for((args, field)), status), jnp.arange(rule.checkpoints), reverse=True
         )
+        if options.throw:  # the forward solve was checked; re-integrating a segment may still fail
+            a0 = raise_if_failed(a0, seg_status, options.max_steps,
+                                 "ctmeta.ode.solve (a checkpointed segment, re-integrated in the backward pass)")
+        status = seg_status
     # d y(t1) / d t1 = f(t1, y(t1)): the horizon moves only the end point.
     f1 = field(t1, y1, args)
     gt1 = sum(jnp.vdot(gi, fi) for gi, fi in zip(jax.tree.leaves(g), jax.tree.leaves(f1)))
     gt1 = jnp.asarray(gt1, dtype=jnp.result_type(t1)) if eqx.is_inexact_array(t1) else None
-    return (gfield, a0, gt1, gargs)
+    # A failed solve has no derivative: NaN, so that no caller mistakes it for one.
+    return nan_if_failed((gfield, a0, gt1, gargs), status)
 
 
 # --------------------------------------------------------------------------- #
@@ -488,6 +612,7 @@ def solve(
     atol: float = 1e-8,
     max_steps: int = 16384,
     solver: Literal["dopri5", "tsit5", "euler", "heun"] = "dopri5",
+    throw: bool = True,
 ) -> PyTree:
     r"""Solve $dy/dt = f(t, y, \text{args})$ on $[0, t_1]$ and return $y(t_1)$.
 
@@ -502,11 +627,18 @@ def solve(
       for [`StoredAdjoint`][]; the number of steps of a fixed-step `solver`.
     - `sensitivity`: the rule for derivatives ([`StoredAdjoint`][] by default).
     - `rtol`, `atol`: tolerances of the adaptive forward solver.
-    - `max_steps`: the forward solver's step budget; exceeding it is an error.
+    - `max_steps`: the forward solver's step budget.
     - `solver`: `"dopri5"` (default), `"tsit5"`, or the fixed-step `"euler"` / `"heun"`.
+    - `throw`: what a failed forward solve (`max_steps` exhausted, or a
+      non-finite state) does. `True` (default): raise at run time, inside
+      `jit` too, naming the cause; under `vmap` one failing element stops the
+      whole batch. `False`: return `(y(t1), status)` instead, where `y(t1)`
+      and every derivative through it are NaN for the failed solves and
+      `status` is an int32 [`SolveStatus`][] code (one per element under
+      `vmap`); nothing raises, so each element can be handled on its own.
 
-    A forward solve that exhausts `max_steps` or produces non-finite states
-    raises at run time (inside `jit` too) rather than returning NaN.
+    **Returns:** $y(t_1)$, with the structure of `y0`; with `throw=False`,
+    the pair `(y(t1), status)`.
     """
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
         raise InputError(f"ctmeta.ode.solve: steps must be a positive int; got {steps!r}.")
@@ -526,5 +658,8 @@ def solve(
     if t1.ndim != 0:
         raise InputError(f"ctmeta.ode.solve: t1 must be a scalar; got shape {t1.shape} (vmap for one per task).")
     field = field.closure_convert(t1, y0, args)
-    options = _Options(steps=int(steps), rtol=rtol, atol=atol, max_steps=max_steps, solver=solver)
-    return sensitivity._solve(field, y0, t1, args, options)
+    options = _Options(steps=int(steps), rtol=rtol, atol=atol, max_steps=max_steps, solver=solver, throw=bool(throw))
+    y1, status = sensitivity._solve(field, y0, t1, args, options)
+    if throw:
+        return raise_if_failed(y1, status, max_steps)
+    return nan_if_failed(y1, status), status

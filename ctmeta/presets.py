@@ -16,6 +16,17 @@ Horizon and steps (the papers' convention `T = steps * h`, `h = 0.01`):
   benchmark's inner learning rate `h` (0.01).
 - `comln`: `T` is the *initial* horizon, learned as `exp(log_T)`; the head
   flow uses Dopri5, or Euler with `--steps` fixed steps.
+
+Outer optimiser (the configuration's `optimizer` entry, see
+[`optimizer_config`][]): each paper's own. A-MAML (Sec. 5) meta-trains every
+method with Adam at learning rate 1e-3; COMLN (Appendix E.5) meta-trains every
+method of its Table 2 with SGD, Nesterov momentum 0.9, learning rate 0.1
+decreased by Lee et al. (2019)'s step schedule. So `comln` and `anil` (the
+methods only COMLN runs) default to COMLN's SGD and the others to Adam;
+`--optimizer` picks either protocol for any method.
+
+Backbone (images only): Conv-4 by default, or ResNet-12 (MetaOptNet's,
+without global pooling: 16,000 features on 84x84 inputs, COMLN's setting).
 """
 
 from __future__ import annotations
@@ -27,7 +38,8 @@ from typing import Any
 
 from ._errors import DataError, InputError, check_positive
 
-__all__ = ["BENCHMARKS", "METHODS", "BenchmarkPreset", "Experiment", "build", "resolve_config"]
+__all__ = ["BACKBONES", "BENCHMARKS", "LR_SCHEDULES", "METHODS", "OPTIMIZERS", "BenchmarkPreset", "Experiment", "build",
+           "build_learner", "build_optimizer", "learning_rate_schedule", "optimizer_config", "resolve_config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,12 +115,35 @@ METHODS: dict[str, str] = {
     "fomaml": "first-order MAML",
     "reptile": "Reptile (theta - u_K as the outer direction)",
     "imaml": "iMAML: proximal inner loss (lam=1), 5 CG steps",
-    "anil": "ANIL: unrolled GD on a linear head over a Conv-4 embedding",
+    "anil": "ANIL: unrolled GD on a linear head over a Conv-4 (or ResNet-12) embedding",
     "comln": "COMLN: gradient flow of a linear head, learned horizon T",
 }
 
 HEAD_METHODS = ("anil", "comln")
 DISCRETE_METHODS = ("maml", "fomaml", "reptile", "imaml", "anil")
+
+#: Outer optimisers, with each paper's protocol as the defaults of its name.
+OPTIMIZERS: dict[str, str] = {
+    "adam": "Adam, lr 1e-3, constant (A-MAML Sec. 5)",
+    "sgd": "SGD, Nesterov momentum 0.9, lr 0.1, step schedule (COMLN App. E.5)",
+}
+#: Learning-rate schedules over the run's meta-iterations (`none` is constant).
+LR_SCHEDULES: dict[str, str] = {
+    "none": "constant learning rate",
+    "step": "Lee et al. 2019: lr x0.06 from 1/3 of the run, x0.012 from 2/3, x0.0024 from 5/6",
+    "cosine": "cosine decay to 0 over the run",
+}
+#: Embedding networks of the image benchmarks.
+BACKBONES: dict[str, str] = {
+    "conv4": "Conv-4: 4 x [conv3x3, batch norm, ReLU, max-pool]",
+    "resnet12": "ResNet-12: 64-160-320-640 channels, no global pooling (16,000 features on 84x84)",
+}
+_SGD_MOMENTUM = 0.9
+_SGD_LEARNING_RATE = 0.1
+# Lee et al. (2019), MetaOptNet's train.py: 60 epochs, the initial learning
+# rate times 1 before epoch 20, 0.06 before 40, 0.012 before 50, then 0.0024.
+# As fractions of the run: (numerator, denominator, factor from there on).
+_STEP_SCHEDULE = ((1, 3, 0.06), (2, 3, 0.012), (5, 6, 0.0024))
 
 
 def _positive_int(name: str, value) -> int:
@@ -138,9 +173,18 @@ def resolve_config(
     data_dir: str | None = None,
     seed: int | None = None,
     checkpoint_every: int | None = None,
+    optimizer: str | None = None,
+    meta_lr: float | None = None,
+    lr_schedule: str | None = None,
+    backbone: str | None = None,
 ) -> dict[str, Any]:
     """Validate the user's choices and fill in the benchmark's and method's
-    defaults. Returns the run configuration (JSON-able). Pure Python."""
+    defaults. Returns the run configuration (JSON-able). Pure Python.
+
+    `optimizer` (`"adam"` or `"sgd"`), `meta_lr` and `lr_schedule` (`"none"`,
+    `"step"`, `"cosine"`) choose the outer optimiser (see
+    [`optimizer_config`][]); `backbone` (`"conv4"` or `"resnet12"`) the
+    embedding network of the image benchmarks."""
     benchmark = benchmark or "cosmixture"
     method = method or "amaml"
     if benchmark not in BENCHMARKS:
@@ -163,7 +207,7 @@ def resolve_config(
 
     if method in HEAD_METHODS and p.kind != "images":
         raise InputError(
-            f"--method {method} adapts a linear softmax head on a Conv-4 embedding: "
+            f"--method {method} adapts a linear softmax head on an image embedding (Conv-4, ResNet-12): "
             "use it with --benchmark omniglot or miniimagenet"
         )
     if ways is not None:
@@ -174,6 +218,16 @@ def resolve_config(
             raise InputError(f"--ways must be at least 2, got {ways}")
     if shots is not None:
         shots = _positive_int("--shots", shots)
+    if backbone is not None:
+        if backbone not in BACKBONES:
+            raise InputError(f"unknown --backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
+        if p.kind != "images":
+            raise InputError(
+                f"--backbone applies to the image benchmarks (omniglot, miniimagenet), not {benchmark}"
+            )
+    elif p.kind == "images":
+        backbone = "conv4"
+    opt = optimizer_config(method, optimizer, meta_lr, lr_schedule, meta_iterations, adam_lr=p.outer_lr)
 
     # Task sizes.
     if p.kind == "regression":
@@ -219,7 +273,7 @@ def resolve_config(
 
     eval_steps = list(p.eval_steps)
     curve = sorted(set(range(0, max(eval_steps) + 1, p.eval_every)) | set(eval_steps))
-    model = _model_config(p, method)
+    model = _model_config(p, method, backbone)
     method_options: dict[str, Any] = {}
     if method == "imaml":
         method_options = {"lam": 1.0, "cg_steps": 5}
@@ -246,7 +300,8 @@ def resolve_config(
         "data_dir": resolved_data,
         "seed": seed,
         "checkpoint_every": checkpoint_every,
-        "optimizer": {"name": "adam", "learning_rate": p.outer_lr},
+        "optimizer": opt,
+        "backbone": backbone,
         "model": model,
         "method_options": method_options,
         "eval": {
@@ -259,7 +314,111 @@ def resolve_config(
     }
 
 
-def _model_config(p: BenchmarkPreset, method: str) -> dict[str, Any]:
+def optimizer_config(
+    method: str,
+    name: str | None = None,
+    learning_rate: float | None = None,
+    schedule: str | None = None,
+    meta_iterations: int = 1000,
+    *,
+    adam_lr: float = 1e-3,
+) -> dict[str, Any]:
+    """The configuration's `optimizer` entry: the outer optimiser of `method`.
+
+    `name=None` takes the protocol of the paper that runs the method: COMLN's
+    SGD for `comln` and `anil`, A-MAML's Adam for the others. Each name
+    brings its paper's defaults, which `learning_rate` and `schedule`
+    override:
+
+    - `"adam"`: `{"name": "adam", "learning_rate": 1e-3, "schedule": None}`.
+    - `"sgd"`: `{"name": "sgd", "learning_rate": 0.1, "momentum": 0.9,
+      "nesterov": True, "schedule": "step"}`.
+
+    With a schedule (`"step"`: Lee et al.'s; `"cosine"`), `decay_steps` is
+    its length, the run's `meta_iterations`, fixed when the run is created
+    (so a resumed run follows the same schedule). Pure Python.
+    """
+    if name is None:
+        name = "sgd" if method in HEAD_METHODS else "adam"
+    if name not in OPTIMIZERS:
+        raise InputError(f"unknown --optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    if learning_rate is not None:
+        learning_rate = check_positive("--meta-lr", learning_rate)
+    if schedule is not None and schedule not in LR_SCHEDULES:
+        raise InputError(f"unknown --lr-schedule {schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
+    meta_iterations = _positive_int("--meta-iterations", meta_iterations)
+    if name == "adam":
+        spec: dict[str, Any] = {"name": "adam", "learning_rate": adam_lr, "schedule": None}
+    else:
+        spec = {"name": "sgd", "learning_rate": _SGD_LEARNING_RATE, "momentum": _SGD_MOMENTUM, "nesterov": True,
+                "schedule": "step"}
+    if learning_rate is not None:
+        spec["learning_rate"] = learning_rate
+    if schedule is not None:
+        spec["schedule"] = None if schedule == "none" else schedule
+    if spec["schedule"] is not None:
+        spec["decay_steps"] = meta_iterations
+    return spec
+
+
+def _check_optimizer_spec(spec) -> None:
+    """Refuse a malformed `optimizer` entry (a hand-edited config.json, say)."""
+    where = "the configuration's optimizer"
+    if not isinstance(spec, dict) or spec.get("name") not in OPTIMIZERS:
+        name = spec.get("name") if isinstance(spec, dict) else spec
+        raise InputError(f"unknown optimizer {name!r} in the configuration; choose from {', '.join(OPTIMIZERS)}")
+    check_positive(f"{where}'s learning_rate", spec.get("learning_rate"))
+    schedule = spec.get("schedule")
+    if schedule is not None and (schedule == "none" or schedule not in LR_SCHEDULES):
+        raise InputError(f"{where}'s schedule must be null, 'step' or 'cosine', got {schedule!r}")
+    if schedule is not None:
+        _positive_int(f"{where}'s decay_steps", spec.get("decay_steps"))
+    if spec["name"] == "sgd":
+        momentum = spec.get("momentum", _SGD_MOMENTUM)
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise InputError(f"{where}'s momentum must be a number in [0, 1), got {momentum!r}")
+        if not isinstance(spec.get("nesterov", True), bool):
+            raise InputError(f"{where}'s nesterov must be true or false, got {spec.get('nesterov')!r}")
+
+
+def learning_rate_schedule(spec: dict):
+    """The learning rate of an `optimizer` entry: a float, or an optax
+    schedule (a function of the number of updates) when it has one."""
+    import jax.numpy as jnp
+    import optax
+
+    _check_optimizer_spec(spec)
+    lr = float(spec["learning_rate"])
+    schedule = spec.get("schedule")
+    if schedule is None:
+        return lr
+    n = int(spec["decay_steps"])
+    if schedule == "cosine":
+        return optax.cosine_decay_schedule(lr, n)
+
+    def step_schedule(count):
+        # Update `count` (0-based) is in the piece from `num / den` of the run
+        # on when `count * den >= num * n`: integers, so no rounding at the
+        # boundaries (a 6-iteration run gets 2, 2, 1, 1 updates per piece).
+        factor = jnp.asarray(1.0)
+        for num, den, f in _STEP_SCHEDULE:
+            factor = jnp.where(count * den >= num * n, f, factor)
+        return lr * factor
+
+    return step_schedule
+
+
+def build_optimizer(spec: dict):
+    """The optax `GradientTransformation` of a configuration's `optimizer` entry."""
+    import optax
+
+    lr = learning_rate_schedule(spec)
+    if spec["name"] == "adam":
+        return optax.adam(lr)
+    return optax.sgd(lr, momentum=float(spec.get("momentum", _SGD_MOMENTUM)), nesterov=bool(spec.get("nesterov", True)))
+
+
+def _model_config(p: BenchmarkPreset, method: str, backbone: str | None = None) -> dict[str, Any]:
     if p.name == "alpine":
         # Inputs in [-10, 10]^2 are divided by 10: unscaled, the Hessian of the
         # task loss reaches eigenvalues ~300 > 2/h along the flow, where GD at
@@ -270,6 +429,13 @@ def _model_config(p: BenchmarkPreset, method: str) -> dict[str, Any]:
         return {"name": "mlp", "width": 32, "depth": 2, "activation": "tanh"}
     if p.kind == "ratings":
         return {"name": "mlp", "width": 40, "depth": 2, "activation": "tanh"}
+    if backbone == "resnet12":
+        # COMLN's (App. E.5, after Lee et al.): no global pooling; leaky ReLU 0.1.
+        resnet = {"channels": [64, 160, 320, 640], "global_pool": False}
+        if method in HEAD_METHODS:
+            return {"name": "resnet12-embedding+linear-head", **resnet, "head_init": "zeros"}
+        # Whole-network adaptation (MAML & co): a bias-free linear head on top.
+        return {"name": "resnet12+linear-head", **resnet, "head_init": "uniform"}
     hidden = 64 if p.name == "omniglot" else 32
     if method in HEAD_METHODS:
         return {"name": "conv4-embedding+linear-head", "hidden": hidden, "head_init": "zeros"}
@@ -394,7 +560,7 @@ def build_model(config: dict, family, key):
     import jax.numpy as jnp
 
     from .meta import EmbeddingHead, InputScale
-    from .models import MLP, Conv4, feature_size
+    from .models import MLP, Conv4, ResNet12, feature_size
 
     spec = config["model"]
     if spec["name"] == "mlp":
@@ -410,35 +576,52 @@ def build_model(config: dict, family, key):
         d = feature_size(emb, (c, h, w))
         dtype = jax.tree.leaves(emb)[0].dtype
         return EmbeddingHead(embedding=emb, head=jnp.zeros((family.output_size, d), dtype))
+    if spec["name"] in ("resnet12-embedding+linear-head", "resnet12+linear-head"):
+        emb_key, head_key = jax.random.split(key)
+        emb = ResNet12(c, channels=tuple(spec["channels"]), global_pool=bool(spec["global_pool"]), key=emb_key)
+        d = feature_size(emb, (c, h, w))
+        dtype = jax.tree.leaves(emb)[0].dtype
+        shape = (family.output_size, d)
+        if spec.get("head_init", "zeros") == "zeros":
+            head = jnp.zeros(shape, dtype)
+        else:  # the default of a linear layer: U(-1/sqrt(d), 1/sqrt(d))
+            bound = 1.0 / d**0.5
+            head = jax.random.uniform(head_key, shape, dtype, -bound, bound)
+        return EmbeddingHead(embedding=emb, head=head)
     raise InputError(f"unknown model {spec['name']!r} in the configuration")
 
 
-def build(config: dict, *, progress: bool = True, log=print) -> Experiment:
-    """Task family, model and learner of a resolved configuration."""
-    import jax
-    import optax
-
+def build_learner(config: dict, family, model_key):
+    """The [`MetaLearner`][ctmeta.meta.MetaLearner] of a resolved
+    configuration on `family` (anything with `input_shape`, `output_size`
+    and `kind`), its model initialised from `model_key`."""
     from .meta import MetaLearner, accuracy, cross_entropy, mse, nrmse_metric
 
-    family = build_family(config, progress=progress, log=log)
-    root = jax.random.PRNGKey(config["seed"])
-    model_key, run_key = jax.random.split(root)
+    optimizer = build_optimizer(config["optimizer"])  # checks the entry first
     model = build_model(config, family, model_key)
     method = build_method(config)
-    opt = config["optimizer"]
-    if opt["name"] != "adam":
-        raise InputError(f"unknown optimizer {opt['name']!r} in the configuration")
     classification = getattr(family, "kind", "regression") == "classification"
-    learner = MetaLearner(
+    return MetaLearner(
         model,
         method,
-        optax.adam(opt["learning_rate"]),
+        optimizer,
         cross_entropy if classification else mse,
         T=config["T"],
         learn_T=config["learn_T"],
         metric=accuracy if classification else nrmse_metric,
         adapt="head" if config["method"] in HEAD_METHODS else "all",
     )
+
+
+def build(config: dict, *, progress: bool = True, log=print) -> Experiment:
+    """Task family, model and learner of a resolved configuration."""
+    import jax
+
+    family = build_family(config, progress=progress, log=log)
+    root = jax.random.PRNGKey(config["seed"])
+    model_key, run_key = jax.random.split(root)
+    learner = build_learner(config, family, model_key)
+    classification = getattr(family, "kind", "regression") == "classification"
     return Experiment(
         config=config,
         family=family,

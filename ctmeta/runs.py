@@ -22,6 +22,10 @@ a signal that arrives while a metrics row or a checkpoint is being written
 takes effect once it is written. After `kill -9`, `load_latest` skips a
 checkpoint that is truncated, corrupted or incompatible and says so, falling
 back to the previous one.
+
+In a multi-process run (`ctmeta.sharding`) every process trains and
+evaluates, and process 0 alone writes the run directory; `--resume` has
+every process read the same checkpoint.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ import time
 
 from ._errors import CheckpointError, InputError, NumericalError
 
-__all__ = ["Interrupted", "RunDir", "default_run_dir", "train", "evaluate_run"]
+__all__ = ["Interrupted", "RunDir", "default_run_dir", "dtype_name", "evaluate_run", "package_versions", "save_figure",
+           "train"]
 
 METRIC_COLUMNS = ("iteration", "meta_loss", "grad_norm", "T", "seconds", "skipped")
 _OPTIONAL_COLUMNS = {"skipped": 0.0}  # absent from runs written before the column existed
@@ -286,11 +291,14 @@ class RunDir:
 class Reporter:
     """Progress bars (rich, on stderr) and log lines (stdout)."""
 
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
+    def __init__(self, quiet: bool = False, silent: bool = False):
+        self.quiet = quiet or silent
+        #: Print nothing at all (the processes other than 0 of a multi-process run).
+        self.silent = silent
 
     def log(self, message: str) -> None:
-        print(message, flush=True)
+        if not self.silent:
+            print(message, flush=True)
 
     def progress(self, description: str, total: int, completed: int = 0):
         return _Bar(description, total, completed, enabled=not self.quiet)
@@ -434,8 +442,13 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
     raise [`Interrupted`][]; a `NumericalError` (a non-finite meta-gradient,
     or a solve out of steps, under `on_nonfinite="error"`) saves the last
     good state the same way before propagating. `config["on_nonfinite"]`
-    (`"error"`, default, or `"skip-task"`) sets the learner's policy."""
-    import jax
+    (`"error"`, default, or `"skip-task"`) sets the learner's policy.
+
+    In a multi-process run (`ctmeta.sharding`) every process calls `train`
+    and computes; process 0 alone writes metrics rows and checkpoints."""
+    from .sharding import is_main_process
+
+    writes = is_main_process()
 
     reporter = reporter or Reporter()
     cfg = exp.config
@@ -481,14 +494,14 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
     )
     signals = _Signals()
     signals.install()
-    f = open(run.metrics_path, "a", newline="")
+    f = open(run.metrics_path if writes else os.devnull, "a", newline="")
     try:
-        if start == 0 and not run.checkpoints():
+        if writes and start == 0 and not run.checkpoints():
             with signals.critical():  # so that `--resume` works however early the run stops
                 run.save_checkpoint(state, metadata(seconds_offset))
         with reporter.progress("meta-training", total, start) as bar:
             for it in range(start, total):
-                key = jax.random.fold_in(state.key, it)
+                key = learner.iteration_key(state, it)
                 batch = family.sample(key, meta_batch, "train")
                 new_state, m = learner.meta_step(state, batch)
                 done = it + 1
@@ -500,13 +513,14 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
                     state = new_state
                     f.write(line + "\n")
                     f.flush()
-                    if done % every == 0 or done == total:
+                    if writes and (done % every == 0 or done == total):
                         run.save_checkpoint(state, metadata(elapsed))
                         last_saved = done
                 skipped_total += skipped
                 if skipped:
+                    why = learner._solve_failures(m["task_status"])  # "" unless an inner solve failed
                     reporter.log(f"warning: meta-iteration {done}: skipped {skipped} of {meta_batch} tasks "
-                                 "with a non-finite loss or meta-gradient")
+                                 "with a non-finite loss or meta-gradient" + (f" ({why})" if why else ""))
                 bar.update(done)
                 if done == start + 1:
                     t_first = time.perf_counter()  # the rate leaves out the compilation
@@ -528,7 +542,7 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
     except (KeyboardInterrupt, NumericalError):
         # Keep the last completed iteration: a resumed run continues from it.
         f.flush()
-        if int(state.iteration) > last_saved:
+        if writes and int(state.iteration) > last_saved:
             with signals.critical():
                 run.save_checkpoint(state, metadata(seconds_offset + (time.perf_counter() - t0)))
         raise
@@ -554,7 +568,10 @@ def _hms(seconds: float) -> str:
 
 def evaluate_run(exp, run: RunDir, state, *, reporter: Reporter | None = None) -> dict:
     """Evaluate the learned and a random initialisation on the meta-test
-    tasks; write results.md, results.json and the figures; print the table."""
+    tasks; write results.md, results.json and the figures (process 0 of a
+    multi-process run only; all of them evaluate); print the table."""
+    from .sharding import is_main_process
+
     reporter = reporter or Reporter()
     cfg = exp.config
     learner = exp.learner
@@ -588,13 +605,13 @@ def evaluate_run(exp, run: RunDir, state, *, reporter: Reporter | None = None) -
             for name, e in evaluations.items()
         },
     }
-    _atomic_text(run.path / "results.json", json.dumps(results, indent=2) + "\n")
-    md = results_markdown(results)
-    _atomic_text(run.results_path, md)
-    try:
-        write_figures(run, results)
-    except Exception as err:  # figures are a convenience; never lose a run over them
-        reporter.log(f"warning: could not draw the figures: {type(err).__name__}: {err}")
+    if is_main_process():
+        _atomic_text(run.path / "results.json", json.dumps(results, indent=2) + "\n")
+        _atomic_text(run.results_path, results_markdown(results))
+        try:
+            write_figures(run, results)
+        except Exception as err:  # figures are a convenience; never lose a run over them
+            reporter.log(f"warning: could not draw the figures: {type(err).__name__}: {err}")
     reporter.log("")
     reporter.log(results_text(results))
     reporter.log(f"\nrun directory: {run.path}")
@@ -670,7 +687,7 @@ def write_figures(run: RunDir, results: dict | None) -> None:
         ax.set_ylabel("meta-loss (query loss after adaptation)")
         ax.legend()
         ax.grid(alpha=0.3)
-        _save_fig(fig, run.figure_dir / "meta_loss.png")
+        save_figure(fig, run.figure_dir / "meta_loss.png")
         plt.close(fig)
     if results is not None:
         steps = np.array(results["curve_steps"])
@@ -685,13 +702,44 @@ def write_figures(run: RunDir, results: dict | None) -> None:
         ax.set_title(f"{results['benchmark']}: {results['tasks']} test tasks")
         ax.legend()
         ax.grid(alpha=0.3)
-        _save_fig(fig, run.figure_dir / "error_vs_steps.png")
+        save_figure(fig, run.figure_dir / "error_vs_steps.png")
         plt.close(fig)
 
 
-def _save_fig(fig, path: pathlib.Path) -> None:
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Write a matplotlib figure as a PNG (120 dpi, tight), atomically: an
+    interrupted write leaves the previous file, never a torn one."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     from .meta import atomic_write_bytes
 
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(pathlib.Path(path), buf.getvalue())
+
+
+# --------------------------------------------------------------------------- #
+# What a run records about the process that made it
+# --------------------------------------------------------------------------- #
+
+
+def dtype_name() -> str:
+    """`"float64"` or `"float32"`: the floating-point precision of this
+    process's JAX arrays (`jax_enable_x64`). A run records it, and a resumed
+    run must match it, since checkpoints hold arrays of that dtype."""
+    import jax
+
+    return "float64" if jax.config.jax_enable_x64 else "float32"
+
+
+def package_versions() -> dict[str, str]:
+    """The versions of Python and of the packages a run's numbers depend on
+    (jax, jaxlib, equinox, diffrax, optax, numpy), for its config.json."""
+    import sys
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("jax", "jaxlib", "equinox", "diffrax", "optax", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

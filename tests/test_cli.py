@@ -59,7 +59,8 @@ def test_help_lists_commands_and_flags(capsys):
     out = capsys.readouterr().out
     for flag in ("--benchmark", "--method", "--T", "--steps", "--meta-iterations", "--meta-batch", "--ways",
                  "--shots", "--data-dir", "--seed", "--out", "--checkpoint-every", "--resume", "--quiet",
-                 "--debug", "cosmixture", "miniimagenet", "amaml", "comln"):
+                 "--debug", "cosmixture", "miniimagenet", "amaml", "comln", "--optimizer", "--meta-lr",
+                 "--lr-schedule", "--backbone", "resnet12", "Nesterov"):
         assert flag in out, flag
     assert main(["bench", "--help"]) == 0  # handed to ctmeta.bench
     assert "ctmeta bench" in capsys.readouterr().out
@@ -81,6 +82,11 @@ def test_help_lists_commands_and_flags(capsys):
         (["train", "--checkpoint-every", "0"], "--checkpoint-every"),
         (["train", "--ways", "5"], "--ways"),
         (["train", "--method", "comln"], "comln"),
+        (["train", "--meta-lr", "0"], "--meta-lr"),
+        (["train", "--meta-lr", "-0.1"], "--meta-lr"),
+        (["train", "--meta-lr", "nan"], "--meta-lr"),
+        (["train", "--meta-lr", "1e5"], "--meta-lr"),
+        (["train", "--backbone", "resnet12"], "--backbone"),
         (["train", "--benchmark", "movielens", "--data-dir", "/nonexistent/ml"], "does not exist"),
         (["train", "--data-dir", "/tmp"], "--data-dir"),
         (["train", "--resume", "/nonexistent/run"], "does not exist"),
@@ -95,7 +101,9 @@ def test_bad_flag_values_exit_2_with_one_line(argv, message, capsys, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "argv", [["train", "--benchmark", "nope"], ["train", "--method", "nope"], ["train", "--steps", "abc"], []]
+    "argv", [["train", "--benchmark", "nope"], ["train", "--method", "nope"], ["train", "--steps", "abc"], [],
+             ["train", "--optimizer", "rmsprop"], ["train", "--lr-schedule", "exp"], ["train", "--backbone", "vgg"],
+             ["train", "--meta-lr", "fast"]]
 )
 def test_argparse_errors_exit_2(argv, capsys):
     assert main(argv) == 2
@@ -132,7 +140,7 @@ def test_train_writes_the_run_directory(finished_run):
                        "meta_batch": 3, "seed": 0, "checkpoint_every": 2}.items():
         assert config[key] == value
     assert config["T"] == pytest.approx(0.03) and config["ctmeta_version"]
-    assert config["optimizer"] == {"name": "adam", "learning_rate": 1e-3}
+    assert config["optimizer"] == {"name": "adam", "learning_rate": 1e-3, "schedule": None}
     rows = _rows(finished_run)
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
     assert set(rows[0]) == {"iteration", "meta_loss", "grad_norm", "T", "seconds", "skipped"}
@@ -159,7 +167,12 @@ def test_resume_ends_exactly_as_an_uninterrupted_run(finished_run, tmp_path, cap
         f.write("3,0.5,0.5,0.03,1.0\n")
     # Changing the configuration on resume is refused.
     assert main(["train", "--resume", str(out), "--steps", "5", "--quiet"]) == 2
-    assert main(["train", "--resume", str(out), "--meta-iterations", "4", "--quiet"]) == 0
+    for flags in (["--optimizer", "sgd"], ["--meta-lr", "0.01"], ["--lr-schedule", "cosine"], ["--backbone", "conv4"]):
+        capsys.readouterr()
+        assert main(["train", "--resume", str(out), *flags, "--quiet"]) == 2
+        assert f"{flags[0]} {flags[1]} differs from the resumed run's" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--optimizer", "adam", "--meta-lr", "1e-3", "--lr-schedule", "none",
+                 "--meta-iterations", "4", "--quiet"]) == 0
     capsys.readouterr()
     full, split = _rows(finished_run), _rows(out)
     assert len(full) == len(split) == 4
@@ -199,7 +212,8 @@ def test_movielens_end_to_end_with_masked_test_queries(data_dir, monkeypatch, tm
     assert all(0 < m < 10 for m in results["learned"]["mean"])
 
 
-@pytest.mark.parametrize("flag", ["--shots", "--T", "--method", "--benchmark", "--out", "--resume", "--data-dir"])
+@pytest.mark.parametrize("flag", ["--shots", "--T", "--method", "--benchmark", "--out", "--resume", "--data-dir",
+                                  "--meta-lr", "--optimizer", "--backbone"])
 def test_a_bare_double_dash_as_a_flag_value_is_a_usage_error(flag, capsys, tmp_path):
     # argparse hands `--flag=--` over as [] without type or choice checks.
     code = main(["train", f"{flag}=--", "--meta-iterations", "1", "--quiet"])

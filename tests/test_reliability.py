@@ -18,15 +18,22 @@ import subprocess
 import sys
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from ctmeta import presets
-from ctmeta._errors import CheckpointError
+from ctmeta._errors import CheckpointError, NumericalError
 from ctmeta.cli import main
-from ctmeta.meta import load_state
+from ctmeta.meta import EmbeddingHead, LinearFlow, MetaLearner, cross_entropy, load_state, mse
+from ctmeta.methods import Adjoint
+from ctmeta.models import MLP
+from ctmeta.ode import SolveStatus
+from ctmeta.tasks.base import Batch
+from ctmeta.tasks.regression import CosMixture
 from ctmeta.runs import RunDir
 
 SMALL = ["--benchmark", "cosmixture", "--method", "maml", "--steps", "5", "--meta-batch", "2", "--quiet"]
@@ -249,6 +256,41 @@ def test_checkpoint_holds_config_and_sampler_without_pickle(tiny_run):
     assert not data.startswith(b"\x80")  # not a pickle stream
 
 
+def test_sgd_with_a_schedule_resumes_bit_for_bit_after_kill_9(tmp_path, capsys):
+    """COMLN's outer optimiser (SGD, Nesterov momentum, Lee et al.'s step
+    schedule): the momentum and the schedule's update count are in the
+    checkpoint, so a run killed after its iteration-4 checkpoint resumes to
+    the uninterrupted run's iteration 6, bit for bit. (Iterations 5 and 6 use
+    the schedule's 3rd and 4th learning rates; a lost count would restart it.)"""
+    flags = [*SMALL, "--optimizer", "sgd", "--meta-lr", "0.01", "--meta-iterations", "6", "--checkpoint-every", "2"]
+    full = tmp_path / "full"
+    assert main(["train", *flags, "--out", str(full)]) == 0
+    config = json.loads((full / "config.json").read_text())
+    assert config["optimizer"] == {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9, "nesterov": True,
+                                   "schedule": "step", "decay_steps": 6}
+    state, _ = _final_state(full)
+    counts = [int(x) for x in jax.tree.leaves(state.opt_state) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer)]
+    assert counts and set(counts) == {6}  # the schedule's update count
+    # kill -9 after the iteration-4 checkpoint: ckpt-6 never written, rows 5-6 torn or absent.
+    killed = tmp_path / "killed"
+    shutil.copytree(full, killed)
+    for p in (killed / "checkpoints").glob("ckpt-6.*"):
+        p.unlink()
+    for p in ("results.json", "results.md"):
+        (killed / p).unlink()
+    lines = (killed / "metrics.csv").read_text().splitlines()
+    (killed / "metrics.csv").write_text("\n".join(lines[:6]) + "\n" + lines[6][:7])  # rows 1-5, row 6 torn
+    capsys.readouterr()
+    # The schedule is part of the run: resuming past its end, or with another optimiser, is refused.
+    assert main(["train", "--resume", str(killed), "--meta-iterations", "8", "--quiet"]) == 2
+    assert "past the end of the run's step learning-rate schedule" in capsys.readouterr().err
+    assert main(["train", "--resume", str(killed), "--optimizer", "adam", "--quiet"]) == 2
+    assert main(["train", "--resume", str(killed), "--quiet"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert [_without_seconds(r) for r in _rows(killed)] == [_without_seconds(r) for r in _rows(full)]
+    assert (killed / "checkpoints" / "ckpt-6.eqx").read_bytes() == (full / "checkpoints" / "ckpt-6.eqx").read_bytes()
+
+
 # ------------------------------------------------------------- non-finite tasks
 
 
@@ -308,48 +350,147 @@ def test_skip_task_with_every_task_nonfinite_fails_loudly(monkeypatch, tmp_path,
     assert "meta-iteration 1" in err and "every task" in err
 
 
+# ------------------------------------------------------------- inner solves out of steps
+
+
+class _Scale(eqx.Module):
+    """A one-layer embedding `x * w` for the COMLN cases."""
+
+    w: jax.Array
+
+    def __call__(self, x):
+        return x * self.w
+
+
+def _one_stiff_task(method: str, policy: str):
+    """A learner whose inner solve has a step budget of 64, and a meta-batch of
+    three tasks of which task 1 alone is too stiff for it.
+
+    A-MAML (an MLP's gradient flow): task 1's inputs and targets are scaled by
+    30, which scales the curvature of its loss (the Hessian), hence the
+    stiffness of the flow: Dopri5 needs more than 256 steps where the others
+    need fewer than 32. COMLN (a linear head's flow): task 1's support
+    examples are one point of norm 100 with both labels, so its loss cannot
+    saturate and the flow stays stiff (curvature ~ 100^2 / 4) up to T.
+    """
+    if method == "amaml":
+        learner = MetaLearner(MLP(2, 1, 8, 1, key=jax.random.PRNGKey(0)), Adjoint(steps=5, max_steps=64),
+                              optax.sgd(0.1), mse, T=2.0, on_nonfinite=policy)
+        batch = CosMixture(shots=5, queries=5).sample(jax.random.PRNGKey(1), 3, "train")
+        batch = batch._replace(support_x=batch.support_x.at[1].multiply(30.0),
+                               support_y=batch.support_y.at[1].multiply(30.0))
+        return learner, batch
+    model = EmbeddingHead(embedding=_Scale(jnp.ones((3,))), head=jnp.zeros((2, 3)))
+    learner = MetaLearner(model, LinearFlow(max_steps=64), optax.sgd(0.1), cross_entropy, T=5.0,
+                          adapt="head", on_nonfinite=policy)
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 6, 3))
+    y = jnp.tile(jnp.array([0, 1, 0, 1, 0, 1]), (3, 1))
+    support = x.at[1].set(100.0 * jnp.ones((6, 3)) / jnp.sqrt(3.0))
+    return learner, Batch(support, y, x, y)
+
+
+def _tasks(batch, which):
+    return type(batch)(*(a[jnp.asarray(which)] for a in batch))
+
+
+@pytest.mark.parametrize("method", ["amaml", "comln"])
+def test_skip_task_skips_exactly_the_task_whose_inner_solve_exhausts_max_steps(method):
+    """One task's solve runs out of steps inside the vmapped meta-batch: with
+    skip-task, that task alone is left out (and counted), and the update is
+    the one from the other tasks alone."""
+    learner, batch = _one_stiff_task(method, "skip-task")
+    state = learner.init(jax.random.PRNGKey(0))
+    new, metrics = learner.meta_step(state, batch)
+    assert np.asarray(metrics["task_status"]).tolist() == [SolveStatus.SUCCESS, SolveStatus.MAX_STEPS,
+                                                           SolveStatus.SUCCESS]
+    assert np.asarray(metrics["task_finite"]).tolist() == [True, False, True]
+    assert int(metrics["skipped"]) == 1 and bool(metrics["finite"]) and int(new.iteration) == 1
+    ref, ref_metrics = learner.meta_step(state, _tasks(batch, [0, 2]))
+    assert int(ref_metrics["skipped"]) == 0
+    np.testing.assert_allclose(metrics["meta_loss"], ref_metrics["meta_loss"], rtol=1e-12)
+    moved = False
+    for a, b, before in zip(jax.tree.leaves(new.params), jax.tree.leaves(ref.params), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        moved = moved or not np.array_equal(a, before)
+    assert moved
+
+
+def test_raise_names_the_task_whose_inner_solve_exhausts_max_steps():
+    learner, batch = _one_stiff_task("amaml", "raise")
+    with pytest.raises(NumericalError, match=r"^meta-iteration 1: the inner solve of task 1 of the meta-batch "
+                                             r"exhausted its step budget \(max_steps=64\)") as raised:
+        learner.meta_step(learner.init(jax.random.PRNGKey(0)), batch)
+    assert "task 0" not in str(raised.value) and "task 2" not in str(raised.value)
+    assert "on_nonfinite='skip-task'" in str(raised.value)
+
+
 def test_solver_out_of_steps_is_a_numerical_error_naming_the_iteration():
-    """An ODE solve that exhausts its step budget: NumericalError from the API."""
-    import optax
-
-    from ctmeta._errors import NumericalError
-    from ctmeta.meta import LinearFlow, MetaLearner, EmbeddingHead, cross_entropy
-    import equinox as eqx
-
-    class Emb(eqx.Module):
-        w: jax.Array
-
-        def __call__(self, x):
-            return x * self.w
-
-    model = EmbeddingHead(embedding=Emb(jnp.ones((3,))), head=jnp.zeros((2, 3)))
+    """COMLN with a step budget that no task fits in: NumericalError naming
+    the iteration, the tasks and the budget."""
+    model = EmbeddingHead(embedding=_Scale(jnp.ones((3,))), head=jnp.zeros((2, 3)))
     learner = MetaLearner(model, LinearFlow(max_steps=2, rtol=1e-12, atol=1e-12), optax.sgd(0.1),
                           cross_entropy, T=50.0, adapt="head")
     state = learner.init(jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 3)) * 10
     y = jnp.tile(jnp.array([0, 1, 0, 1, 0, 1]), (2, 1))
-    from ctmeta.tasks.base import Batch
-
-    with pytest.raises(NumericalError, match="meta-iteration 1"):
+    with pytest.raises(NumericalError, match=r"meta-iteration 1: the inner solve of tasks 0, 1 of the "
+                                             r"meta-batch exhausted its step budget \(max_steps=2\)"):
         learner.meta_step(state, Batch(x, y, x, y))
 
 
 @pytest.mark.parametrize("policy", ["raise", "skip-task"])
-def test_adjoint_solve_out_of_steps_is_a_numerical_error(policy):
-    """A-MAML's forward solve with too small a step budget: NumericalError naming
-    the iteration, under either policy (a solver failure inside the vmapped
-    meta-batch stops the whole step; it cannot be pinned on one task)."""
-    import optax
-
-    from ctmeta._errors import NumericalError
-    from ctmeta.meta import MetaLearner, mse
-    from ctmeta.methods import Adjoint
-    from ctmeta.models import MLP
-    from ctmeta.tasks.regression import CosMixture
-
+def test_adjoint_solve_out_of_steps_in_every_task_is_a_numerical_error(policy):
+    """A-MAML's forward solve with too small a step budget for every task:
+    NumericalError naming the iteration and the budget, under either policy
+    (skip-task has no task left to average)."""
     learner = MetaLearner(MLP(2, 1, 8, 1, key=jax.random.PRNGKey(0)), Adjoint(steps=5, max_steps=2),
                           optax.adam(1e-3), mse, T=2.0, on_nonfinite=policy)
     state = learner.init(jax.random.PRNGKey(0))
     batch = CosMixture(shots=5, queries=5).sample(jax.random.PRNGKey(1), 2, "train")
-    with pytest.raises(NumericalError, match="meta-iteration 1: the inner solve failed"):
+    match = "every task" if policy == "skip-task" else "the inner solve of tasks 0, 1"
+    with pytest.raises(NumericalError, match=rf"meta-iteration 1: {match}.*step budget \(max_steps=2\)"):
         learner.meta_step(state, batch)
+    # The same through meta_gradient.
+    if policy == "raise":
+        with pytest.raises(NumericalError, match=r"meta_gradient: the inner solve of tasks 0, 1 .*max_steps=2"):
+            learner.meta_gradient(state, batch)
+
+
+def _stiff_family(monkeypatch):
+    """CosMixture whose training task 0 is too stiff for A-MAML's solve, and
+    A-MAML with a step budget of 64 (see `_one_stiff_task`)."""
+
+    class Stiff(CosMixture):
+        def sample(self, key, meta_batch, split="train"):
+            b = super().sample(key, meta_batch, split)
+            if split != "train":
+                return b
+            return b._replace(support_x=b.support_x.at[0].multiply(30.0), support_y=b.support_y.at[0].multiply(30.0))
+
+    original = presets.build_family
+
+    def build_family(config, **kw):
+        fam = original(config, **kw)
+        return Stiff(shots=fam.shots, queries=fam.queries, seed=0)
+
+    monkeypatch.setattr(presets, "build_family", build_family)
+    monkeypatch.setattr(presets, "build_method", lambda config: Adjoint(steps=config["steps"], max_steps=64))
+
+
+def test_cli_counts_a_task_whose_inner_solve_runs_out_of_steps(monkeypatch, tmp_path, capsys):
+    _stiff_family(monkeypatch)
+    flags = ["--benchmark", "cosmixture", "--method", "amaml", "--steps", "5", "--meta-batch", "2", "--quiet",
+             "--meta-iterations", "2", "--checkpoint-every", "2"]
+    out = tmp_path / "stiff"
+    capsys.readouterr()
+    assert main(["train", *flags, "--on-nonfinite", "skip-task", "--out", str(out)]) == 0
+    assert [int(r["skipped"]) for r in _rows(out)] == [1, 1]
+    assert all(np.isfinite(float(r["meta_loss"])) for r in _rows(out))
+    logged = "".join(capsys.readouterr())
+    assert ("meta-iteration 1: skipped 1 of 2 tasks with a non-finite loss or meta-gradient (the inner solve "
+            "of task 0 of the meta-batch exhausted its step budget (max_steps=64)") in logged
+    # By default: an error naming the iteration, the task and the budget.
+    assert main(["train", *flags, "--out", str(tmp_path / "error")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "meta-iteration 1: the inner solve of task 0 of the meta-batch" in err[0]
+    assert "max_steps=64" in err[0]

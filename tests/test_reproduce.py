@@ -67,3 +67,52 @@ def test_fig2_at_test_scale_trains_and_tables(tmp_path):
     assert (d / "50shot-50val" / "amaml" / "results.json").is_file()
     # A second call reuses the finished runs.
     assert main(["reproduce", "amaml-fig2-cosmixture", "--scale", "test", "--out", str(tmp_path), "--quiet"]) == 0
+
+
+def _record_runs(monkeypatch) -> list[dict]:
+    """Replace `run_method` by a recorder: the experiment's plan, without training."""
+    calls = []
+
+    def record(ctx, label, benchmark, method, **kwargs):
+        calls.append(dict(label=label, benchmark=benchmark, method=method, **kwargs))
+        return reproduce.RunResult(label, "skipped", "recorded, not run")
+
+    monkeypatch.setattr(reproduce, "run_method", record)
+    return calls
+
+
+def test_comln_table2_runs_resnet12_rows_with_comlns_optimizer_at_paper_scale(monkeypatch, tmp_path):
+    calls = _record_runs(monkeypatch)
+    reproduce.run_experiment("comln-table2", scale="paper", out=str(tmp_path), quiet=True)
+    resnet = [c for c in calls if c["backbone"] == "resnet12"]
+    assert {(c["benchmark"], c["method"], c["shots"]) for c in resnet} == {
+        ("miniimagenet", m, k) for m in ("comln", "anil", "maml") for k in (1, 5)}
+    assert all(c["label"].startswith("miniimagenet-5w") and "-resnet12/" in c["label"] for c in resnet)
+    assert {c["backbone"] for c in calls if c["benchmark"] == "omniglot"} == {"conv4"}
+    assert {c["optimizer"] for c in calls} == {"sgd"}  # COMLN's protocol for every method of its table
+    md = (tmp_path / "comln-table2" / "results.md").read_text()
+    assert "miniimagenet 5-way 1-shot, ResNet-12" in md and "59.26 ± 0.65" in md  # the paper's ResNet-12 COMLN
+    assert "Lee et al.'s step schedule" in md and "no ResNet-12 preset" not in md
+
+
+def test_comln_table2_quick_scale_is_conv4_with_adam(monkeypatch, tmp_path):
+    calls = _record_runs(monkeypatch)
+    reproduce.run_experiment("comln-table2", scale="quick", out=str(tmp_path), quiet=True)
+    assert calls and {c["backbone"] for c in calls} == {"conv4"} and {c["optimizer"] for c in calls} == {"adam"}
+    assert {c["shots"] for c in calls} == {1}
+    md = (tmp_path / "comln-table2" / "results.md").read_text()
+    assert "Conv-4 only (the ResNet-12 rows run at --scale paper)" in md and "Adam 1e-3" in md
+
+
+def test_reproduce_imports_no_private_names_from_other_modules():
+    """reproduce.py uses the public API of ctmeta (presets, runs) only."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(reproduce))
+    private = [f"{node.module}.{a.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               for a in node.names if a.name.startswith("_")]
+    assert private == []
+    from ctmeta.runs import dtype_name, package_versions, save_figure
+
+    assert dtype_name() in ("float32", "float64") and "jax" in package_versions() and callable(save_figure)

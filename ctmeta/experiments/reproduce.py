@@ -197,13 +197,20 @@ def run_method(
     eval_steps: tuple[int, ...] | None = None,
     eval_every: int | None = None,
     learn_T: bool | None = None,
-    optimizer: dict | None = None,
+    optimizer: str | None = None,
+    meta_lr: float | None = None,
+    lr_schedule: str | None = None,
+    backbone: str | None = None,
     data_options: dict | None = None,
     seed: int = 0,
 ) -> RunResult:
-    """Meta-train and evaluate one configuration in `OUT/<experiment>/<label>/`."""
+    """Meta-train and evaluate one configuration in `OUT/<experiment>/<label>/`.
+
+    `optimizer`, `meta_lr`, `lr_schedule` and `backbone` are those of
+    `presets.resolve_config` (`ctmeta train --optimizer ...`); left out, the
+    presets' defaults (each paper's protocol for the method)."""
     from .. import presets
-    from ..runs import RunDir, evaluate_run, train
+    from ..runs import RunDir, dtype_name, evaluate_run, package_versions, train
 
     path = ctx.out / label
     done = path / "results.json"
@@ -220,6 +227,7 @@ def run_method(
         config = presets.resolve_config(
             benchmark, method, T=T, steps=steps, meta_iterations=meta_iterations, meta_batch=meta_batch,
             ways=ways, shots=shots, data_dir=_data_dir_for(ctx, benchmark), seed=seed,
+            optimizer=optimizer, meta_lr=meta_lr, lr_schedule=lr_schedule, backbone=backbone,
         )
     except DataError as err:
         msg = f"skipped {label}: {err}"
@@ -236,8 +244,6 @@ def run_method(
         ev["curve"] = sorted(set(range(0, max(ev["steps"]) + 1, every)) | set(ev["steps"]))
     if learn_T is not None:
         config["learn_T"] = bool(learn_T)
-    if optimizer is not None:
-        config["optimizer"] = dict(optimizer)
     if data_options:
         config["data_options"] = dict(data_options)
     config["reproduce"] = {"experiment": ctx.name, "scale": ctx.scale, "label": label}
@@ -246,24 +252,16 @@ def run_method(
     reporter = ctx.reporter or Reporter(quiet=ctx.quiet)
     t0 = time.perf_counter()
     try:
-        adam = config["optimizer"]
-        if optimizer is not None:
-            config["optimizer"] = {"name": "adam", "learning_rate": 1e-3}  # replaced below
         exp = presets.build(config, progress=not ctx.quiet, log=reporter.log)
-        if optimizer is not None:
-            config["optimizer"] = adam
-            exp.learner = _rebuild_learner(exp, optimizer)
         if ev.get("tasks") is not None and hasattr(exp.family, "test_batch") and eval_tasks is not None:
             _limit_eval_tasks(exp, int(eval_tasks))
         if path.exists():
             shutil.rmtree(path)  # an unfinished run of an earlier call: start it again
         import datetime as _dt
 
-        from ..cli import _dtype_name, _versions
-
-        config["dtype"] = _dtype_name()
+        config["dtype"] = dtype_name()
         config["task_family"] = repr(exp.family)
-        config["versions"] = _versions()
+        config["versions"] = package_versions()
         config["created"] = _dt.datetime.now().isoformat(timespec="seconds")
         config["argv"] = ["reproduce", *ctx.argv]
         run = RunDir.create(path, config)
@@ -295,27 +293,6 @@ def _limit_eval_tasks(exp, n: int) -> None:
     total = jax.tree.leaves(batch)[0].shape[0]
     if n < total:
         exp._eval_batch = type(batch)(*jax.tree.map(lambda a: a[:n], tuple(batch)))
-
-
-def _rebuild_learner(exp, optimizer: dict):
-    """The experiment's learner with another outer optimiser (COMLN's SGD with
-    Nesterov momentum; `presets.build` only makes Adam)."""
-    import optax
-
-    from .. import presets
-    from ..meta import MetaLearner
-
-    old = exp.learner
-    name = optimizer["name"]
-    if name != "sgd":
-        raise InputError(f"unknown optimizer {name!r}")
-    lr = optimizer["learning_rate"]
-    if optimizer.get("schedule") == "cosine":
-        lr = optax.cosine_decay_schedule(lr, int(exp.config["meta_iterations"]))
-    tx = optax.sgd(lr, momentum=optimizer.get("momentum", 0.9), nesterov=optimizer.get("nesterov", True))
-    model = presets.build_model(exp.config, exp.family, exp.model_key)
-    return MetaLearner(model, old.method, tx, old.loss, T=exp.config["T"], learn_T=exp.config["learn_T"],
-                       metric=old.metric, adapt=old.adapt)
 
 
 # --------------------------------------------------------------------------- #
@@ -375,9 +352,9 @@ def _plt():
 
 
 def _savefig(fig, path: pathlib.Path) -> None:
-    from ..runs import _save_fig
+    from ..runs import save_figure
 
-    _save_fig(fig, path)
+    save_figure(fig, path)
     _plt().close(fig)
 
 
@@ -633,6 +610,10 @@ def _table3(ctx: Context) -> None:
                 "steps (nearest evaluated step)")
     ctx.deviate("miniImageNet: the data copy has only the 64 training classes (protocol train64: 48 meta-train / "
                 "16 meta-test classes), so its numbers are not comparable with the published ones")
+    comln_opt = _comln_optimizer(ctx)
+    if scale == "paper":
+        ctx.deviate("COMLN (not in A-MAML's table) is meta-trained with its own paper's protocol; "
+                    + _LEE_SCHEDULE_NOTE + "; the A-MAML methods with Adam 1e-3 (A-MAML's)")
     body = ["Meta-test accuracy (%, mean ± 95% CI over test tasks).", ""]
     all_runs = []
     for b in benches:
@@ -643,7 +624,8 @@ def _table3(ctx: Context) -> None:
             steps_eval = (0, 10, 50, 100) if scale == "paper" else ((0, 10) if scale == "test" else (0, 10, 50))
             r = run_method(ctx, f"{b}/{m}" + (f"-T{T}" if T else ""), b, m, T=T,
                            meta_iterations=it or 1000, meta_batch=cfg.get("meta_batch"), eval_tasks=et,
-                           eval_steps=steps_eval, eval_every=10 if scale != "test" else 5)
+                           eval_steps=steps_eval, eval_every=10 if scale != "test" else 5,
+                           optimizer=comln_opt if m == "comln" else None)
             all_runs.append(r)
             default = {"amaml": int(round((T or 0.5) / 0.01)), "maml": 5}.get(m, 10)
             rows.append((name, r, _eval_step_for(r, default) if m == "comln" else min(default, max(steps_eval))))
@@ -657,43 +639,71 @@ def _table3(ctx: Context) -> None:
     write_results(ctx, "A-MAML Table 3: few-shot image classification", "A-MAML Table 3 (Sec. 5.4)", body, all_runs)
 
 
+def _comln_optimizer(ctx: Context) -> str | None:
+    """The outer optimiser of a COMLN experiment's runs: at paper scale the
+    presets' (COMLN's SGD protocol for comln and anil); at the shorter scales
+    Adam 1e-3, since Lee et al.'s step schedule squeezed into a few dozen
+    meta-iterations would leave the learning rate at 0.1 for a dozen of them."""
+    if ctx.scale == "paper":
+        return None
+    ctx.deviate(f"{ctx.scale}: outer optimiser Adam 1e-3 (A-MAML's) for every method instead of COMLN's SGD with "
+                "Nesterov momentum 0.9, lr 0.1 and Lee et al.'s step schedule, which does not fit a few dozen "
+                "meta-iterations (`ctmeta train --optimizer sgd` runs it)")
+    return "adam"
+
+
+_LEE_SCHEDULE_NOTE = ("outer optimiser: COMLN's SGD with Nesterov momentum 0.9, lr 0.1 and Lee et al.'s step schedule "
+                      "(x0.06, x0.012, x0.0024 from 1/3, 2/3, 5/6 of the run), spread over the run's meta-iterations "
+                      "instead of Lee et al.'s 60 epochs; no weight decay (Lee et al. use 5e-4; COMLN names none)")
+
+
 def _comln_table2(ctx: Context) -> None:
     scale = ctx.scale
     cfg = _image_scale(ctx, True)
     benches = [("miniimagenet", 5), ("omniglot", 5)]
     shots = (1, 5)
     methods = ("comln", "anil", "maml")
+    # ResNet-12 rows: miniImageNet at paper scale (the paper's; Omniglot 5-way is our addition).
+    backbones = {"miniimagenet": ("conv4", "resnet12"), "omniglot": ("conv4",)} if scale == "paper" else {}
     if scale == "quick":
         shots = (1,)
         ctx.deviate(f"quick: 1-shot only; {cfg['meta_iterations']} meta-iterations for MAML, 40 for COMLN/ANIL; "
-                    "20/50 test tasks")
+                    "20/50 test tasks; Conv-4 only (the ResNet-12 rows run at --scale paper)")
     if scale == "test":
         benches, shots, methods = [("omniglot", 5)], (1,), ("comln",)
-    ctx.deviate("Conv-4 only: ctmeta has no ResNet-12 preset in `presets.build`, so the ResNet-12 rows are not run "
-                "even at --scale paper")
-    ctx.deviate("outer optimiser: Adam 1e-3 (presets) at quick scale; at paper scale SGD with Nesterov momentum 0.9, "
-                "learning rate 0.1 with a cosine decay (the paper follows Lee et al.'s step schedule)")
+    if scale == "paper":
+        ctx.deviate("ResNet-12 rows on miniImageNet only (Omniglot 5-way, our addition, is Conv-4 only); ResNet-12 "
+                    "without DropBlock, as in COMLN, in float32; MAML on ResNet-12 adapts the whole network with a "
+                    "bias-free linear head")
+        ctx.deviate(_LEE_SCHEDULE_NOTE + "; for MAML too, as COMLN does for every method of the table")
+        opt = "sgd"
+    else:
+        opt = _comln_optimizer(ctx)
     ctx.deviate("miniImageNet: train64 protocol (48/16 of the 64 training classes): not comparable with published "
                 "numbers; Omniglot 5-way is an addition (COMLN reports tieredImageNet, which is not available)")
-    opt = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "nesterov": True, "schedule": "cosine"} \
-        if scale == "paper" else None
-    body = ["Meta-test accuracy (%, mean ± 95% CI over test tasks), Conv-4 backbone.", ""]
+    body = ["Meta-test accuracy (%, mean ± 95% CI over test tasks), Conv-4 backbone"
+            + (" and ResNet-12 on miniImageNet." if scale == "paper" else " (ResNet-12 rows at --scale paper)."), ""]
     all_runs = []
     for b, ways in benches:
-        for k in shots:
-            rows = []
-            for m in methods:
-                it = cfg["meta_iterations"] if m == "maml" or scale != "quick" else 40
-                et = cfg["eval_tasks"] if m == "maml" or scale != "quick" else 50
-                r = run_method(ctx, f"{b}-{ways}w{k}s/{m}", b, m, ways=ways, shots=k, meta_iterations=it or 1000,
-                               meta_batch=cfg.get("meta_batch"), eval_tasks=et,
-                               eval_steps=(0, 10) if scale != "paper" else (0, 10, 50, 100), eval_every=5,
-                               optimizer=opt)
-                all_runs.append(r)
-                rows.append((m, r, _eval_step_for(r, 10) if m == "comln" else min(10, 5 if m in ("maml", "anil") else 10)))
-            paper = {m: PAPER_COMLN_TABLE2["conv4"][m][k] for m in methods} if b == "miniimagenet" else None
-            body += [f"## {b} {ways}-way {k}-shot", "", _acc_table(rows, paper), ""]
-    write_results(ctx, "COMLN Table 2 (Conv-4)", "COMLN Table 2 (Sec. 5.1), Conv-4 rows", body, all_runs)
+        for backbone in backbones.get(b, ("conv4",)):
+            suffix = "" if backbone == "conv4" else f"-{backbone}"
+            for k in shots:
+                rows = []
+                for m in methods:
+                    it = cfg["meta_iterations"] if m == "maml" or scale != "quick" else 40
+                    et = cfg["eval_tasks"] if m == "maml" or scale != "quick" else 50
+                    r = run_method(ctx, f"{b}-{ways}w{k}s{suffix}/{m}", b, m, ways=ways, shots=k,
+                                   meta_iterations=it or 1000, meta_batch=cfg.get("meta_batch"), eval_tasks=et,
+                                   eval_steps=(0, 10) if scale != "paper" else (0, 10, 50, 100), eval_every=5,
+                                   optimizer=opt, backbone=backbone)
+                    all_runs.append(r)
+                    rows.append((m, r, _eval_step_for(r, 10) if m == "comln" else 5 if m in ("maml", "anil") else 10))
+                paper = {m: PAPER_COMLN_TABLE2[backbone][m][k] for m in methods} if b == "miniimagenet" else None
+                name = {"conv4": "Conv-4", "resnet12": "ResNet-12"}[backbone]
+                body += [f"## {b} {ways}-way {k}-shot, {name}", "", _acc_table(rows, paper), ""]
+    title = "COMLN Table 2 (Conv-4 and ResNet-12)" if scale == "paper" else "COMLN Table 2 (Conv-4)"
+    rows_note = "Conv-4 and ResNet-12 rows" if scale == "paper" else "Conv-4 rows"
+    write_results(ctx, title, f"COMLN Table 2 (Sec. 5.1), {rows_note}", body, all_runs)
 
 
 def _comln_table4(ctx: Context) -> None:
@@ -705,13 +715,16 @@ def _comln_table4(ctx: Context) -> None:
         ctx.deviate(f"{scale}: Omniglot 5-way 5-shot instead of miniImageNet, {cfg['meta_iterations']} meta-iterations, "
                     f"{cfg['eval_tasks']} test tasks")
     ctx.deviate("Euler: 20 fixed steps over the (learned) horizon; Dopri5: adaptive steps")
+    opt = _comln_optimizer(ctx)
+    if scale == "paper":
+        ctx.deviate(_LEE_SCHEDULE_NOTE)
     body = ["COMLN with an adaptive Dopri5 solver vs explicit Euler: meta-test accuracy and meta-training time.", ""]
     rows, all_runs = [], []
     for k in shots:
         for solver, steps in (("dopri5", None), ("euler", 20)):
             r = run_method(ctx, f"{b}-5w{k}s/comln-{solver}", b, "comln", ways=5, shots=k, steps=steps,
                            meta_iterations=cfg["meta_iterations"] or 1000, meta_batch=cfg.get("meta_batch"),
-                           eval_tasks=cfg["eval_tasks"], eval_steps=(0, 10, 50), eval_every=5)
+                           eval_tasks=cfg["eval_tasks"], eval_steps=(0, 10, 50), eval_every=5, optimizer=opt)
             all_runs.append(r)
             p = PAPER_COMLN_TABLE4[solver].get(k)
             if r.ok:
@@ -737,11 +750,14 @@ def _comln_fig5(ctx: Context) -> None:
                     "are not made (Conv-4 only)")
     ctx.deviate(f"fixed-T baseline: COMLN's head flow with T fixed at {fixed_T} (learn_T off); learned T starts at "
                 "0.1 (presets)")
+    opt = _comln_optimizer(ctx)
+    if scale == "paper":
+        ctx.deviate(_LEE_SCHEDULE_NOTE + "; the left panel's ResNet-12/tieredImageNet runs are not made")
     runs = []
     for label, learn, T in (("learned-T", True, None), (f"fixed-T{fixed_T}", False, fixed_T)):
         r = run_method(ctx, f"{b}-5w{k}s/{label}", b, "comln", ways=5, shots=k, T=T, learn_T=learn,
                        meta_iterations=cfg["meta_iterations"] or 1000, meta_batch=cfg.get("meta_batch"),
-                       eval_tasks=cfg["eval_tasks"], eval_steps=(0, 10, 100), eval_every=10)
+                       eval_tasks=cfg["eval_tasks"], eval_steps=(0, 10, 100), eval_every=10, optimizer=opt)
         runs.append(r)
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -945,7 +961,8 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
                        _comln_fig2),
         ExperimentSpec("comln-fig3", "COMLN Fig. 3: memory and time vs inner steps (Conv-4, 5-way 5-shot)",
                        "~3-8 min (ctmeta bench --quick)", lambda c: _bench(c, ["miniimagenet"])),
-        ExperimentSpec("comln-table2", "COMLN Table 2: Conv-4 COMLN vs ANIL vs MAML (miniImageNet train64, Omniglot)",
+        ExperimentSpec("comln-table2", "COMLN Table 2: COMLN vs ANIL vs MAML, Conv-4 (+ ResNet-12 at --scale paper) "
+                       "(miniImageNet train64, Omniglot)",
                        "~15-25 min (1-shot only)", _comln_table2),
         ExperimentSpec("comln-table4", "COMLN Table 4: Dopri5 vs Euler, accuracy and time", "~5 min", _comln_table4),
         ExperimentSpec("comln-fig5", "COMLN Fig. 5: learned T during meta-training; learned vs fixed T",
