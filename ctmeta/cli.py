@@ -15,6 +15,7 @@ import traceback
 
 from ._errors import CtmetaError, InputError, NumericalError
 from .presets import BACKBONES, BENCHMARKS, LR_SCHEDULES, METHODS, OPTIMIZERS
+from .tasks.download import DownloadError
 
 __all__ = ["main", "build_parser"]
 
@@ -26,6 +27,7 @@ discrete baselines (MAML, FOMAML, Reptile, iMAML, ANIL), in JAX.
   ctmeta train --method maml         the same benchmark with MAML (20 unrolled steps)
   ctmeta train --resume RUN_DIR      continue an interrupted run from its last checkpoint
   ctmeta evaluate RUN_DIR            re-evaluate a run's latest checkpoint
+  ctmeta download omniglot           fetch a benchmark's official files (or: ctmeta train --download)
   ctmeta bench --quick               memory and time of the meta-gradients against inner steps
 """
 
@@ -57,7 +59,8 @@ backbones (--backbone, omniglot and miniimagenet):
 
 The run directory (--out, default runs/<benchmark>-<method>-<timestamp>) gets
 config.json, metrics.csv, checkpoints/, figures/ and results.md. Data sets are
-read from --data-dir, else $CTMETA_DATA/<name>, else ./data/<name>.
+read from --data-dir, else $CTMETA_DATA/<name>, else ./data/<name>; nothing is
+downloaded unless --download is given (it fetches the official files there).
 """
 
 
@@ -115,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="support examples per task (per class for images); regression uses as many queries")
     t.add_argument("--data-dir", default=None, metavar="DIR",
                    help="data set location (movielens, movielens-1m, jester, omniglot, miniimagenet)")
+    t.add_argument("--download", action="store_true",
+                   help="fetch the benchmark's official files into the data directory first, if absent "
+                   "(movielens, movielens-1m, jester, omniglot)")
     t.add_argument("--backbone", choices=list(BACKBONES), default=None,
                    help="embedding network of omniglot and miniimagenet (default: conv4)")
     t.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
@@ -164,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by ctmeta train")
     _add_common(e)
+
+    dl = sub.add_parser(
+        "download",
+        help="fetch a benchmark's official data files (the network is used only here and by --download)",
+        description="Fetch a benchmark's official files into DIR (default $CTMETA_DATA/<name>, else "
+        "./data/<name>); files already there are kept. miniImageNet cannot be downloaded (ImageNet terms).",
+    )
+    dl.add_argument("benchmark", metavar="BENCHMARK", choices=[b for b, p in BENCHMARKS.items() if p.data_subdir],
+                    help="one of: " + ", ".join(b for b, p in BENCHMARKS.items() if p.data_subdir))
+    dl.add_argument("--data-dir", default=None, metavar="DIR", help="where to put the files")
+    _add_common(dl)
 
     # `ctmeta bench ...` is handed to ctmeta.bench.main (its own flags and --help).
     sub.add_parser(
@@ -346,6 +363,8 @@ def _cmd_train(args, argv) -> int:
             run.lock()
             run.remove_temporaries()
     else:
+        if args.download:
+            _download(args.benchmark or "cosmixture", args.data_dir, reporter)
         config = _resolve_train(args)  # every flag checked before any JAX work
         if cluster is not None and cluster[1] > 1 and args.out is None:
             raise InputError("a multi-process run needs --out DIR, the same on every process (process 0 writes it)")
@@ -395,6 +414,42 @@ def _cmd_train(args, argv) -> int:
     args.run_path = str(run.path)
     state = train(exp, run, state=state, seconds_offset=seconds, reporter=reporter)
     evaluate_run(exp, run, state, reporter=reporter)
+    return 0
+
+
+def _download(benchmark: str, data_dir: str | None, reporter) -> None:
+    """Fetch `benchmark`'s files into its data directory (`--download`), with a
+    byte-count progress bar. Every process of a multi-process run does it:
+    each writes through its own temporary file and an atomic rename."""
+    from .presets import default_data_dir
+    from .tasks.download import download
+
+    preset = BENCHMARKS[benchmark]
+    if preset.data_subdir is None:
+        raise InputError(f"--download: {benchmark} has no data to download (its tasks are synthetic)")
+    target = data_dir if data_dir else default_data_dir(preset)
+    if reporter.quiet:
+        download(benchmark, target, log=reporter.log)
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        tasks: dict[str, object] = {}
+
+        def progress(name, done, total):
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total)
+            bar.update(tasks[name], completed=done, total=total)
+
+        download(benchmark, target, log=reporter.log, progress=progress)
+
+
+def _cmd_download(args) -> int:
+    from .runs import Reporter
+
+    _download(args.benchmark, args.data_dir, Reporter(quiet=args.quiet))
     return 0
 
 
@@ -458,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_train(args, argv)
         if args.command == "evaluate":
             return _cmd_evaluate(args)
+        if args.command == "download":
+            return _cmd_download(args)
         parser.error(f"unknown command {args.command!r}")
     except NumericalError as err:  # a runtime failure, not a usage error: status 1
         if debug:
@@ -467,6 +524,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"ctmeta train --resume {where} --on-nonfinite skip-task, or change the configuration"
                 if where and args.command == "train" else "")
         print(f"ctmeta: error: {err}{hint}", file=sys.stderr)
+        return 1
+    except DownloadError as err:  # the network or the server, not the user's input: status 1
+        if debug:
+            traceback.print_exc()
+        print(f"ctmeta: error: {err}; download the file by hand into the data directory, "
+              "or run again later", file=sys.stderr)
         return 1
     except CtmetaError as err:
         if debug:

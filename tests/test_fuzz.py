@@ -52,17 +52,13 @@ def _report():
             json.dump({"total": total, "by_test": by_test}, f, indent=2)
 
 
-def _run(test: str, fn, *args, known: tuple = (), **kwargs):
-    """Call fn; tally the outcome; fail on anything but success or a CtmetaError
-    (or one of the `known` bugs, tallied as such: see the xfail tests below)."""
+def _run(test: str, fn, *args, **kwargs):
+    """Call fn; tally the outcome; fail on anything but success or a CtmetaError."""
     try:
         result = fn(*args, **kwargs)
     except CtmetaError as err:
         assert str(err).strip(), "an error without a message"
         TALLY[(test, type(err).__name__)] += 1
-        return err
-    except known as err:
-        TALLY[(test, f"KNOWN BUG {type(err).__name__}")] += 1
         return err
     except Exception as err:  # noqa: BLE001
         TALLY[(test, f"UNEXPECTED {type(err).__name__}")] += 1

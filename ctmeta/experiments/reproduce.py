@@ -395,6 +395,13 @@ _FIG2_SETTINGS = {
     "50shot-50val": (50, 2.0, 200, 20, 200),
     "100shot-100val": (100, 5.0, 500, 50, 500),
 }
+# A-MAML's stored states where the paper's h = T/K = 0.01 is unstable for the
+# Heun adjoint sweep (stable only while h * lambda_max(Hessian) < 2): on Alpine
+# 100shot the support loss sharpens along the flow, lambda_max 29 at t=0 to
+# 239 at t=5 (float64, meta-iteration 1, task 0), so K=500 gave a meta-gradient
+# norm of 7,413 against 10.51 at K=1000 and 10.51 at K=2000; in float32 it
+# overflowed. h = 0.005 keeps h * lambda_max < 1.2.
+_FIG2_AMAML_STATES = {("alpine", "100shot-100val"): 1000}
 _FIG2_METHODS = ("amaml", "maml", "maml-1", "fomaml", "reptile", "imaml")
 _LABEL = {"amaml": "A-MAML", "maml": "MAML", "maml-1": "MAML-1", "fomaml": "FOMAML", "reptile": "Reptile",
           "imaml": "iMAML", "comln": "COMLN", "anil": "ANIL"}
@@ -428,7 +435,13 @@ def _fig2(ctx: Context, benchmark: str) -> None:
             kwargs = dict(meta_iterations=n, shots=shots, eval_tasks=eval_tasks,
                           eval_steps=(0, test_steps // 4, test_steps), eval_every=max(1, test_steps // 20))
             if m == "amaml":
-                kwargs.update(T=T, steps=steps)
+                states = _FIG2_AMAML_STATES.get((benchmark, setting), steps) if scale != "test" else steps
+                if states != steps:
+                    ctx.deviate(f"A-MAML {setting}: {states} stored states (h = {T / states:g}) instead of "
+                                f"{steps} (h = {T / steps:g}): the support loss sharpens along the flow to a largest "
+                                f"Hessian eigenvalue of about 240 by t = {T:g}, and the Heun adjoint sweep needs "
+                                "h * lambda_max < 2 (at h = 0.01 its meta-gradient diverged)")
+                kwargs.update(T=T, steps=states)
             elif m == "maml":
                 kwargs.update(steps=maml_steps)
             elif m == "maml-1":
