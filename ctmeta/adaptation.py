@@ -66,7 +66,9 @@ def gradient_flow(
       non-finite state) does. `True` (default): raise at run time, inside
       `jit` too; under `vmap` that stops every task. `False`: return NaN for
       the failed task's $u(T)$ and its derivatives, and a status (see below),
-      so that a meta-batch can skip or name that task alone.
+      so that a meta-batch can skip or name that task alone. [`Adjoint`][]'s
+      stability check of its backward sweep reports the same way when
+      differentiated (`UNSTABLE_ADJOINT`: NaN derivatives, $u(T)$ kept).
 
     **Returns:** the adapted parameters $u(T)$, with the structure of `params`;
     with `throw=False`, the pair `(u(T), status)`, `status` an int32

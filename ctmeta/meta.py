@@ -279,6 +279,16 @@ class Evaluation(NamedTuple):
 
 _SOLVE_ADVICE = ("Raise the method's max_steps, loosen its rtol/atol or lower the horizon T "
                  "(a stiff or diverging inner flow)")
+_UNSTABLE_ADVICE = ("Raise the method's steps (more stored states, a smaller h = T/steps), lower the horizon T "
+                    "or use scheme='rk4' (an unstable backward adjoint sweep)")
+
+
+def _solve_advice(status) -> str:
+    """What to change for the failed inner solves among `status`, without the final full stop."""
+    codes = set(np.asarray(status).reshape(-1).tolist()) - {int(SolveStatus.SUCCESS)}
+    parts = ([_SOLVE_ADVICE] if codes - {int(SolveStatus.UNSTABLE_ADJOINT)} else []) + (
+        [_UNSTABLE_ADVICE] if int(SolveStatus.UNSTABLE_ADJOINT) in codes else [])
+    return "; ".join(parts) if parts else _SOLVE_ADVICE
 
 
 def _tree_where(pred, new, old):
@@ -597,7 +607,7 @@ class MetaLearner:
         params = state_or_params.params if isinstance(state_or_params, MetaState) else state_or_params
         meta_loss, grads, status = self._grad_jit(*self._placed(params, batch))
         if self.on_nonfinite == "raise" and np.any(np.asarray(status) != SolveStatus.SUCCESS):
-            raise NumericalError(f"meta_gradient: {self._solve_failures(status)}. {_SOLVE_ADVICE}.")
+            raise NumericalError(f"meta_gradient: {self._solve_failures(status)}. {_solve_advice(status)}.")
         return meta_loss, grads
 
     def _solve_failures(self, status) -> str:
@@ -608,12 +618,13 @@ class MetaLearner:
         """
         status = np.asarray(status).reshape(-1)
         max_steps = getattr(self.method, "max_steps", None)
+        sweep = {"steps": getattr(self.method, "steps", None), "scheme": getattr(self.method, "scheme", None)}
         parts = []
         for code in sorted(set(status.tolist()) - {int(SolveStatus.SUCCESS)}):
             tasks = np.flatnonzero(status == code).tolist()
             parts.append(
                 f"the inner solve of task{'s' if len(tasks) > 1 else ''} {', '.join(map(str, tasks))} "
-                f"of the meta-batch {SolveStatus(code).describe(max_steps)}"
+                f"of the meta-batch {SolveStatus(code).describe(max_steps, **sweep)}"
             )
         return "; ".join(parts)
 
@@ -664,12 +675,13 @@ class MetaLearner:
         function is compiled once per shape.
 
         The inner solves do not throw: a task whose solve fails (step budget
-        `max_steps` exhausted, non-finite state) gets a NaN loss and
-        meta-gradient, so `on_nonfinite="skip-task"` leaves out that task
-        alone. With `check=True` (default), a non-finite meta-gradient raises
-        `NumericalError` naming the iteration and the tasks, and for a failed
-        solve its cause; the parameters are never updated with non-finite
-        values either way.
+        `max_steps` exhausted, non-finite state; or, for A-MAML, an unstable
+        backward adjoint sweep, see `Adjoint(stability_check=...)`) gets a
+        NaN loss or meta-gradient, so `on_nonfinite="skip-task"` leaves out
+        that task alone. With `check=True` (default), a non-finite
+        meta-gradient raises `NumericalError` naming the iteration and the
+        tasks, and for a failed solve its cause; the parameters are never
+        updated with non-finite values either way.
         """
         try:
             new_state, metrics = self._step_jit(*self._placed(state, batch))
@@ -695,7 +707,7 @@ class MetaLearner:
                 others = f"; {where} gave a non-finite loss or meta-gradient" if where else ""
                 raise NumericalError(
                     f"meta-iteration {int(state.iteration) + 1}: {failed_solves}{others}; the parameters "
-                    f"were left unchanged. {_SOLVE_ADVICE}, or use on_nonfinite='skip-task'."
+                    f"were left unchanged. {_solve_advice(status)}, or use on_nonfinite='skip-task'."
                 )
             raise NumericalError(
                 f"meta-iteration {int(state.iteration) + 1}: non-finite meta-gradient or meta-loss "

@@ -45,6 +45,18 @@ with `throw=False` a failed solve instead returns NaN for $y(t_1)$ and for
 every derivative through it, together with a [`SolveStatus`][] code per
 element saying why. A meta-learner uses that mode to skip or name the one
 task of a meta-batch whose inner solve failed.
+
+A solve differentiated by [`StoredAdjoint`][] can also fail in its backward
+sweep: for a vector field with a symmetric Jacobian (a gradient flow, where
+it is $-H$), the fixed-step sweep is stable only while
+$h\,\lambda_{\max}(H) < c$ ($c = 2$ for Euler and Heun, $2.785$ for RK4),
+and beyond that its gradient is wrong, finite or not. By default the custom
+VJP's forward rule estimates $\lambda_{\max}$ at the first, middle and last
+stored states (Lanczos, 30 Hessian-vector products) and, above $0.95\,c$,
+ends the solve with status `UNSTABLE_ADJOINT`: `throw=True` raises when the
+gradient is taken, `throw=False` keeps $y(t_1)$ and makes its derivatives
+NaN. A solve that is not differentiated runs no check and never ends so.
+`StoredAdjoint(stability_check=False)` turns the check off.
 """
 
 from __future__ import annotations
@@ -52,11 +64,12 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import diffrax
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
@@ -72,6 +85,7 @@ __all__ = [
     "Backprop",
     "Backsolve",
     "SolveStatus",
+    "max_curvature",
     "solve",
 ]
 
@@ -88,7 +102,15 @@ class AbstractVectorField(eqx.Module):
     of $f$ allows something cheaper than reverse-mode through `__call__`.
     Every array leaf of the vector field itself (e.g. closed-over constants) is
     a parameter of the ODE, differentiated like `args`.
+
+    A subclass whose Jacobian $\partial f/\partial y$ is symmetric at every
+    state (a gradient flow $f = -\nabla L$: $-H$) sets the class attribute
+    `symmetric_jacobian = True`; [`StoredAdjoint`][] then checks the
+    stability of its backward sweep (see there). False by default: for a
+    non-normal Jacobian the estimate it uses says nothing reliable.
     """
+
+    symmetric_jacobian: ClassVar[bool] = False
 
     @abc.abstractmethod
     def __call__(self, t, y: PyTree, args: PyTree) -> PyTree:
@@ -167,7 +189,7 @@ class VectorField(AbstractVectorField):
 
 
 class SolveStatus(enum.IntEnum):
-    """How a forward solve ended: the int32 codes `solve(..., throw=False)` returns.
+    r"""How a forward solve ended: the int32 codes `solve(..., throw=False)` returns.
 
     - `SUCCESS` (0): it reached $t_1$ with finite states.
     - `MAX_STEPS` (1): it used its whole step budget `max_steps` before $t_1$.
@@ -177,22 +199,56 @@ class SolveStatus(enum.IntEnum):
     - `NONFINITE` (2): it reached $t_1$ but a stored or final state is NaN or
       infinite (a fixed-step solver on a diverging flow; non-finite inputs).
     - `FAILED` (3): any other failure the solver reports.
+    - `UNSTABLE_ADJOINT` (4): the forward solve succeeded, but the backward
+      adjoint sweep of [`StoredAdjoint`][] over its stored states would be
+      unstable, $h\,\lambda_{\max} > 0.95\,c$ (see there), so its
+      meta-gradient would be wrong (finite, or overflowing). Only a solve
+      being differentiated can end so (the check runs in the custom VJP's
+      forward rule): its value $y(t_1)$ is kept, its derivatives are NaN.
     """
 
     SUCCESS = 0
     MAX_STEPS = 1
     NONFINITE = 2
     FAILED = 3
+    UNSTABLE_ADJOINT = 4
 
-    def describe(self, max_steps: int | None = None) -> str:
-        """What went wrong, as the end of a sentence ("the inner solve ...")."""
+    def describe(self, max_steps: int | None = None, *, steps: int | None = None, scheme: str | None = None) -> str:
+        r"""What went wrong, as the end of a sentence ("the inner solve ...").
+
+        `max_steps` names the forward step budget; `steps` (the stored grid's
+        intervals, $h = t_1/\text{steps}$) and `scheme` (of the backward sweep)
+        make the text of `UNSTABLE_ADJOINT` say what to change.
+        """
         budget = f" (max_steps={max_steps})" if max_steps is not None else " (max_steps)"
         return {
             SolveStatus.SUCCESS: "succeeded",
             SolveStatus.MAX_STEPS: f"exhausted its step budget{budget} before reaching the horizon",
             SolveStatus.NONFINITE: "produced a non-finite state (NaN or inf)",
             SolveStatus.FAILED: "failed (the solver stopped before reaching the horizon)",
+            SolveStatus.UNSTABLE_ADJOINT: _describe_unstable(steps, scheme),
         }[self]
+
+
+def _describe_unstable(steps, scheme) -> str:
+    limit = _STABILITY_LIMIT.get(scheme)
+    bound = (f"h*lambda_max > {_STABILITY_MARGIN * limit:.3g} where the {scheme} sweep is stable only below "
+             f"{limit:.4g}" if limit is not None else "h*lambda_max above the scheme's stability limit")
+    grid = f"h = T/steps with steps={steps}" if steps is not None else "h = T/steps"
+    return (f"has an unstable backward adjoint sweep: {bound} ({grid}; lambda_max: the largest curvature "
+            "of the loss, estimated at stored states of the flow), so its meta-gradient would be wrong")
+
+
+# Real-axis stability limits c of the backward sweeps: a decaying mode a' = -lambda a
+# (lambda > 0) stays bounded iff h lambda < c. Euler: |1 - x| < 1; Heun: |1 - x + x^2/2| < 1;
+# RK4: the real root of 1 - x + x^2/2 - x^3/6 + x^4/24 = 1, about 2.785.
+_STABILITY_LIMIT = {"euler": 2.0, "heun": 2.0, "rk4": 2.785293563405282}
+_STABILITY_MARGIN = 0.95  # flag h lambda_max above 0.95 c: near c the mode barely decays
+_LANCZOS_STEPS = 10  # Jacobian-vector products per checked state
+_UNSTABLE_ADVICE = ("Store more states (steps of solve or Adjoint: h = T/steps, and h*lambda_max must fall below "
+                    "0.95 of the limit), "
+                    "shorten the horizon, or use scheme='rk4' (stable up to h*lambda_max = 2.785); "
+                    "stability_check=False turns this check off.")
 
 
 def _all_finite(tree) -> jax.Array:
@@ -246,22 +302,36 @@ def nan_if_failed(tree, status):
     return jax.tree.map(lambda x: _nan_if(failed, x) if eqx.is_inexact_array(x) else x, tree)
 
 
-def raise_if_failed(tree, status, max_steps: int | None = None, where: str = "ctmeta.ode.solve"):
+def nan_if_forward_failed(tree, status):
+    """As `nan_if_failed`, but only for a failed forward solve.
+
+    `UNSTABLE_ADJOINT` leaves the value alone (the forward solve is fine);
+    the custom VJP makes its derivatives NaN.
+    """
+    return nan_if_failed(tree, jnp.where(status == SolveStatus.UNSTABLE_ADJOINT, SolveStatus.SUCCESS, status))
+
+
+def raise_if_failed(tree, status, max_steps: int | None = None, where: str = "ctmeta.ode.solve", *,
+                    steps: int | None = None, scheme: str | None = None):
     """`tree`, raising at run time (inside `jit` too) if `status` is not `SUCCESS`.
 
     The check is attached to `tree`, so keep it small (the final state, not
     the stored grid): `eqx.error_if` passes what it guards through a callback.
+    `steps` and `scheme` complete the text for `UNSTABLE_ADJOINT`.
     """
     advice = {
         SolveStatus.MAX_STEPS: "The flow is stiff or diverging: raise max_steps, loosen rtol/atol, "
         "shorten the horizon t1, or rescale the loss.",
         SolveStatus.NONFINITE: "The ODE diverged: shorten the horizon t1, rescale the loss, or check the data.",
         SolveStatus.FAILED: "Check the vector field and the horizon.",
+        SolveStatus.UNSTABLE_ADJOINT: _UNSTABLE_ADVICE,
     }
     # One `error_if` per cause rather than `branched_error_if`, whose vmapped
     # index has no differentiation rule (the status is an output of a custom VJP).
     for code, text in advice.items():
-        tree = eqx.error_if(tree, status == code, f"{where}: the forward solve {code.describe(max_steps)}. {text}")
+        what = "solve" if code == SolveStatus.UNSTABLE_ADJOINT else "forward solve"
+        tree = eqx.error_if(tree, status == code,
+                            f"{where}: the {what} {code.describe(max_steps, steps=steps, scheme=scheme)}. {text}")
     return tree
 
 
@@ -366,7 +436,7 @@ class Backsolve(AbstractSensitivity):
 
 
 class StoredAdjoint(AbstractSensitivity):
-    """A-MAML's rule: store the forward states on a grid, solve the adjoint back over them.
+    r"""A-MAML's rule: store the forward states on a grid, solve the adjoint back over them.
 
     **Arguments:**
 
@@ -381,10 +451,42 @@ class StoredAdjoint(AbstractSensitivity):
       states, during the backward pass. Memory falls from `O(steps)` to
       `O(checkpoints + steps / checkpoints)` states for one more forward
       solve; the gradient is unchanged (the same fine grid is used).
+    - `stability_check`: check that the backward sweep is stable (default
+      True; applies to vector fields with `symmetric_jacobian`, such as a
+      gradient flow). See below.
+
+    **Stability of the backward sweep.** For a gradient flow $f = -\nabla L$
+    the Jacobian is $-H$ ($H$ the Hessian of $L$, symmetric), and the adjoint,
+    swept backward with the fixed step $h = t_1/\text{steps}$, decays in
+    each direction of positive curvature $\lambda$ as $e^{-\lambda s}$. An
+    explicit scheme follows that decay only while $h\lambda < c$, with $c = 2$
+    for Euler and Heun and $c \approx 2.785$ for RK4; above, the mode grows
+    by $|R(-h\lambda)| > 1$ a step and the meta-gradient is wrong: finite
+    (e.g. 7,413 for a true norm of 10.5) or overflowing. Negative curvature
+    is a genuine growth of the adjoint, not an instability, and is not
+    flagged. Since the curvature of a loss typically grows along its flow,
+    the check estimates $\lambda_{\max}(H)$ at the first, middle and last
+    stored states (of the coarse grid with `checkpoints`; $h$ is the fine
+    step) by 10 steps of Lanczos with Jacobian-vector products of the field,
+    and flags the solve when $h\,\lambda_{\max} > 0.95\,c$: its status is
+    then [`SolveStatus`][]`.UNSTABLE_ADJOINT`, so `throw=True` raises when the
+    gradient is taken and `throw=False` gives NaN derivatives (the value
+    $y(t_1)$ is kept). Lanczos' largest Ritz value is a lower bound of
+    $\lambda_{\max}$ whatever the signs of the other eigenvalues, so a
+    flagged sweep is truly past the margin; one that is unstable only between
+    the checked states, or for a top eigenvalue that 10 steps underestimate,
+    can go unflagged. Cost: 30 Hessian-vector products (one each for a
+    gradient flow) per meta-gradient, against the sweep's 2 per stored
+    interval for Heun (1 Euler, 4 RK4), run only when differentiating (in the
+    custom VJP's forward rule); the frozen-coefficient criterion is a
+    heuristic for a Hessian that varies along the flow. To choose `steps`,
+    [`max_curvature`][] gives the estimate at any state: `steps` $\ge
+    t_1 \lambda_{\max} / (0.9\,c)$ leaves a margin.
     """
 
     scheme: Literal["heun", "euler", "rk4"] = eqx.field(default="heun", static=True)
     checkpoints: int | None = eqx.field(default=None, static=True)
+    stability_check: bool = eqx.field(default=True, static=True)
 
     def __check_init__(self):
         if self.scheme not in ("heun", "euler", "rk4"):
@@ -393,6 +495,8 @@ class StoredAdjoint(AbstractSensitivity):
             raise InputError(
                 f"StoredAdjoint(checkpoints={self.checkpoints!r}): give a positive int, or None to store every state."
             )
+        if not isinstance(self.stability_check, bool):
+            raise InputError(f"StoredAdjoint(stability_check={self.stability_check!r}): give True or False.")
 
     def _solve(self, field, y0, t1, args, options):
         if self.checkpoints is not None and options.steps % self.checkpoints:
@@ -426,7 +530,85 @@ def _stored_adjoint_solve(primal, rule, options):
 def _stored_adjoint_fwd(perturbed, primal, rule, options):
     field, y0, t1, args = primal
     ys, status = _grid_states(field, y0, t1, args, options, rule)
+    # Only the sweep's products need it: with t1 alone differentiated, dJ/dt1 = a(t1) . f.
+    sweeps = any(jax.tree.leaves((perturbed[0], perturbed[1], perturbed[3])))
+    if rule.stability_check and field.symmetric_jacobian and sweeps:
+        n = jax.tree.leaves(ys)[0].shape[0] - 1
+        lam = max_curvature_on_grid(field, ys, t1 / n, args, indices=(0, n // 2, n))
+        h = t1 / options.steps
+        unstable = h * lam > _STABILITY_MARGIN * _STABILITY_LIMIT[rule.scheme]
+        status = jnp.where((status == SolveStatus.SUCCESS) & unstable, SolveStatus.UNSTABLE_ADJOINT, status)
+        status = status.astype(jnp.int32)
     return (_last(ys), status), (ys, status)
+
+
+def max_curvature(field: Callable | AbstractVectorField, t, y, args, iterations: int = _LANCZOS_STEPS) -> jax.Array:
+    r"""A lower bound of the largest eigenvalue of $-\partial f/\partial y$ at `(t, y)`, by Lanczos.
+
+    For a field with a symmetric Jacobian only (a gradient flow: the largest
+    eigenvalue of the Hessian of the loss, its largest curvature
+    $\lambda_{\max}$). `iterations` steps of the Lanczos process on
+    $M = -\partial f/\partial y$ from a fixed pseudo-random start, one
+    `field.vjp` each (one Hessian-vector product for [`GradientField`][]),
+    then the largest eigenvalue of the `iterations`-square tridiagonal matrix.
+    That Ritz value lies in $[\lambda_{\min}(M), \lambda_{\max}(M)]$ and
+    converges to $\lambda_{\max}$ from below whatever the signs of the
+    other eigenvalues: unlike power iteration it needs no shift when the
+    eigenvalue of largest magnitude is negative (negative curvature). No
+    reorthogonalisation (memory: three vectors of the state's size); a lost
+    orthogonality only repeats converged Ritz values. On a breakdown (an
+    invariant Krylov space, e.g. a state of fewer than `iterations` numbers)
+    the process stops: the remaining Ritz values are 0, never above a
+    positive $\lambda_{\max}$.
+    """
+    field = field if isinstance(field, AbstractVectorField) else VectorField(field)
+    flat, unravel = jax.flatten_util.ravel_pytree(y)
+    dtype = jnp.promote_types(flat.dtype, jnp.float32)  # half-precision states: the process in float32
+
+    def matvec(v):
+        jtv = field.vjp(t, y, args, unravel(v.astype(flat.dtype)), (False, False))[0]
+        return -jax.flatten_util.ravel_pytree(cotangent_like(jtv, y))[0].astype(dtype)
+
+    q0 = jax.random.normal(jax.random.PRNGKey(0), flat.shape, dtype)
+    q0 = q0 / jnp.linalg.norm(q0)
+    tol = jnp.sqrt(jnp.finfo(dtype).eps)
+
+    def step(carry, _):
+        q_prev, q, beta_prev = carry
+        w = matvec(q)
+        w_norm = jnp.linalg.norm(w)
+        alpha = jnp.vdot(q, w)
+        w = w - alpha * q - beta_prev * q_prev
+        beta = jnp.linalg.norm(w)
+        # Breakdown: the Krylov space is (numerically) invariant. Stopping early only
+        # leaves a Rayleigh-Ritz value on a smaller space, still a lower bound.
+        ok = beta > tol * w_norm
+        beta = jnp.where(ok, beta, 0.0)
+        q_next = jnp.where(ok, w / jnp.where(ok, beta, 1.0), 0.0)
+        return (q, q_next, beta), (alpha, beta)
+
+    zero = jnp.zeros((), dtype)
+    _, (alphas, betas) = jax.lax.scan(step, (jnp.zeros_like(q0), q0, zero), None, length=iterations)
+    off = betas[:-1]
+    tridiagonal = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
+    return jnp.max(jnp.linalg.eigvalsh(tridiagonal))
+
+
+def max_curvature_on_grid(field, ys, h, args, indices) -> jax.Array:
+    """The largest `max_curvature` over the stored states `ys[i]` at `t = i h`, `i` in `indices`.
+
+    The states are read in place (no copy of `ys`) and checked one after the
+    other, so the extra memory is that of one check.
+    """
+    indices = jnp.asarray(sorted(set(indices)))
+
+    def one(worst, i):
+        y = jax.tree.map(lambda x: x[i], ys)
+        return jnp.maximum(worst, max_curvature(field, i * h, y, args)), None
+
+    dtype = jnp.promote_types(jax.flatten_util.ravel_pytree(jax.tree.map(lambda x: x[0], ys))[0].dtype, jnp.float32)
+    worst, _ = jax.lax.scan(one, jnp.asarray(-jnp.inf, dtype), indices)
+    return worst
 
 
 def _tree_axpy(alpha, x, y):
@@ -548,12 +730,13 @@ def _stored_adjoint_bwd(residuals, g, perturbed, primal, rule, options):
             return (a, jax.tree.map(jnp.add, acc, seg_acc), jnp.maximum(seg_status, fine_status)), None
 
         (a0, (gargs, gfield), seg_status), _ = jax.lax.scan(
-            segment, (g, _zeros_for((args, field)), status), jnp.arange(rule.checkpoints), reverse=True
+            segment, (g, _zeros_for((args, field)), jnp.zeros_like(status)), jnp.arange(rule.checkpoints),
+            reverse=True,
         )
         if options.throw:  # the forward solve was checked; re-integrating a segment may still fail
             a0 = raise_if_failed(a0, seg_status, options.max_steps,
                                  "ctmeta.ode.solve (a checkpointed segment, re-integrated in the backward pass)")
-        status = seg_status
+        status = jnp.where(status != SolveStatus.SUCCESS, status, seg_status)
     # d y(t1) / d t1 = f(t1, y(t1)): the horizon moves only the end point.
     f1 = field(t1, y1, args)
     gt1 = sum(jnp.vdot(gi, fi) for gi, fi in zip(jax.tree.leaves(g), jax.tree.leaves(f1)))
@@ -636,6 +819,9 @@ def solve(
       and every derivative through it are NaN for the failed solves and
       `status` is an int32 [`SolveStatus`][] code (one per element under
       `vmap`); nothing raises, so each element can be handled on its own.
+      When differentiated by [`StoredAdjoint`][], an unstable backward sweep
+      is reported the same way (`UNSTABLE_ADJOINT`), except that $y(t_1)$
+      keeps its value and only its derivatives are NaN.
 
     **Returns:** $y(t_1)$, with the structure of `y0`; with `throw=False`,
     the pair `(y(t1), status)`.
@@ -661,5 +847,5 @@ def solve(
     options = _Options(steps=int(steps), rtol=rtol, atol=atol, max_steps=max_steps, solver=solver, throw=bool(throw))
     y1, status = sensitivity._solve(field, y0, t1, args, options)
     if throw:
-        return raise_if_failed(y1, status, max_steps)
-    return nan_if_failed(y1, status), status
+        return raise_if_failed(y1, status, max_steps, steps=int(steps), scheme=getattr(sensitivity, "scheme", None))
+    return nan_if_forward_failed(y1, status), status

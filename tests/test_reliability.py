@@ -369,12 +369,14 @@ def _one_stiff_task(method: str, policy: str):
     A-MAML (an MLP's gradient flow): task 1's inputs and targets are scaled by
     30, which scales the curvature of its loss (the Hessian), hence the
     stiffness of the flow: Dopri5 needs more than 256 steps where the others
-    need fewer than 32. COMLN (a linear head's flow): task 1's support
+    need fewer than 32. (10 stored states, h = 0.2: the others' curvature,
+    about 5, makes h * lambda_max = 2.0 at 5 states, an unstable Heun sweep
+    that the adjoint's stability check would flag.) COMLN (a linear head's flow): task 1's support
     examples are one point of norm 100 with both labels, so its loss cannot
     saturate and the flow stays stiff (curvature ~ 100^2 / 4) up to T.
     """
     if method == "amaml":
-        learner = MetaLearner(MLP(2, 1, 8, 1, key=jax.random.PRNGKey(0)), Adjoint(steps=5, max_steps=64),
+        learner = MetaLearner(MLP(2, 1, 8, 1, key=jax.random.PRNGKey(0)), Adjoint(steps=10, max_steps=64),
                               optax.sgd(0.1), mse, T=2.0, on_nonfinite=policy)
         batch = CosMixture(shots=5, queries=5).sample(jax.random.PRNGKey(1), 3, "train")
         batch = batch._replace(support_x=batch.support_x.at[1].multiply(30.0),
@@ -479,7 +481,8 @@ def _stiff_family(monkeypatch):
 
 def test_cli_counts_a_task_whose_inner_solve_runs_out_of_steps(monkeypatch, tmp_path, capsys):
     _stiff_family(monkeypatch)
-    flags = ["--benchmark", "cosmixture", "--method", "amaml", "--steps", "5", "--meta-batch", "2", "--quiet",
+    # 20 stored states (h = 0.1): at 5 (h = 0.4) the other task's Heun sweep is unstable, and flagged.
+    flags = ["--benchmark", "cosmixture", "--method", "amaml", "--steps", "20", "--meta-batch", "2", "--quiet",
              "--meta-iterations", "2", "--checkpoint-every", "2"]
     out = tmp_path / "stiff"
     capsys.readouterr()
