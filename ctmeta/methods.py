@@ -150,7 +150,8 @@ class Adjoint(AbstractMethod):
     **Arguments:**
 
     - `steps`: `K`, the number of intervals of the stored grid, $h = T/K$.
-    - `rtol`, `atol`: tolerances of the adaptive forward solve.
+    - `rtol`, `atol`: tolerances of the adaptive forward solve (`rtol` at
+      least `1e-5` for float32 parameters: `ctmeta.ode.effective_rtol`).
     - `scheme`: backward scheme, `"heun"` (the paper's), `"euler"` or `"rk4"`.
     - `checkpoints`: keep `C` states and re-integrate segments backward
       (memory $O((C + K/C)|\theta|)$, same gradient).

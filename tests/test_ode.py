@@ -253,3 +253,29 @@ def test_stored_adjoint_holds_the_stored_states_once():
     per_state = (m2 - m1) / ((k2 - k1) * state_bytes)
     assert m2 >= (k2 + 1) * state_bytes  # the states are stored (the measure sees them)
     assert per_state < 1.2, f"{per_state:.3f} stored-state sizes of memory per extra state (expected ~1)"
+
+
+def test_float32_tolerance_below_rounding_is_raised_not_chased(monkeypatch):
+    # A float32 vector field carries rounding noise that changes from one
+    # evaluation point to the next (a large network's gradient does, from its
+    # long sums); here 3e-5 relative, modelled by a fast oscillation. With
+    # rtol = 1e-8 the embedded error estimate measures that noise, not the
+    # truncation error, and the controller shrinks the step (453 steps here,
+    # against 10 at 1e-5). ode raises such an rtol to 1e-5 for float32 states.
+    field = ode.VectorField(lambda t, y, args: -args * y * (1.0 + 3e-5 * jnp.sin(1e7 * y)))
+    y0 = jnp.linspace(0.5, 2.0, 64, dtype=jnp.float32)
+    rate = jnp.asarray(3.0, jnp.float32)
+
+    def run():
+        return ode.solve(field, y0, 1.0, rate, steps=1, sensitivity=ode.Backprop(), rtol=1e-8, atol=1e-12,
+                         max_steps=100, throw=False)
+
+    y1, status = run()
+    assert int(status) == ode.SolveStatus.SUCCESS
+    np.testing.assert_allclose(np.asarray(y1), np.asarray(y0) * np.exp(-3.0), rtol=1e-3)
+    assert ode.effective_rtol(1e-8, y0) == 1e-5 and ode.effective_rtol(1e-3, y0) == 1e-3
+    assert ode.effective_rtol(1e-8, y0.astype(jnp.float64)) == 1e-8  # float64: as asked
+    # Without the floor the same solve chases rounding until its budget is gone.
+    monkeypatch.setattr(ode, "_RTOL_FLOOR", {})
+    _, status = run()
+    assert int(status) == ode.SolveStatus.MAX_STEPS
