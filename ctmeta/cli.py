@@ -520,10 +520,15 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         where = getattr(args, "run_path", None)
-        hint = (f"; the last good iteration is checkpointed: continue with "
-                f"ctmeta train --resume {where} --on-nonfinite skip-task, or change the configuration"
-                if where and args.command == "train" else "")
-        print(f"ctmeta: error: {err}{hint}", file=sys.stderr)
+        message = str(err).strip()
+        hint = ""
+        if where and args.command == "train":
+            # Skipping tasks cannot help when every task of the meta-batch failed.
+            skip = "" if "every task" in message else " --on-nonfinite skip-task"
+            hint = (f"; the last good iteration is checkpointed: continue with ctmeta train --resume {where}{skip}, "
+                    "or change the configuration")
+            message = message.rstrip(".")
+        print(f"ctmeta: error: {message}{hint}", file=sys.stderr)
         return 1
     except DownloadError as err:  # the network or the server, not the user's input: status 1
         if debug:
