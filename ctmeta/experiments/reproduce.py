@@ -396,13 +396,14 @@ _FIG2_SETTINGS = {
     "100shot-100val": (100, 5.0, 500, 50, 500),
 }
 # A-MAML's stored states where the paper's h = T/K = 0.01 is unstable for the
-# Heun adjoint sweep (stable only while h * lambda_max(Hessian) < 2): on Alpine
-# 100shot the support loss sharpens along the flow, lambda_max 29 at t=0 to
-# 239 at t=5 (float64, meta-iteration 1, task 0), so K=500 gave a meta-gradient
-# norm of 7,413 against 10.51 at K=1000 and 10.51 at K=2000; in float32 it
-# overflowed. Meta-training sharpens it further: at K=1000 (h = 0.005) a task's
-# meta-gradient overflowed at meta-iteration 54 (quick scale), so K=2000.
-_FIG2_AMAML_STATES = {("alpine", "100shot-100val"): 2000}
+# Heun adjoint sweep (stable only while h * lambda_max(Hessian) < 2; the
+# check of `ctmeta.ode.StoredAdjoint` stops such a run). Alpine's support loss
+# sharpens along the flow, and more so as meta-training goes on: at 100shot,
+# lambda_max 29 at t=0 to 239 at t=5 (float64, meta-iteration 1, task 0), so
+# K=500 gave a meta-gradient norm of 7,413 against 10.51 at K=1000 and 10.51
+# at K=2000; at K=1000 a meta-gradient overflowed at meta-iteration 54; at
+# 50shot (T=2) K=200 was flagged at meta-iteration 7. Both now use h = 0.0025.
+_FIG2_AMAML_STATES = {("alpine", "50shot-50val"): 800, ("alpine", "100shot-100val"): 2000}
 _FIG2_METHODS = ("amaml", "maml", "maml-1", "fomaml", "reptile", "imaml")
 _LABEL = {"amaml": "A-MAML", "maml": "MAML", "maml-1": "MAML-1", "fomaml": "FOMAML", "reptile": "Reptile",
           "imaml": "iMAML", "comln": "COMLN", "anil": "ANIL"}
@@ -439,10 +440,11 @@ def _fig2(ctx: Context, benchmark: str) -> None:
                 states = _FIG2_AMAML_STATES.get((benchmark, setting), steps) if scale != "test" else steps
                 if states != steps:
                     ctx.deviate(f"A-MAML {setting}: {states} stored states (h = {T / states:g}) instead of "
-                                f"{steps} (h = {T / steps:g}): the support loss sharpens along the flow (largest Hessian "
-                                f"eigenvalue 29 at t = 0, 239 by t = {T:g} at meta-iteration 1, more as meta-training "
-                                "goes on), and the Heun adjoint sweep needs h * lambda_max < 2 (at h = 0.01 the first "
-                                "meta-gradient diverged, at h = 0.005 one of meta-iteration 54)")
+                                f"{steps} (h = {T / steps:g}): the support loss sharpens along the flow and during "
+                                "meta-training (largest Hessian eigenvalue 29 at t = 0 and 239 at t = 5 at 100shot, "
+                                "meta-iteration 1), and the Heun adjoint sweep is stable only while "
+                                "h * lambda_max < 2; at h = 0.01 the stability check stopped the 50shot run at "
+                                "meta-iteration 7, and at h = 0.005 a 100shot meta-gradient overflowed at 54")
                 kwargs.update(T=T, steps=states)
             elif m == "maml":
                 kwargs.update(steps=maml_steps)
