@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import ode
 from ._errors import InputError
 from .adaptation import gradient_flow
 from .linear_flow import linear_flow, linear_flow_adapt
@@ -735,8 +736,6 @@ def amaml_breakdown(problem: Problem, steps: int, repeats: int = 3, rtol=1e-6, a
     """
     import diffrax
 
-    from . import ode
-
     T = steps * H
     field = GradientField(problem.whole_loss)
     ts = jnp.linspace(0.0, T, steps + 1, dtype=jnp.float32)
@@ -816,7 +815,8 @@ def dopri5_step_count(loss_fn, params, data, T: float, *, rtol=1e-6, atol=1e-8, 
 
     field = GradientField(loss_fn)
     term = diffrax.ODETerm(lambda t, y, a: field(t, y, a))
-    solver, ctrl = diffrax.Dopri5(), diffrax.PIDController(rtol=rtol, atol=atol)
+    # The tolerance `ode.solve` would use (raised to 1e-5 for float32 states).
+    solver, ctrl = diffrax.Dopri5(), diffrax.PIDController(rtol=ode.effective_rtol(rtol, params), atol=atol)
     dtype = jnp.result_type(*jax.tree.leaves(params))
     t0, t1 = jnp.asarray(0.0, dtype), jnp.asarray(T, dtype)
     tn, cstate = ctrl.init(term, t0, t1, params, None, data, solver.func, solver.error_order(term))
