@@ -5,6 +5,10 @@
 | `CosMixture`, `Alpine` | synthetic 2-D functions (A-MAML Sec. 5.1) | regression, nRMSE |
 | `MovieLens`, `Jester` | official rating files (A-MAML Sec. 5.3) | regression, nRMSE |
 | `Omniglot`, `MiniImageNet` | official image archives | N-way k-shot classification |
+
+Nothing here touches the network; `ctmeta.tasks.download.download` fetches the
+official files into a data directory when asked (`ctmeta download`,
+`ctmeta train --download`).
 """
 
 from .base import Batch, TaskFamily
