@@ -158,10 +158,14 @@ class RunResult:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    def nearest_step(self, step: int) -> int:
+        """The evaluated step closest to `step` (a tie goes to the longer adaptation)."""
+        return min(self.results["curve_steps"], key=lambda s: (abs(s - step), -s))
+
     def value(self, step: int, which: str = "learned") -> tuple[float, float]:
+        """Mean and 95% CI half-width after `step` GD steps (the nearest evaluated step)."""
         r = self.results
-        steps = r["curve_steps"]
-        i = steps.index(step) if step in steps else min(range(len(steps)), key=lambda j: abs(steps[j] - step))
+        i = r["curve_steps"].index(self.nearest_step(step))
         return float(r[which]["mean"][i]), float(r[which]["ci95"][i])
 
     def curve(self, which: str = "learned"):
@@ -593,7 +597,7 @@ def _acc_table(runs: list[tuple[str, RunResult, int]], paper: dict[str, tuple[fl
         ours = _acc(*r.value(step)) if r.ok else r.status
         T = f"{r.results['T']:.3g}" if r.ok else "-"
         p = (paper or {}).get(name)
-        rows.append([name, ours, str(step), T, f"{p[0]:.2f} ± {p[1]:.2f}" if p else "-"])
+        rows.append([name, ours, str(r.nearest_step(step) if r.ok else step), T, f"{p[0]:.2f} ± {p[1]:.2f}" if p else "-"])
     return md_table(["method", "accuracy % (ours)", "eval GD steps", "T (final)", "paper"], rows)
 
 
@@ -648,7 +652,7 @@ def _table3(ctx: Context) -> None:
             mb = cfg.get("meta_batch")
             if m == "amaml" and scale == "quick":
                 it, mb = _TABLE3_QUICK_AMAML, 1
-            steps_eval = (0, 10, 50, 100) if scale == "paper" else ((0, 10) if scale == "test" else (0, 10, 50))
+            steps_eval = (0, 5, 10, 50, 100) if scale == "paper" else ((0, 10) if scale == "test" else (0, 5, 10, 50))
             r = run_method(ctx, f"{b}/{m}" + (f"-T{T}" if T else ""), b, m, T=T,
                            meta_iterations=it or 1000, meta_batch=mb, eval_tasks=et,
                            eval_steps=steps_eval, eval_every=10 if scale != "test" else 5,
