@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="amaml")
     p.add_argument("--meta-iterations", type=int, default=3000)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--T", type=float, default=None,
+                   help="horizon (default: steps x 0.01, the step h = 0.01 at which A-MAML's sweep is stable)")
     p.add_argument("--meta-batch", type=int, default=5)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--warmup", type=int, default=200, help="iterations before the baseline sample")
@@ -49,7 +51,8 @@ def main(argv=None) -> int:
     from ctmeta.runs import Reporter, RunDir, train
 
     config = resolve_config(
-        args.benchmark, args.method, steps=args.steps, meta_iterations=args.meta_iterations,
+        args.benchmark, args.method, steps=args.steps, T=args.T if args.T is not None else 0.01 * args.steps,
+        meta_iterations=args.meta_iterations,
         meta_batch=args.meta_batch, checkpoint_every=args.checkpoint_every,
     )
     samples: list[tuple[int, float, float]] = []  # (iteration, seconds, rss MiB)
