@@ -103,7 +103,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._errors import InputError, NumericalError
-from .ode import SolveStatus, solve_status
+from .ode import SolveStatus, nan_if_failed, solve_status
 
 __all__ = ["linear_flow", "linear_flow_adapt"]
 
@@ -414,19 +414,18 @@ def _solve(field, y0, T, problem: _Problem, config: _FlowConfig, step):
     status = solve_status(solution.result, y_T)
     if not config.throw:
         return y_T, status
-    failed = solution.result != diffrax.RESULTS.successful
+    # The status already says which check failed: no second pass over the state.
     y_T = eqx.error_if(
         y_T,
-        failed,
+        (status == SolveStatus.MAX_STEPS) | (status == SolveStatus.FAILED),
         f"{_MESSAGE_PREFIX}: the ODE solver stopped before reaching the horizon T "
         f"(max_steps={config.max_steps} exhausted, or the step size collapsed). "
         "Raise `max_steps`, loosen `rtol`/`atol`, or shorten `T`; very large "
         "feature norms make the flow stiff, so normalising the features also helps.",
     )
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(y_T)]))
     y_T = eqx.error_if(
         y_T,
-        jnp.logical_not(finite),
+        status == SolveStatus.NONFINITE,
         f"{_MESSAGE_PREFIX}: the adapted state is not finite (NaN or inf). With "
         "solver='euler' the step h is probably too large for the curvature of the "
         "loss (use smaller `dt0` or more `steps`, or solver='dopri5'); otherwise "
@@ -464,12 +463,12 @@ def _flow_fwd(config: _FlowConfig, W0, features, labels, T, dynamic: _Dynamic):
     failed = status != SolveStatus.SUCCESS
     # A failed solve (possible only with `throw=False`) has no value: NaN.
     W_T = jnp.where(failed, jnp.nan, W0 - state.s.T @ features)
-    return (W_T, status), (state, failed, W0, features, labels, T, dynamic)
+    return (W_T, status), (state, status, W0, features, labels, T, dynamic)
 
 
 def _flow_bwd(config: _FlowConfig, residuals, cotangents):
     V, _ = cotangents  # that of W(T); the status has none
-    state, failed, W0, features, labels, T, dynamic = residuals
+    state, status, W0, features, labels, T, dynamic = residuals
     s, B, z = state
     # U[i] = V phi_i: the outer cotangent seen through each support example.
     U = features @ V.T  # (M, N)
@@ -484,7 +483,7 @@ def _flow_bwd(config: _FlowConfig, residuals, cotangents):
     # makes `lam`, `dt0`, `steps` Python numbers): zero cotangents.
     zeros = jax.tree.map(jnp.zeros_like, dynamic)
     # ... nor any derivative: NaN, so that no caller mistakes it for one.
-    W0_bar, features_bar, T_bar = (jnp.where(failed, jnp.nan, x) for x in (W0_bar, features_bar, T_bar))
+    W0_bar, features_bar, T_bar = nan_if_failed((W0_bar, features_bar, T_bar), status)
     return W0_bar, features_bar, jnp.zeros_like(labels), T_bar.astype(T.dtype), zeros
 
 

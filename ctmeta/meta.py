@@ -69,7 +69,7 @@ from .adaptation import gradient_flow
 from .methods import AbstractMethod, FirstOrder, Implicit, Reptile, reptile_direction
 from .models import SetModule, apply_to_set
 from .ode import SolveStatus
-from .sharding import TASK_AXIS, constrain_replicated, map_over_tasks, place_replicated, place_tasks
+from .sharding import TASK_AXIS, check_mesh, constrain_replicated, map_over_tasks, place_replicated, place_tasks
 
 PyTree = Any
 
@@ -427,11 +427,8 @@ class MetaLearner:
 
     @mesh.setter
     def mesh(self, mesh: Mesh | None) -> None:
-        if mesh is not None and (not isinstance(mesh, Mesh) or TASK_AXIS not in mesh.axis_names):
-            raise InputError(
-                f"MetaLearner: mesh must be a jax.sharding.Mesh with a {TASK_AXIS!r} axis "
-                f"(ctmeta.sharding.task_mesh()) or None; got {mesh!r}"
-            )
+        if mesh is not None:
+            check_mesh(mesh)
         self._mesh = mesh
         # The compiled functions depend on the mesh: start afresh.
         self._step_jit = eqx.filter_jit(self._step)
@@ -850,7 +847,8 @@ def _leaf_specs(tree) -> list[str]:
     return specs
 
 
-def _fsync_dir(directory: pathlib.Path) -> None:
+def fsync_dir(directory: pathlib.Path) -> None:
+    """fsync a directory, so that a rename into it survives a crash (best effort)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -880,7 +878,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         except OSError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def sidecar_path(path: str | os.PathLike) -> pathlib.Path:

@@ -43,6 +43,7 @@ PyTree = Any
 __all__ = [
     "TASK_AXIS",
     "check_cluster",
+    "check_mesh",
     "constrain_replicated",
     "initialize",
     "is_main_process",
@@ -155,7 +156,8 @@ def task_mesh(devices: Sequence[jax.Device] | None = None, *, per_process: int |
     return Mesh(np.asarray(devices, dtype=object), (TASK_AXIS,))
 
 
-def _check_mesh(mesh: Mesh) -> Mesh:
+def check_mesh(mesh: Mesh) -> Mesh:
+    """`mesh`, or `InputError` unless it is a `Mesh` with a `"tasks"` axis."""
     if not isinstance(mesh, Mesh) or TASK_AXIS not in mesh.axis_names:
         raise InputError(f"mesh must be a jax.sharding.Mesh with a {TASK_AXIS!r} axis (see task_mesh()); got {mesh!r}")
     return mesh
@@ -164,7 +166,7 @@ def _check_mesh(mesh: Mesh) -> Mesh:
 def tasks_per_device(meta_batch: int, mesh: Mesh) -> int:
     """How many tasks each device gets; `InputError` unless `meta_batch` is a
     multiple of the number of devices along the task axis."""
-    devices = _check_mesh(mesh).shape[TASK_AXIS]
+    devices = check_mesh(mesh).shape[TASK_AXIS]
     if meta_batch % devices:
         below, above = (meta_batch // devices) * devices, (meta_batch // devices + 1) * devices
         suggest = " or ".join(str(m) for m in (below, above) if m > 0)
@@ -203,7 +205,7 @@ def place_tasks(batch: PyTree, mesh: Mesh) -> PyTree:
 def place_replicated(tree: PyTree, mesh: Mesh) -> PyTree:
     """`tree`'s arrays (the same value on every process) copied to every
     device of the mesh; other leaves unchanged."""
-    everywhere = NamedSharding(_check_mesh(mesh), PartitionSpec())
+    everywhere = NamedSharding(check_mesh(mesh), PartitionSpec())
     return jax.tree.map(lambda x: _place(x, everywhere) if eqx.is_array(x) else x, tree)
 
 

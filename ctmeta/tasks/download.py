@@ -37,6 +37,7 @@ import zipfile
 from typing import Callable
 
 from .._errors import CtmetaError, DataError
+from ..meta import fsync_dir
 
 __all__ = ["Source", "SOURCES", "DownloadError", "download"]
 
@@ -200,16 +201,6 @@ def download(
                 extracted = pathlib.Path(tmp) / "member.part"
                 _copy_member(fetched, source.member, extracted, source.url)
                 os.replace(extracted, target)
-        _fsync_dir(root)
+        fsync_dir(root)
     return paths
 
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
