@@ -22,6 +22,7 @@ from ctmeta.models import (
     SetBatchNorm,
     SetModule,
     apply_to_set,
+    conv2d,
     feature_size,
     max_pool2x2,
 )
@@ -246,3 +247,41 @@ def test_max_pool_floors_odd_sizes():
     y = jax.jit(max_pool2x2)(x)
     assert y.shape == (2, 3, 2, 2)
     np.testing.assert_array_equal(y[1, 2], x[1, 2, 1:4:2, 1:4:2])
+
+
+@pytest.mark.parametrize("k,padding,size", [(3, 1, 7), (1, 0, 5), (3, 0, 6), (5, 2, 6)])
+def test_conv2d_im2col_equals_xla_with_first_and_second_derivatives(k, padding, size):
+    """The matrix-product convolution is the same function as XLA's: values,
+    gradients (w.r.t. input and weight) and Hessian-vector products (the
+    jvp of a gradient, as the adjoint sweep takes it), in float64."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(k * 10 + padding)
+        x = jnp.asarray(rng.normal(size=(3, 2, size, size)))
+        w = jnp.asarray(rng.normal(size=(4, 2, k, k)))
+        v = (jnp.asarray(rng.normal(size=x.shape)), jnp.asarray(rng.normal(size=w.shape)))
+
+        def loss(impl):
+            # Non-quadratic, so that the Hessian depends on the point.
+            return lambda xw: jnp.sum(jnp.tanh(conv2d(xw[0], xw[1], padding, impl)) ** 2)
+
+        outs = {}
+        for impl in ("xla", "im2col"):
+            y = conv2d(x, w, padding, impl)
+            g = jax.grad(loss(impl))((x, w))
+            hv = jax.jvp(jax.grad(loss(impl)), ((x, w),), (v,))[1]
+            outs[impl] = (y, g, hv)
+        assert outs["xla"][0].shape == (3, 4, size + 2 * padding - k + 1, size + 2 * padding - k + 1)
+        for a, b in zip(jax.tree.leaves(outs["xla"]), jax.tree.leaves(outs["im2col"])):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_impl_is_checked_and_kept(conv4):
+    with pytest.raises(InputError, match="conv_impl"):
+        Conv4(1, hidden=WIDTH, conv_impl="fft", key=KEY)
+    with pytest.raises(InputError, match="conv_impl"):
+        conv2d(jnp.zeros((1, 1, 3, 3)), jnp.zeros((1, 1, 3, 3)), 1, "cudnn")
+    xla = Conv4(1, WIDTH, hidden=WIDTH, image_size=28, conv_impl="xla", key=KEY)
+    assert {b.conv.impl for b in xla.blocks} == {"xla"} and {b.conv.impl for b in conv4.blocks} == {"auto"}
+    x = _images(3, 5)
+    # Same parameters (same key), other convolution: same outputs up to float32 rounding.
+    np.testing.assert_allclose(apply(xla, x), apply(conv4, x), rtol=1e-4, atol=1e-4)
