@@ -95,3 +95,20 @@ def test_bad_arguments():
     assert bench._parse_cases(["omniglot/comln+anil", "cosmixture/maml"]) == [
         ("omniglot", "comln"), ("omniglot", "anil"), ("cosmixture", "maml")]
     assert bench.main(["--cases", "nosuchbench", "--out", "unused"]) == 2
+
+
+def test_conv4_problem_whole_network_and_head_paths_compute_the_same_network(tmp_path):
+    """The Conv-4 problem holds one set of parameters under two convolutions
+    (XLA's for the head-only methods, matrix products for whole-network
+    adaptation on a CPU): both paths are the same function of them."""
+    import jax
+    import numpy as np
+
+    p = bench.make_problem("omniglot", 1, data_dir=tmp_path, head_init="random")  # no data: synthetic images
+    task = jax.tree.map(lambda a: a[0], p.batch)
+    emb, W = p.params
+    whole = float(p.whole_loss(p.params, (task[0], task[1])))
+    via_features = float(bench._cross_entropy(p.head["features"](emb, task[0]) @ W.T, task[1]))
+    np.testing.assert_allclose(whole, via_features, rtol=1e-5)
+    grads = jax.grad(p.whole_loss)(p.params, (task[0], task[1]))
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
