@@ -16,3 +16,37 @@ def data_dir() -> pathlib.Path:
     if not DATA_DIR.is_dir():
         pytest.skip(f"real datasets not found at {DATA_DIR}")
     return DATA_DIR
+
+
+@pytest.fixture
+def assert_skips_exactly():
+    """The skip-task contract, as a checker `check(learner, batch, bad, status)`.
+
+    One meta-step on `batch` from a fresh state: task `bad` has solve status
+    `status` and a non-finite meta-gradient, every other task succeeds, one
+    task is counted as skipped, and the update (meta-loss and parameters)
+    equals the meta-step on the other tasks alone, which skips nothing.
+    Returns `(state, new_state)`.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ctmeta.ode import SolveStatus
+
+    def check(learner, batch, bad, status):
+        state = learner.init(jax.random.PRNGKey(0))
+        new, metrics = learner.meta_step(state, batch)
+        n = len(np.asarray(metrics["task_status"]))
+        assert np.asarray(metrics["task_status"]).tolist() == [status if i == bad else SolveStatus.SUCCESS
+                                                               for i in range(n)]
+        assert np.asarray(metrics["task_finite"]).tolist() == [i != bad for i in range(n)]
+        assert int(metrics["skipped"]) == 1 and bool(metrics["finite"]) and int(new.iteration) == 1
+        others = jnp.asarray([i for i in range(n) if i != bad])
+        ref, ref_metrics = learner.meta_step(state, type(batch)(*(a[others] for a in batch)))
+        assert int(ref_metrics["skipped"]) == 0
+        np.testing.assert_allclose(metrics["meta_loss"], ref_metrics["meta_loss"], rtol=1e-12)
+        for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(ref.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        return state, new
+
+    return check
