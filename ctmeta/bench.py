@@ -86,9 +86,9 @@ QUICK_STEPS = (10, 100)
 
 #: benchmark -> its methods, in plotting order.
 BENCHMARKS: dict[str, tuple[str, ...]] = {
-    "cosmixture": ("maml", "fomaml", "reptile", "imaml", "amaml", "amaml-ckpt"),
-    "omniglot": ("comln", "comln-euler", "anil", "maml", "amaml", "amaml-ckpt"),
-    "miniimagenet": ("comln", "comln-euler", "anil", "maml", "amaml", "amaml-ckpt"),
+    "cosmixture": ("maml", "fomaml", "reptile", "imaml", "amaml", "amaml-ckpt", "amaml-adaptive"),
+    "omniglot": ("comln", "comln-euler", "anil", "maml", "amaml", "amaml-ckpt", "amaml-adaptive"),
+    "miniimagenet": ("comln", "comln-euler", "anil", "maml", "amaml", "amaml-ckpt", "amaml-adaptive"),
 }
 DEFAULT_CASES = ("cosmixture", "omniglot")
 
@@ -112,6 +112,8 @@ COLUMNS = (
     "dtype",
     "compile_seconds",
     "status",
+    "forward_steps",
+    "backward_steps",
 )
 
 PyTree = Any
@@ -147,8 +149,14 @@ def checkpoints_for(steps: int) -> int:
     return min(divisors, key=lambda d: (abs(d - root), d))
 
 
-def _rule(method: str, steps: int):
-    """The `ctmeta.methods` rule of a whole-model method name at `steps` inner steps."""
+def _rule(method: str, steps: int, dense_steps: int | None = None):
+    """The `ctmeta.methods` rule of a whole-model method name at `steps` inner steps.
+
+    `amaml` is the stored sweep over `steps` states; `amaml-adaptive` the
+    adaptive backward (`Adjoint()`) at the same horizon, its dense output
+    holding `dense_steps` accepted steps."""
+    if method == "amaml-adaptive":
+        return Adjoint(dense_steps=dense_steps or 256)
     if method == "maml":
         return Unrolled(steps)
     if method == "fomaml":
@@ -190,7 +198,7 @@ class Problem:
         T = steps * H
         if method in ("comln", "comln-euler", "anil"):
             return self._head_objective(method, steps, T)
-        rule = _rule(method, steps)
+        rule = _rule(method, steps, self.dense_steps(T) if method == "amaml-adaptive" else None)
 
         def adapt(params, task):
             return gradient_flow(self.whole_loss, params, (task[0], task[1]), T, method=rule)
@@ -199,6 +207,39 @@ class Problem:
             return self.whole_outer(adapt(params, task), task)
 
         return loss, loss, adapt
+
+    def forward_steps(self, T) -> int:
+        """The most accepted steps the adaptive forward (Dopri5, `Adjoint()`'s
+        tolerances) takes over the meta-batch up to `T`."""
+        field, rule = GradientField(self.whole_loss), Adjoint()
+        opts = ode._Options(steps=1, rtol=rule.rtol, atol=rule.atol, max_steps=rule.max_steps, solver="dopri5")
+
+        def one(task):
+            return ode._dense_forward(field, self.params, jnp.asarray(T, jnp.float32), (task[0], task[1]), opts,
+                                      None)[3]["accepted_steps"]
+
+        return int(np.max(jax.jit(jax.vmap(one))(self.batch)))
+
+    def adaptive_steps(self, T) -> tuple[int, int]:
+        """`(forward, backward)` accepted steps of `amaml-adaptive` at `T`, the most over the meta-batch."""
+        field, rule = GradientField(self.whole_loss), Adjoint()
+        sens = ode.AdaptiveAdjoint(self.dense_steps(T), rule.adjoint_rtol, rule.adjoint_atol)
+        opts = ode._Options(steps=1, rtol=rule.rtol, atol=rule.atol, max_steps=rule.max_steps, solver="dopri5")
+
+        def one(task):
+            data = (task[0], task[1])
+            Tj = jnp.asarray(T, jnp.float32)
+            y1, dense, _, fstats = ode._dense_forward(field, self.params, Tj, data, opts, sens.dense_steps, True)
+            a_end = jax.grad(self.whole_outer)(y1, task)
+            _, _, _, bstats = ode.adjoint_backward(field, dense, Tj, data, a_end, sens, opts, (False, False))
+            return fstats["accepted_steps"], bstats["num_accepted_steps"]
+
+        f, b = jax.jit(jax.vmap(one))(self.batch)
+        return int(np.max(f)), int(np.max(b))
+
+    def dense_steps(self, T) -> int:
+        """A dense-output size for `amaml-adaptive`: the forward's steps plus a quarter, rounded up to 16."""
+        return 16 * math.ceil(1.25 * self.forward_steps(T) / 16)
 
     def _head_objective(self, method, steps, T):
         features, split = self.head["features"], self.head["split"]
@@ -427,7 +468,7 @@ def device_description() -> str:
 # --------------------------------------------------------------------------- #
 
 
-_WHOLE_CONV4_SLOW = ("maml", "amaml", "amaml-ckpt")
+_WHOLE_CONV4_SLOW = ("maml", "amaml", "amaml-ckpt", "amaml-adaptive")
 
 
 @dataclasses.dataclass
@@ -515,6 +556,8 @@ def _measure_case(problem, method, steps, settings, history, repeats, device):
         msg = next((m for m in msg if "ctmeta" in m or "max_steps" in m), msg[0] if msg else "")
         row["status"] = f"error running: {type(err).__name__}: {msg[:200]}"
         return row
+    if method == "amaml-adaptive":
+        row["forward_steps"], row["backward_steps"] = problem.adaptive_steps(steps * H)
     history[(problem.name, method)] = (steps, row["seconds"], row["forward_seconds"])
     row["status"] = "ok" if row["repeats"] > 0 else "ok (warm-up call only: over the time budget)"
     return row
@@ -1124,6 +1167,29 @@ def evaluate_targets(rows, vmap_rows=(), diag_rows=()) -> list[dict]:
                       met=mr < 1, at=f"K={k}, C={checkpoints_for(k)}",
                       detail="memory " + ", ".join(
                           f"K={s}: {_get(rows, bench, 'amaml-ckpt', s, 'peak_bytes') / _get(rows, bench, 'amaml', s, 'peak_bytes'):.3f}" for s in ks) + tr))
+
+    # (7) the adaptive backward (`Adjoint()`) against its own forward, and its memory against
+    # the stored sweep at the paper's h = 0.01, on CosMixture 100-shot at T = 5 (K = 500).
+    ks = _steps_with(rows, "cosmixture", ["amaml-adaptive"], "seconds")
+    if ks:
+        k = _closest(ks, 500)
+        sec = _get(rows, "cosmixture", "amaml-adaptive", k, "seconds")
+        fwd = _get(rows, "cosmixture", "amaml-adaptive", k, "forward_seconds")
+        ratio = sec / fwd if sec and fwd else float("nan")
+        t.append(dict(name="7. amaml-adaptive meta-gradient / its forward (cosmixture)", value=f"{ratio:.2f}",
+                      goal="<= 3", met=bool(ratio <= 3), at=f"T={k * H:g}",
+                      detail=", ".join(
+                          f"T={s * H:g}: {_get(rows, 'cosmixture', 'amaml-adaptive', s, 'seconds') / _get(rows, 'cosmixture', 'amaml-adaptive', s, 'forward_seconds'):.2f}"
+                          for s in ks)))
+    km = _steps_with(rows, "cosmixture", ["amaml", "amaml-adaptive"], "peak_bytes")
+    if km:
+        k = _closest(km, 500)
+        mr = _get(rows, "cosmixture", "amaml-adaptive", k, "peak_bytes") / _get(rows, "cosmixture", "amaml", k, "peak_bytes")
+        t.append(dict(name="8. amaml-adaptive / amaml (stored, h = 0.01) peak_bytes (cosmixture)", value=f"{mr:.3f}",
+                      goal="<= 1", met=bool(mr <= 1), at=f"T={k * H:g}",
+                      detail=", ".join(
+                          f"T={s * H:g}: {_get(rows, 'cosmixture', 'amaml-adaptive', s, 'peak_bytes') / _get(rows, 'cosmixture', 'amaml', s, 'peak_bytes'):.3f}"
+                          for s in km)))
     return t
 
 

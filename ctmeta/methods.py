@@ -9,7 +9,7 @@ $h$ is forward Euler on the gradient flow).
 
 | rule | inner loop | meta-gradient $dJ/d\theta$ | memory |
 | --- | --- | --- | --- |
-| [`Adjoint`][] (A-MAML) | gradient flow, Dopri5 | adjoint ODE $\dot a = H a$ backward by Heun over $K$ stored states | $O(K\,|\theta|)$ |
+| [`Adjoint`][] (A-MAML) | gradient flow, Dopri5 | adjoint ODE $\dot a = H a$ backward: adaptive Dopri5 over the dense output, or Heun over $K$ stored states | $O(N\,|\theta|)$, $N$ the forward's steps, or $O(K\,|\theta|)$ |
 | [`Unrolled`][] (MAML; ANIL on a head) | $K$ GD steps | backprop through the loop: $\prod_k (I - hH_k)\,\nabla J$ | graph of $K$ steps |
 | [`FirstOrder`][] (FOMAML) | $K$ GD steps | $\nabla J(u_K)$ (identity Jacobian) | $O(|\theta|)$ |
 | [`Implicit`][] (iMAML) | $K$ GD steps on $L + \tfrac{\lambda}{2}\|u-\theta\|^2$ | $(I + H/\lambda)^{-1}\nabla J$ by conjugate gradients | $O(|\theta|)$ |
@@ -145,18 +145,37 @@ def _gd_steps(loss_fn, u, data, h, steps, *, prox=None, unroll=1):
 
 
 class Adjoint(AbstractMethod):
-    r"""A-MAML: gradient flow by Dopri5, meta-gradient by the adjoint ODE over stored states.
+    r"""A-MAML: gradient flow by Dopri5, meta-gradient by the adjoint ODE solved backward.
+
+    Two backward rules, chosen by `steps`:
+
+    - `Adjoint()` (`steps=None`, the default): the adjoint
+      $da/ds = -H(u(T - s))\,a$ is solved backward by an adaptive Dopri5
+      that reads $u(t)$ from the forward's dense output
+      (`ctmeta.ode.AdaptiveAdjoint`): no grid to choose, stable whatever the
+      curvature, and its cost follows the steps the flow needs.
+    - `Adjoint(steps=K)`: the paper's rule (Sec. 3.2): the forward stores
+      $K + 1$ states on a uniform grid, $h = T/K$, and the adjoint is swept
+      back over them by Heun (`ctmeta.ode.StoredAdjoint`).
 
     **Arguments:**
 
-    - `steps`: `K`, the number of intervals of the stored grid, $h = T/K$.
+    - `steps`: `None` (adaptive backward), or `K`, the number of intervals
+      of the stored grid, $h = T/K$.
     - `rtol`, `atol`: tolerances of the adaptive forward solve (`rtol` at
       least `1e-5` for float32 parameters: `ctmeta.ode.effective_rtol`).
-    - `scheme`: backward scheme, `"heun"` (the paper's), `"euler"` or `"rk4"`.
-    - `checkpoints`: keep `C` states and re-integrate segments backward
-      (memory $O((C + K/C)|\theta|)$, same gradient).
-    - `max_steps`: the forward solver's step budget.
-    - `stability_check`: check that the backward sweep is stable (default
+    - `dense_steps` (adaptive rule): the most accepted forward steps kept,
+      three states each; a forward that needs more fails with
+      `SolveStatus.DENSE_OVERFLOW`.
+    - `adjoint_rtol`, `adjoint_atol` (adaptive rule): the backward solve's
+      tolerances as factors of the forward's.
+    - `scheme` (stored rule): backward scheme, `"heun"` (the paper's),
+      `"euler"` or `"rk4"`.
+    - `checkpoints` (stored rule): keep `C` states and re-integrate segments
+      backward (memory $O((C + K/C)|\theta|)$, same gradient).
+    - `max_steps`: the forward solver's step budget (and the adaptive
+      backward's).
+    - `stability_check` (stored rule): check that the backward sweep is stable (default
       True). The sweep's fixed step $h = T/K$ must satisfy
       $h\,\lambda_{\max} < c$, $\lambda_{\max}$ the largest eigenvalue of
       the Hessian of the training loss along the flow, $c = 2$ for Heun and
@@ -174,19 +193,38 @@ class Adjoint(AbstractMethod):
       `ctmeta.ode.StoredAdjoint`.
     """
 
-    steps: int = eqx.field(default=100, static=True)
+    steps: int | None = eqx.field(default=None, static=True)
     rtol: float = eqx.field(default=1e-6, static=True)
     atol: float = eqx.field(default=1e-8, static=True)
     scheme: str = eqx.field(default="heun", static=True)
     checkpoints: int | None = eqx.field(default=None, static=True)
     max_steps: int = eqx.field(default=16384, static=True)
     stability_check: bool = eqx.field(default=True, static=True)
+    dense_steps: int = eqx.field(default=256, static=True)
+    adjoint_rtol: float = eqx.field(default=10.0, static=True)
+    adjoint_atol: float = eqx.field(default=10.0, static=True)
 
     def __check_init__(self):
-        _check_steps("Adjoint", self.steps)
-        ode.StoredAdjoint(self.scheme, self.checkpoints, self.stability_check)  # validates all three
-        if self.checkpoints is not None and self.steps % self.checkpoints:
-            raise InputError(f"Adjoint(checkpoints={self.checkpoints}) must divide steps={self.steps}.")
+        if self.steps is None:
+            if self.checkpoints is not None:
+                raise InputError("Adjoint(checkpoints=...) applies to the stored sweep: give steps=K too.")
+        else:
+            _check_steps("Adjoint", self.steps)
+            if self.checkpoints is not None and isinstance(self.checkpoints, int) and self.steps % self.checkpoints:
+                raise InputError(f"Adjoint(checkpoints={self.checkpoints}) must divide steps={self.steps}.")
+        self.sensitivity  # validates the rule's arguments
+
+    @property
+    def sensitivity(self) -> ode.AbstractSensitivity:
+        """The `ctmeta.ode` rule that differentiates the flow."""
+        if self.steps is None:
+            return ode.AdaptiveAdjoint(self.dense_steps, self.adjoint_rtol, self.adjoint_atol)
+        return ode.StoredAdjoint(self.scheme, self.checkpoints, self.stability_check)
+
+    @property
+    def inner_steps(self) -> int:
+        """`K` for the stored rule; 100 (the default evaluation's `T / h`) for the adaptive one."""
+        return self.steps if self.steps is not None else 100
 
     def adapt(self, loss_fn, params, data, T):
         return self._solve(loss_fn, params, data, T, throw=True)
@@ -201,8 +239,8 @@ class Adjoint(AbstractMethod):
             params,
             T,
             data,
-            steps=self.steps,
-            sensitivity=ode.StoredAdjoint(self.scheme, self.checkpoints, self.stability_check),
+            steps=self.steps if self.steps is not None else 100,
+            sensitivity=self.sensitivity,
             rtol=self.rtol,
             atol=self.atol,
             max_steps=self.max_steps,

@@ -9,6 +9,7 @@ import pytest
 
 from ctmeta.cli import main
 from ctmeta.experiments import reproduce
+from ctmeta.runs import Reporter
 
 
 def test_list_names_every_experiment(capsys):
@@ -116,3 +117,56 @@ def test_reproduce_imports_no_private_names_from_other_modules():
     from ctmeta.runs import dtype_name, package_versions, save_figure
 
     assert dtype_name() in ("float32", "float64") and "jax" in package_versions() and callable(save_figure)
+
+
+def test_committed_paper_scale_runs_are_read_back_and_reused(tmp_path):
+    # docs/results holds finished paper-scale runs: `reproduce` reuses them, training nothing.
+    import json
+    import pathlib
+    import shutil
+
+    src = pathlib.Path(__file__).resolve().parents[1] / "docs" / "results" / "amaml-fig2-cosmixture"
+    if not (src / "50shot-50val" / "maml" / "results.json").is_file():
+        pytest.skip("no committed amaml-fig2-cosmixture results")
+    out = tmp_path / "amaml-fig2-cosmixture"
+    shutil.copytree(src, out)
+    ctx = reproduce.Context(name="amaml-fig2-cosmixture", scale="paper", out=out, data_root=None, quiet=True, argv=[])
+    ctx.reporter = Reporter(quiet=True, silent=True)
+    r = reproduce.run_method(ctx, "50shot-50val/maml", "cosmixture", "maml", meta_iterations=5000, steps=20)
+    assert r.ok and r.results == json.loads((src / "50shot-50val" / "maml" / "results.json").read_text())
+    assert len(r.metrics) == 5000
+
+
+def test_methods_filter_runs_only_the_named_methods(tmp_path):
+    ctx = reproduce.Context(name="x", scale="test", out=tmp_path, data_root=None, quiet=True, argv=[],
+                            methods=frozenset({"maml"}))
+    ctx.reporter = Reporter(quiet=True, silent=True)
+    r = reproduce.run_method(ctx, "50shot-50val/reptile", "cosmixture", "reptile", meta_iterations=2, steps=2)
+    assert r.status == "not run" and not (tmp_path / "50shot-50val" / "reptile").exists()
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(tmp_path):
+    from ctmeta.runs import RunDir
+
+    def run(out, iters):
+        ctx = reproduce.Context(name="x", scale="test", out=out, data_root=None, quiet=True, argv=[])
+        ctx.reporter = Reporter(quiet=True, silent=True)
+        return reproduce.run_method(ctx, "s/maml", "cosmixture", "maml", meta_iterations=iters, steps=2,
+                                    eval_tasks=4, eval_steps=(0, 2))
+
+    whole = run(tmp_path / "a", 6)
+    # The same run as if stopped after its checkpoint at iteration 5: no results.json, no
+    # checkpoint 6, but the metrics row of iteration 6 written (it is torn off on resume).
+    part = tmp_path / "b"
+    assert run(part, 6).ok
+    d = RunDir(part / "s" / "maml")
+    (d.path / "results.json").unlink()
+    last_it, last = d.checkpoints()[-1]
+    assert last_it == 6 and d.checkpoints()[-2][0] == 5
+    last.unlink()
+    last.with_suffix(".json").unlink()
+    resumed = run(part, 6)
+    assert resumed.ok and whole.ok
+    assert [r["iteration"] for r in resumed.metrics] == list(range(1, 7))
+    assert [r["meta_loss"] for r in resumed.metrics] == [r["meta_loss"] for r in whole.metrics]
+    assert resumed.results["learned"] == whole.results["learned"]

@@ -128,6 +128,7 @@ class Context:
     quiet: bool
     argv: list[str]
     reporter: Any = None
+    methods: frozenset[str] | None = None  # run only these (the label's last part); None: all
     deviations: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -147,7 +148,7 @@ class Context:
 @dataclasses.dataclass
 class RunResult:
     label: str
-    status: str  # "ok" | "skipped" | "failed"
+    status: str  # "ok" | "skipped" | "failed" | "not run" (left out by --methods)
     message: str = ""
     results: dict | None = None
     metrics: list | None = None
@@ -221,6 +222,8 @@ def run_method(
 
     path = ctx.out / label
     done = path / "results.json"
+    if ctx.methods is not None and label.rsplit("/", 1)[-1] not in ctx.methods and not done.is_file():
+        return RunResult(label, "not run", "not selected by --methods")
     if done.is_file():
         try:
             results = json.loads(done.read_text())
@@ -256,6 +259,8 @@ def run_method(
     if method_options:
         config["method_options"] = {**config.get("method_options", {}), **method_options}
     config["reproduce"] = {"experiment": ctx.name, "scale": ctx.scale, "label": label}
+    # Long runs checkpoint often: a stopped reproduction continues from the last one.
+    config["checkpoint_every"] = min(int(config["checkpoint_every"]), 250)
     from ..runs import Reporter
 
     reporter = ctx.reporter or Reporter(quiet=ctx.quiet)
@@ -264,19 +269,26 @@ def run_method(
         exp = presets.build(config, progress=not ctx.quiet, log=reporter.log)
         if ev.get("tasks") is not None and hasattr(exp.family, "test_batch") and eval_tasks is not None:
             _limit_eval_tasks(exp, int(eval_tasks))
-        if path.exists():
-            shutil.rmtree(path)  # an unfinished run of an earlier call: start it again
         import datetime as _dt
 
-        config["dtype"] = dtype_name()
-        config["task_family"] = repr(exp.family)
-        config["versions"] = package_versions()
-        config["created"] = _dt.datetime.now().isoformat(timespec="seconds")
-        config["argv"] = ["reproduce", *ctx.argv]
-        run = RunDir.create(path, config)
-        ctx.log(f"\n=== {ctx.name} / {label}: {benchmark} {method}, {config['meta_iterations']} meta-iterations "
-                f"-> {path}")
-        state = train(exp, run, reporter=reporter)
+        state, seconds, run = None, 0.0, _unfinished_run(path, config, exp, ctx)
+        if run is not None:  # an unfinished run of an earlier call: continue it from its checkpoint
+            state, meta, ckpt = run.load_latest(exp.learner.init(exp.run_key), warn=ctx.log, config=run.read_config())
+            rows = run.truncate_metrics(int(state.iteration))
+            seconds = float(meta.get("seconds", rows[-1]["seconds"] if rows else 0.0))
+            ctx.log(f"\n=== {ctx.name} / {label}: resuming {path} from {ckpt.name}")
+        else:
+            if path.exists():
+                shutil.rmtree(path)  # unfinished with nothing to resume, or of another configuration
+            config["dtype"] = dtype_name()
+            config["task_family"] = repr(exp.family)
+            config["versions"] = package_versions()
+            config["created"] = _dt.datetime.now().isoformat(timespec="seconds")
+            config["argv"] = ["reproduce", *ctx.argv]
+            run = RunDir.create(path, config)
+            ctx.log(f"\n=== {ctx.name} / {label}: {benchmark} {method}, {config['meta_iterations']} "
+                    f"meta-iterations -> {path}")
+        state = train(exp, run, state=state, seconds_offset=seconds, reporter=reporter)
         results = evaluate_run(exp, run, state, reporter=reporter)
     except DataError as err:
         ctx.note(f"skipped {label}: {err}")
@@ -292,6 +304,30 @@ def run_method(
     metrics = RunDir(path).read_metrics()
     return RunResult(label, "ok", results=results, metrics=metrics, seconds=time.perf_counter() - t0,
                      run_dir=str(path))
+
+
+# Keys of a run's config.json that record where and when it ran, not what it computes.
+_RUN_RECORD_KEYS = ("dtype", "task_family", "versions", "created", "argv", "resumes", "devices", "processes")
+
+
+def _unfinished_run(path: pathlib.Path, config: dict, exp, ctx: Context):
+    """The run directory at `path` if it holds an unfinished run of this same
+    configuration with a checkpoint to continue from; else None."""
+    from ..runs import RunDir, dtype_name
+
+    run = RunDir(path)
+    if not run.config_path.is_file() or not run.checkpoints():
+        return None
+    try:
+        saved = run.read_config()
+    except CtmetaError:
+        return None
+    same = lambda c: {k: v for k, v in c.items() if k not in _RUN_RECORD_KEYS}
+    if same(json.loads(json.dumps(config))) != same(saved) or saved.get("dtype") != dtype_name():
+        ctx.log(f"[{path.name}] the unfinished run in {path} has another configuration: starting it again")
+        return None
+    run.remove_temporaries()
+    return run
 
 
 def _limit_eval_tasks(exp, n: int) -> None:
@@ -404,15 +440,6 @@ _FIG2_SETTINGS = {
     "50shot-50val": (50, 2.0, 200, 20, 200),
     "100shot-100val": (100, 5.0, 500, 50, 500),
 }
-# A-MAML's stored states where the paper's h = T/K = 0.01 is unstable for the
-# Heun adjoint sweep (stable only while h * lambda_max(Hessian) < 2; the
-# check of `ctmeta.ode.StoredAdjoint` stops such a run). Alpine's support loss
-# sharpens along the flow, and more so as meta-training goes on: at 100shot,
-# lambda_max 29 at t=0 to 239 at t=5 (float64, meta-iteration 1, task 0), so
-# K=500 gave a meta-gradient norm of 7,413 against 10.51 at K=1000 and 10.51
-# at K=2000; at K=1000 a meta-gradient overflowed at meta-iteration 54; at
-# 50shot (T=2) K=200 was flagged at meta-iteration 7. Both now use h = 0.0025.
-_FIG2_AMAML_STATES = {("alpine", "50shot-50val"): 800, ("alpine", "100shot-100val"): 2000}
 _FIG2_METHODS = ("amaml", "maml", "maml-1", "fomaml", "reptile", "imaml")
 _LABEL = {"amaml": "A-MAML", "maml": "MAML", "maml-1": "MAML-1", "fomaml": "FOMAML", "reptile": "Reptile",
           "imaml": "iMAML", "comln": "COMLN", "anil": "ANIL"}
@@ -446,15 +473,12 @@ def _fig2(ctx: Context, benchmark: str) -> None:
             kwargs = dict(meta_iterations=n, shots=shots, eval_tasks=eval_tasks,
                           eval_steps=(0, test_steps // 4, test_steps), eval_every=max(1, test_steps // 20))
             if m == "amaml":
-                states = _FIG2_AMAML_STATES.get((benchmark, setting), steps) if scale != "test" else steps
-                if states != steps:
-                    ctx.deviate(f"A-MAML {setting}: {states} stored states (h = {T / states:g}) instead of "
-                                f"{steps} (h = {T / steps:g}): the support loss sharpens along the flow and during "
-                                "meta-training (largest Hessian eigenvalue 29 at t = 0 and 239 at t = 5 at 100shot, "
-                                "meta-iteration 1), and the Heun adjoint sweep is stable only while "
-                                "h * lambda_max < 2; at h = 0.01 the stability check stopped the 50shot run at "
-                                "meta-iteration 7, and at h = 0.005 a 100shot meta-gradient overflowed at 54")
-                kwargs.update(T=T, steps=states)
+                ctx.deviate("A-MAML's meta-gradient: ctmeta's default rule, the adjoint solved backward by an adaptive "
+                            "Dopri5 over the forward's dense output (`Adjoint()`), instead of the paper's Heun sweep "
+                            "over states stored every h = 0.01 (on Alpine that sweep is unstable at h = 0.01: the "
+                            "largest Hessian eigenvalue grows from 29 to 239 along the flow, and Heun needs "
+                            "h * lambda_max < 2)")
+                kwargs.update(T=T)
             elif m == "maml":
                 kwargs.update(steps=maml_steps)
             elif m == "maml-1":
@@ -533,7 +557,9 @@ def _table12(ctx: Context) -> None:
                 for m in methods:
                     kw = dict(meta_iterations=iters, shots=shots, eval_steps=(0, steps), eval_every=max(1, steps // 10))
                     if m == "amaml":
-                        kw.update(T=T, steps=steps)
+                        kw.update(T=T)
+                        ctx.deviate("A-MAML's meta-gradient: the adaptive backward adjoint (`Adjoint()`, ctmeta's "
+                                    "default) instead of the paper's Heun sweep over stored states")
                     elif m == "maml":
                         kw.update(steps=maml_steps)
                     else:
@@ -1047,8 +1073,12 @@ def list_text() -> str:
 
 
 def run_experiment(name: str, *, scale: str = "quick", out: str = "reproduce-out", data_dir: str | None = None,
-                   quiet: bool = False, argv: list[str] | None = None) -> pathlib.Path:
-    """Run one experiment; returns its output directory."""
+                   quiet: bool = False, argv: list[str] | None = None,
+                   methods: tuple[str, ...] | None = None) -> pathlib.Path:
+    """Run one experiment; returns its output directory.
+
+    `methods` (e.g. `("maml", "reptile")`) runs only the runs whose label ends
+    in one of them; the others are listed as not run, unless already finished."""
     from ..runs import Reporter
 
     if name not in EXPERIMENTS:
@@ -1065,7 +1095,7 @@ def run_experiment(name: str, *, scale: str = "quick", out: str = "reproduce-out
     path.mkdir(parents=True, exist_ok=True)
     ctx = Context(name=name, scale=scale, out=path, data_root=root, quiet=quiet,
                   argv=list(argv) if argv is not None else [name, "--scale", scale],
-                  reporter=Reporter(quiet=quiet))
+                  reporter=Reporter(quiet=quiet), methods=frozenset(methods) if methods else None)
     t0 = time.perf_counter()
     EXPERIMENTS[name].runner(ctx)
     ctx.log(f"{name} ({scale}) finished in {time.perf_counter() - t0:.0f} s; results in {path}")
@@ -1087,6 +1117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="root holding movielens/, jester/, omniglot/, miniimagenet/ (default: $CTMETA_DATA, "
                    "else ./data)")
+    p.add_argument("--methods", default=None, metavar="M,M,...",
+                   help="run only these methods (e.g. maml,maml-1,reptile); finished runs of the others are "
+                   "still read back into the tables")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="print tracebacks")
     return p
@@ -1113,8 +1146,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.debug:
         os.environ["CTMETA_DEBUG"] = "1"
     try:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
         run_experiment(args.experiment, scale=args.scale, out=args.out, data_dir=args.data_dir, quiet=args.quiet,
-                       argv=argv)
+                       argv=argv, methods=methods)
     except CtmetaError as err:
         if args.debug:
             traceback.print_exc()
