@@ -27,7 +27,20 @@ class CheckpointError(CtmetaError):
 
 
 class NumericalError(CtmetaError):
-    """A solve or a meta-gradient produced non-finite values or ran out of steps."""
+    """A solve or a meta-gradient produced non-finite values or ran out of steps.
+
+    Raised by `MetaLearner.meta_step`, it also says (as attributes, `None`
+    when unknown) at which meta-`iteration` (1-based) it happened, `what`
+    happened without the advice for the Python API (the command line gives
+    its own), and whether `all_tasks` of the meta-batch failed (then
+    `on_nonfinite="skip-task"` cannot help)."""
+
+    def __init__(self, message: str = "", *, iteration: int | None = None, what: str | None = None,
+                 all_tasks: bool | None = None):
+        super().__init__(message)
+        self.iteration = iteration
+        self.what = what
+        self.all_tasks = all_tasks
 
 
 def check_int(name: str, value, *, minimum: int = 1) -> int:

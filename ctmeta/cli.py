@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import signal
 import sys
 import traceback
 
 from ._errors import CtmetaError, InputError, NumericalError
+from .runs import one_line
 from .presets import BACKBONES, BENCHMARKS, LR_SCHEDULES, METHODS, OPTIMIZERS
 from .tasks.download import DownloadError
 
@@ -141,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run in DIR from its last checkpoint with its saved configuration "
                    "(only --meta-iterations, --checkpoint-every and --on-nonfinite may change)")
+    t.add_argument("--log-y", action="store_true",
+                   help="draw figures/error_vs_steps.png with a logarithmic error axis")
     t.add_argument("--on-nonfinite", choices=["error", "skip-task"], default=None,
                    help="a task whose loss or meta-gradient is not finite (or whose ODE solve runs out "
                    "of steps): 'error' stops the run naming the iteration and task (default); "
@@ -165,10 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "evaluate",
         help="evaluate a run's latest checkpoint on the meta-test tasks",
-        description="Load RUN_DIR's configuration and latest checkpoint, evaluate the learned and a "
-        "random initialisation on the meta-test tasks, and rewrite results.md and the figures.",
+        description="Load RUN_DIR's configuration and latest checkpoint (or --checkpoint), evaluate the learned "
+        "and a random initialisation on the meta-test tasks, print the table, and rewrite results.md, "
+        "results.json and the figures. The run directory must be writable and not in use by ctmeta train.",
     )
     e.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by ctmeta train")
+    e.add_argument("--checkpoint", default=None, metavar="ITER|FILE",
+                   help="the checkpoint to evaluate: an iteration with a checkpoint in RUN_DIR/checkpoints, or "
+                   "a .eqx file (default: the newest that loads)")
+    e.add_argument("--steps", default=None, metavar="INT,INT,...",
+                   help="adaptation steps of the table, comma-separated, e.g. 0,10,50 (default: the run's)")
+    e.add_argument("--tasks", type=int, default=None, metavar="INT",
+                   help="evaluate on the first INT meta-test tasks, > 0 (default: all of them)")
+    e.add_argument("--lr", type=float, default=None, metavar="FLOAT",
+                   help="learning rate of the adaptation's gradient descent, > 0 (default: the run's)")
+    e.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="where the benchmark's data are now (default: the run's data directory)")
+    e.add_argument("--log-y", action="store_true",
+                   help="draw figures/error_vs_steps.png with a logarithmic error axis")
     _add_common(e)
 
     dl = sub.add_parser(
@@ -300,15 +318,56 @@ def _check_resume_flags(args, config: dict) -> dict:
             raise InputError(f"--checkpoint-every must be a positive integer, got {args.checkpoint_every}")
         config["checkpoint_every"] = args.checkpoint_every
     if args.data_dir is not None:
-        import pathlib
-
-        path = pathlib.Path(args.data_dir).expanduser()
-        if not path.exists():
-            from ._errors import DataError
-
-            raise DataError(f"--data-dir {path} does not exist")
-        config["data_dir"] = str(path.resolve())
+        config["data_dir"] = _existing_data_dir(args.data_dir, config.get("benchmark"))
     return config
+
+
+def _existing_data_dir(data_dir: str, benchmark: str | None = None) -> str:
+    import pathlib
+
+    from ._errors import DataError
+
+    preset = BENCHMARKS.get(benchmark) if benchmark else None
+    if preset is not None and preset.data_subdir is None:
+        raise InputError(f"--data-dir is not used by {benchmark} (its tasks are synthetic)")
+    path = pathlib.Path(data_dir).expanduser()
+    if not path.exists():
+        raise DataError(f"--data-dir {path} does not exist")
+    return str(path.resolve())
+
+
+_PATH_FLAGS = (("out", "--out"), ("data_dir", "--data-dir"), ("resume", "--resume"), ("run_dir", "RUN_DIR"),
+               ("checkpoint", "--checkpoint"))
+
+
+def _check_paths(args) -> None:
+    """An empty path (`--out ''`) would mean the current directory: refuse it."""
+    for name, flag in _PATH_FLAGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not value.strip():
+            raise InputError(f"{flag} is empty ({value!r}); give a path"
+                             + (", or leave --out out for runs/<benchmark>-<method>-<timestamp>" if name == "out" else ""))
+
+
+#: The keys ctmeta writes into config.json (besides those of presets.resolve_config).
+_CONFIG_EXTRA_KEYS = {"on_nonfinite", "dtype", "task_family", "versions", "created", "argv", "devices", "processes",
+                      "resumes", "data_options", "reproduce"}
+
+
+def _check_config_origin(config: dict, warn) -> None:
+    """Warn about a config.json written by another ctmeta version or holding keys this version does not know."""
+    from . import __version__
+    from .presets import resolve_config
+
+    saved = config.get("ctmeta_version")
+    if saved != __version__:
+        warn(f"warning: the run was written by ctmeta {saved or '(unknown version)'}, this is ctmeta {__version__}; "
+             "its configuration is read as this version understands it")
+    known = set(resolve_config()) | _CONFIG_EXTRA_KEYS
+    unknown = sorted(k for k in config if k not in known)
+    if unknown:
+        warn(f"warning: config.json holds key{'s' if len(unknown) > 1 else ''} this version does not know, ignored: "
+             + ", ".join(unknown))
 
 
 def _cluster(args) -> tuple[str, int, int] | None:
@@ -349,8 +408,10 @@ def _task_mesh(cluster, devices: int | None, meta_batch: int):
 
 
 def _cmd_train(args, argv) -> int:
-    from .runs import Reporter, RunDir, default_run_dir, dtype_name, evaluate_run, package_versions, train
+    from .runs import (Reporter, RunDir, check_writable, default_run_dir, dtype_name, evaluate_run, package_versions,
+                       train)
 
+    _check_paths(args)
     _check_limits(args)  # before the run directory is touched
     cluster = _cluster(args)
     # Several processes: all compute, process 0 alone writes (and prints).
@@ -358,8 +419,11 @@ def _cmd_train(args, argv) -> int:
     reporter = Reporter(quiet=args.quiet, silent=not writes)
     if args.resume is not None:
         run = RunDir.open(args.resume)
-        config = _check_resume_flags(args, run.read_config())
+        saved = run.read_config()
+        config = _check_resume_flags(args, saved)
         if writes:
+            _check_run_writable(run, f"--resume {run.path}", check_writable)
+            _check_config_origin(saved, _warn)
             run.lock()
             run.remove_temporaries()
     else:
@@ -371,13 +435,17 @@ def _cmd_train(args, argv) -> int:
         out = args.out if args.out is not None else str(default_run_dir(config["benchmark"], config["method"]))
         if writes and RunDir(out).config_path.exists():
             raise InputError(f"--out {out} already holds a run; continue it with --resume {out} or choose another --out")
+        if writes:
+            check_writable(out, f"--out {out}" if args.out is not None else f"the run directory {out} (the default "
+                           "--out, under the current directory)")
 
+    args.policy = config.get("on_nonfinite") or "error"
     mesh = _task_mesh(cluster, args.devices, int(config["meta_batch"]))
     import jax
 
     from .presets import build
 
-    exp = build(config, progress=not args.quiet, log=reporter.log)
+    exp = build(config, progress=not reporter.quiet, log=reporter.log)
     learner = exp.learner
     if mesh is not None:
         learner.mesh = mesh
@@ -413,8 +481,15 @@ def _cmd_train(args, argv) -> int:
         reporter.log(f"run directory: {run.path}")
     args.run_path = str(run.path)
     state = train(exp, run, state=state, seconds_offset=seconds, reporter=reporter)
-    evaluate_run(exp, run, state, reporter=reporter)
+    evaluate_run(exp, run, state, reporter=reporter, log_y=args.log_y)
     return 0
+
+
+def _check_run_writable(run, what: str, check_writable) -> None:
+    """The run directory and the folders ctmeta writes in it accept new files."""
+    for folder in (run.path, run.checkpoint_dir, run.figure_dir):
+        if folder.exists() or folder == run.path:
+            check_writable(folder, what if folder == run.path else f"{what} ({folder.name}/)")
 
 
 def _download(benchmark: str, data_dir: str | None, reporter) -> None:
@@ -447,8 +522,13 @@ def _download(benchmark: str, data_dir: str | None, reporter) -> None:
 
 
 def _cmd_download(args) -> int:
+    import pathlib
+
     from .runs import Reporter
 
+    _check_paths(args)
+    if args.data_dir is not None and pathlib.Path(args.data_dir).expanduser().is_file():
+        raise InputError(f"--data-dir {args.data_dir} is a file, not a directory; give the folder to put the files in")
     _download(args.benchmark, args.data_dir, Reporter(quiet=args.quiet))
     return 0
 
@@ -457,18 +537,125 @@ def _warn(message: str) -> None:
     print(f"ctmeta: {message}", file=sys.stderr, flush=True)
 
 
-def _cmd_evaluate(args) -> int:
-    from .presets import build
-    from .runs import Reporter, RunDir, evaluate_run
+def _parse_steps(text: str) -> list[int]:
+    parts = [x.strip() for x in str(text).split(",")]
+    try:
+        steps = [int(x) for x in parts]
+    except ValueError:
+        raise InputError(f"--steps {text!r}: expected non-negative integers separated by commas, e.g. 0,10,50") from None
+    if not steps or any(x < 0 for x in steps):
+        raise InputError(f"--steps {text!r}: expected non-negative integers separated by commas, e.g. 0,10,50")
+    if max(steps) > _LIMITS["steps"]:
+        raise InputError(f"--steps {max(steps)} is too large (at most {_LIMITS['steps']:g}); choose a smaller value")
+    return sorted(set(steps))
 
+
+def _cmd_evaluate(args) -> int:
+    from ._errors import check_positive
+    from .presets import build
+    from .runs import Reporter, RunDir, check_writable, evaluate_run
+
+    _check_paths(args)
+    steps = None if args.steps is None else _parse_steps(args.steps)
+    if args.tasks is not None and args.tasks < 1:
+        raise InputError(f"--tasks must be a positive integer, got {args.tasks}")
+    if args.lr is not None:
+        check_positive("--lr", args.lr)
     reporter = Reporter(quiet=args.quiet)
     run = RunDir.open(args.run_dir)
     config = run.read_config()
-    exp = build(config, progress=not args.quiet, log=reporter.log)
-    state, _, path = run.load_latest(exp.learner.init(exp.run_key), warn=_warn, config=config)
-    reporter.log(f"evaluating {run.path} at {path.name} (iteration {int(state.iteration)})")
-    evaluate_run(exp, run, state, reporter=reporter)
+    _check_config_origin(config, _warn)
+    if args.data_dir is not None:
+        config["data_dir"] = _existing_data_dir(args.data_dir, config.get("benchmark"))
+    # Before any work: results are written into the run, which a training run must not be writing.
+    _check_run_writable(run, f"run directory {run.path}", check_writable)
+    with run.locked():
+        exp = build(config, progress=not reporter.quiet, log=reporter.log)
+        like = exp.learner.init(exp.run_key)
+        if args.checkpoint is not None:
+            state, _, path = run.load_checkpoint(args.checkpoint, like, config=config)
+        else:
+            state, _, path = run.load_latest(like, warn=_warn, config=config)
+        reporter.log(f"evaluating {run.path} at {path.name} (iteration {int(state.iteration)})")
+        evaluate_run(exp, run, state, reporter=reporter, steps=steps, tasks=args.tasks, lr=args.lr,
+                     log_y=args.log_y)
     return 0
+
+
+_BENCH_POSITIVE_INTS = ("repeats", "meta_batch")
+_BENCH_POSITIVE_FLOATS = ("time_budget", "max_bytes")
+
+
+def _bench_parser(bench):
+    """`ctmeta bench`'s flags (from `ctmeta.bench.build_parser`) in the style
+    of the other commands: errors on one line as `ctmeta bench: error: ...`,
+    INT/FLOAT/DIR metavars, defaults in the help, and `--quiet`."""
+    parser = _Parser(
+        prog="ctmeta bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Memory and time of each meta-gradient rule against the number of inner steps "
+                    "(A-MAML Figs. 3-4, COMLN Fig. 3). Writes bench.csv, figures and targets.md.",
+    )
+    bench.build_parser(parser)
+    for action in parser._actions:
+        if action.metavar is None and action.nargs != 0 and action.option_strings:
+            if action.type is int:
+                action.metavar = "INT"
+            elif action.type is float:
+                action.metavar = "FLOAT"
+            elif action.dest in ("out", "data_dir"):
+                action.metavar = "DIR"
+            else:
+                action.metavar = "NAME"
+    parser.add_argument("--quiet", action="store_true", help="no progress bars: print log lines only "
+                        "(the same as --no-progress)")
+    parser.add_argument("--debug", action="store_true", help="print the full traceback on errors")
+    return parser
+
+
+class _RestyledStderr:
+    """sys.stderr, with a subcommand's own messages in the style of the others:
+    `ctmeta bench: <message>` and `ctmeta reproduce: error: <message>` are
+    written as `ctmeta: error: <message>`, `ctmeta reproduce: interrupted` as
+    `ctmeta: interrupted`."""
+
+    def __init__(self, stream, command: str):
+        self._stream = stream
+        self._prefix = f"ctmeta {command}: "
+
+    def write(self, text):
+        if isinstance(text, str) and text.startswith(self._prefix):
+            rest = text[len(self._prefix):]
+            if rest.startswith("error: "):
+                rest = rest[len("error: "):]
+            text = ("ctmeta: " if rest.startswith("interrupted") else "ctmeta: error: ") + rest
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _check_bench_args(args) -> None:
+    import math
+
+    for name in _BENCH_POSITIVE_INTS:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    for name in _BENCH_POSITIVE_FLOATS:
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise InputError(f"--{name.replace('_', '-')} must be a positive, finite number, got {value:g}")
+    for value in getattr(args, "steps", None) or []:
+        if value < 1:
+            raise InputError(f"--steps must be positive integers, got {value}")
+    for name, flag in (("out", "--out"), ("data_dir", "--data-dir")):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not value.strip():
+            raise InputError(f"{flag} is empty ({value!r}); give a path")
+    if not getattr(args, "diagnostics_only", False) and getattr(args, "out", None):
+        from .runs import check_writable
+
+        check_writable(args.out, f"--out {args.out}")
 
 
 def _run_bench(argv: list[str]) -> int:
@@ -477,20 +664,87 @@ def _run_bench(argv: list[str]) -> int:
     except ImportError as err:
         print(f"ctmeta: error: ctmeta bench is not available ({err})", file=sys.stderr)
         return 2
+    debug = "--debug" in argv
     try:
+        parser = _bench_parser(bench)
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2)
+        return exit_.code if isinstance(exit_.code, int) else 2
+    argv = [a for a in argv if a not in ("--quiet", "--debug")]
+    if args.quiet and "--no-progress" not in argv:
+        argv.append("--no-progress")
+    if "--no-progress" not in argv and not sys.stderr.isatty():
+        argv.append("--no-progress")  # a file or a pipe: log lines, not progress bars
+    restore_columns = "COLUMNS" not in os.environ and not sys.stdout.isatty()
+    if restore_columns:  # rich would wrap its tables at 80 columns in a file or a pipe
+        os.environ["COLUMNS"] = "200"
+    old_stderr = sys.stderr
+    try:
+        _check_bench_args(args)
+        sys.stderr = _RestyledStderr(old_stderr, "bench")
         return int(bench.main(argv) or 0)
     except SystemExit as exit_:  # argparse inside bench
         return exit_.code if isinstance(exit_.code, int) else 2
     except CtmetaError as err:
-        print(f"ctmeta: error: {err}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(f"ctmeta: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ctmeta: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        msg = (str(err).strip().splitlines() or [""])[0]
-        print(f"ctmeta: internal error: {type(err).__name__}: {msg}", file=sys.stderr)
-        return 1
+        return _internal_error(err, debug)
+    finally:
+        sys.stderr = old_stderr
+        if restore_columns:
+            os.environ.pop("COLUMNS", None)
+
+
+def _run_reproduce(argv: list[str]) -> int:
+    """`ctmeta reproduce ...` (ctmeta.experiments.reproduce.main), with its usage
+    errors on one line, its paths checked first and its messages in the style
+    of the other commands."""
+    import types
+
+    from .experiments import reproduce
+
+    debug = "--debug" in argv
+    parser = reproduce.build_parser()
+    parser.error = types.MethodType(_Parser.error, parser)  # one line, "(see: ctmeta reproduce --help)"
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    old_stderr = sys.stderr
+    try:
+        for name, flag in (("out", "--out"), ("data_dir", "--data-dir")):
+            value = getattr(args, name, None)
+            if isinstance(value, str) and not value.strip():
+                raise InputError(f"{flag} is empty ({value!r}); give a path")
+        if args.experiment and not args.list and args.out:
+            from .runs import check_writable
+
+            check_writable(args.out, f"--out {args.out}")
+        sys.stderr = _RestyledStderr(old_stderr, "reproduce")
+        return int(reproduce.main(argv) or 0)
+    except CtmetaError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"ctmeta: error: {one_line(err)}", file=old_stderr)
+        return 2
+    except OSError as err:
+        sys.stderr = old_stderr
+        if _ENVIRONMENT_ERRNOS.get(err.errno) is None:
+            return _internal_error(err, debug)
+        where = f" {err.filename}" if err.filename else ""
+        print(f"ctmeta: error: cannot write{where}: {_ENVIRONMENT_ERRNOS[err.errno]}", file=old_stderr)
+        return 2
+    except Exception as err:
+        sys.stderr = old_stderr
+        return _internal_error(err, debug)
+    finally:
+        sys.stderr = old_stderr
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -499,9 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "bench":
         return _run_bench(argv[1:])
     if argv and argv[0] == "reproduce":
-        from .experiments.reproduce import main as _reproduce_main
-
-        return _reproduce_main(argv[1:])
+        return _run_reproduce(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -519,27 +771,28 @@ def main(argv: list[str] | None = None) -> int:
     except NumericalError as err:  # a runtime failure, not a usage error: status 1
         if debug:
             traceback.print_exc()
-        where = getattr(args, "run_path", None)
-        message = str(err).strip()
-        hint = ""
-        if where and args.command == "train":
-            # Skipping tasks cannot help when every task of the meta-batch failed.
-            skip = "" if "every task" in message else " --on-nonfinite skip-task"
-            hint = (f"; the last good iteration is checkpointed: continue with ctmeta train --resume {where}{skip}, "
-                    "or change the configuration")
-            message = message.rstrip(".")
-        print(f"ctmeta: error: {message}{hint}", file=sys.stderr)
+        print(f"ctmeta: error: {_numerical_message(err, args)}", file=sys.stderr)
         return 1
     except DownloadError as err:  # the network or the server, not the user's input: status 1
         if debug:
             traceback.print_exc()
-        print(f"ctmeta: error: {err}; download the file by hand into the data directory, "
+        print(f"ctmeta: error: {one_line(err)}; download the file by hand into the data directory, "
               "or run again later", file=sys.stderr)
         return 1
     except CtmetaError as err:
         if debug:
             traceback.print_exc()
-        print(f"ctmeta: error: {err}", file=sys.stderr)
+        print(f"ctmeta: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if _ENVIRONMENT_ERRNOS.get(err.errno) is None:
+            return _internal_error(err, debug)
+        # The user's environment (permissions, a read-only or full disk), not a bug: status 2.
+        if debug:
+            traceback.print_exc()
+        where = f" {err.filename}" if err.filename else ""
+        print(f"ctmeta: error: cannot write{where}: {_ENVIRONMENT_ERRNOS[err.errno]}; "
+              "choose a location you can write to, or free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", 2)
@@ -554,15 +807,59 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"ctmeta: interrupted by {name}", file=sys.stderr)
         return 128 + signum
-    except Exception as err:  # a bug, or an environment problem
-        if debug:
-            traceback.print_exc()
-        msg = str(err).strip().splitlines()
-        msg = msg[0] if msg else ""
-        hint = "" if debug else " (run again with --debug for the traceback)"
-        print(f"ctmeta: internal error: {type(err).__name__}: {msg}{hint}", file=sys.stderr)
-        return 1
+    except Exception as err:  # a bug
+        return _internal_error(err, debug)
     return 0
+
+
+def _internal_error(err: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(type(err), err, err.__traceback__)
+    msg = str(err).strip().splitlines()
+    msg = msg[0] if msg else ""
+    hint = "" if debug else " (run again with --debug for the traceback)"
+    print(f"ctmeta: internal error: {type(err).__name__}: {msg}{hint}", file=sys.stderr)
+    return 1
+
+
+def _errno_names() -> dict[int, str]:
+    import errno
+
+    return {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+            errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
+            errno.EDQUOT: "disk quota exceeded"}
+
+
+_ENVIRONMENT_ERRNOS = _errno_names()
+
+
+def _numerical_message(err: NumericalError, args) -> str:
+    """The error, and advice that fits the command line: resuming repeats a
+    deterministic failure, so it is offered only with --on-nonfinite
+    skip-task and only when some task of the meta-batch succeeded."""
+    import re
+
+    where = getattr(args, "run_path", None)
+    what = one_line(getattr(err, "what", None) or str(err)).rstrip(".")
+    if not where or args.command != "train":
+        return what
+    iteration = getattr(err, "iteration", None)
+    if iteration is None:
+        m = re.search(r"meta-iteration (\d+)", what)
+        iteration = int(m.group(1)) if m else None
+    all_tasks = getattr(err, "all_tasks", None)
+    if all_tasks is None:
+        all_tasks = "every task" in what
+    policy = getattr(args, "policy", None) or getattr(args, "on_nonfinite", None) or "error"
+    new_run = "a smaller --T or more --steps" + ("" if iteration == 1 else ", or a smaller --meta-lr")
+    if not all_tasks and policy != "skip-task":
+        return (f"{what}; the last good iteration is checkpointed: continue with ctmeta train --resume {where} "
+                f"--on-nonfinite skip-task (leaves such tasks out), or start a new run with {new_run}")
+    if iteration == 1:
+        return (f"{what}; this is the first meta-iteration, from the initialisation, so resuming would fail the "
+                f"same way: start a new run with {new_run}")
+    return (f"{what}; the last good iteration is checkpointed in {where}, but the run is deterministic, so "
+            f"resuming would fail the same way: start a new run with {new_run}")
 
 
 def _console_main() -> None:  # pragma: no cover

@@ -78,6 +78,7 @@ __all__ = [
     "Evaluation",
     "InputScale",
     "LinearFlow",
+    "METRICS",
     "MetaLearner",
     "MetaParams",
     "MetaState",
@@ -86,6 +87,8 @@ __all__ = [
     "load_state",
     "mse",
     "nrmse_metric",
+    "SCALAR_METRICS",
+    "TASK_METRICS",
     "save_state",
     "summarize",
 ]
@@ -103,8 +106,31 @@ def _masked_mean(values, mask):
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def _check_regression_shapes(name: str, pred, y) -> None:
+    if jnp.shape(pred) != jnp.shape(y):
+        raise InputError(
+            f"{name}: the predictions have shape {jnp.shape(pred)} but the targets have shape {jnp.shape(y)} "
+            "(one task: (K, outputs) each); give targets of the model's output shape, or a model with as many "
+            "outputs as the targets have columns"
+        )
+
+
+def _check_class_shapes(name: str, logits, labels) -> None:
+    lshape, yshape = jnp.shape(logits), jnp.shape(labels)
+    if len(lshape) < 1 or yshape != lshape[:-1]:
+        extra = ""
+        if yshape == lshape:
+            extra = " (these look like one-hot labels: pass the integer labels, jnp.argmax(onehot, axis=-1))"
+        raise InputError(
+            f"{name}: the logits have shape {lshape} but the labels have shape {yshape}; one task takes logits "
+            f"(K, ways) and integer labels (K,){extra}"
+        )
+
+
 def mse(pred: jax.Array, y: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Mean squared error of one task, `pred (K, O)`, `y (K, O)`; `mask (K,)` optional."""
+    """Mean squared error of one task, `pred (K, O)`, `y (K, O)` (the same
+    shape: no broadcasting); `mask (K,)` optional."""
+    _check_regression_shapes("mse", pred, y)
     err = jnp.mean(jnp.square(pred - y), axis=-1)
     if mask is not None:
         err = jnp.where(mask, err, 0.0)
@@ -113,6 +139,7 @@ def mse(pred: jax.Array, y: jax.Array, mask: jax.Array | None = None) -> jax.Arr
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Mean softmax cross-entropy of one task, `logits (K, ways)`, integer `labels (K,)`."""
+    _check_class_shapes("cross_entropy", logits, labels)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
     return _masked_mean(ce, mask)
 
@@ -126,8 +153,19 @@ def nrmse_metric(pred: jax.Array, y: jax.Array, mask: jax.Array | None = None) -
 
 def accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Fraction of correctly classified examples of one task, higher is better."""
+    _check_class_shapes("accuracy", logits, labels)
     hit = (jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype)
     return _masked_mean(hit, mask)
+
+
+#: The scalar entries of `MetaLearner.meta_step`'s metrics (shape `()`) ...
+SCALAR_METRICS = ("meta_loss", "grad_norm", "T", "finite", "skipped")
+#: ... and its per-task entries (shape `(tasks,)`).
+TASK_METRICS = ("task_finite", "task_status")
+#: The metrics `MetaLearner(metric=...)` knows by name ("loss": the learner's own loss).
+METRICS = {"nrmse": nrmse_metric, "accuracy": accuracy}
+#: The metric that goes with each of ctmeta's losses.
+_METRIC_OF_LOSS = {mse: "nrmse", cross_entropy: "accuracy"}
 
 
 def summarize(values) -> tuple[float, float]:
@@ -259,7 +297,9 @@ class Evaluation(NamedTuple):
     """Query error after each number of adaptation steps.
 
     `steps (S,)`; `per_task (n_tasks, S)`; `mean (S,)` and `ci95 (S,)` (the
-    half-width of the normal 95% interval over tasks); `lr` the GD step.
+    half-width of the normal 95% interval over tasks); `lr` the GD step;
+    `metric` the name of the metric (`"nrmse"`, `"accuracy"`, `"loss"` or
+    the function's name).
     """
 
     steps: np.ndarray
@@ -267,6 +307,7 @@ class Evaluation(NamedTuple):
     mean: np.ndarray
     ci95: np.ndarray
     lr: float
+    metric: str = ""
 
     def at(self, step: int) -> tuple[float, float]:
         """`(mean, ci95)` after `step` adaptation steps."""
@@ -303,6 +344,57 @@ def _all_finite(tree) -> jax.Array:
 
 
 
+_TASK_AXIS = ("takes a batch with a leading task axis: support_x (tasks, K, ...), support_y (tasks, K, ...), "
+              "query_x (tasks, Q, ...), query_y (tasks, Q, ...); for one task add the axis with "
+              "jax.tree.map(lambda a: a[None], task)")
+
+
+def _check_batch(batch, where: str) -> None:
+    """Refuse, with a message that says so, a batch without its leading task axis."""
+    names = ("support_x", "support_y", "query_x", "query_y", "query_mask")
+    try:
+        arrays = tuple(batch)
+    except TypeError:
+        arrays = ()
+    if len(arrays) < 4:
+        raise InputError(f"{where} {_TASK_AXIS}; got {type(batch).__name__} with {len(arrays)} arrays")
+    shapes = [tuple(jnp.shape(a)) for a in arrays[:5]]
+    for name, shape in zip(names, shapes):
+        if len(shape) < 2:
+            raise InputError(f"{where} {_TASK_AXIS}; got {name} of shape {shape}")
+    if len({shape[0] for shape in shapes}) > 1:
+        got = ", ".join(f"{n} {sh}" for n, sh in zip(names, shapes))
+        raise InputError(f"{where}: the arrays of the batch disagree on the number of tasks (axis 0): {got}; "
+                         f"{where} {_TASK_AXIS}")
+    for x, y in ((0, 1), (2, 3)) + (((2, 4),) if len(shapes) > 4 else ()):
+        if shapes[x][1] != shapes[y][1]:
+            raise InputError(
+                f"{where}: {names[x]} {shapes[x]} and {names[y]} {shapes[y]} disagree on the number of "
+                f"examples (axis 1); {where} {_TASK_AXIS}"
+            )
+
+
+class _task_axis_hint:
+    """Say, in an `InputError` raised while tracing the per-task work (a
+    model refusing its input, a loss refusing its targets), what one task's
+    arrays were: the leading axis of the batch is the task axis."""
+
+    def __init__(self, batch, where: str):
+        self.batch, self.where = batch, where
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if kind is None or not issubclass(kind, InputError) or getattr(err, "_ctmeta_hinted", False):
+            return False
+        sx = jnp.shape(tuple(self.batch)[0])
+        new = InputError(f"{err} (in {self.where}, which maps over the leading task axis of the batch: "
+                         f"support_x {sx} is {sx[0]} tasks of inputs {sx[1:]})")
+        new._ctmeta_hinted = True
+        raise new from None
+
+
 # --------------------------------------------------------------------------- #
 # The meta-learner
 # --------------------------------------------------------------------------- #
@@ -331,10 +423,17 @@ class MetaLearner:
       `T = exp(log_T + T_weights . mean_m phi_m)` read off its embedded
       support set; `T_weights` starts at zero (every task at `T`).
       Evaluation adapts with the shared `exp(log_T)`.
-    - `metric`: `metric(pred, y, mask=None) -> scalar` per task, for
-      [`evaluate`][MetaLearner.evaluate] (default: [`nrmse_metric`][] after
-      [`mse`][], [`accuracy`][] after [`cross_entropy`][]).
-    - `apply`: `apply(model, x_set) -> pred_set` (default `apply_to_set`).
+    - `metric`: what [`evaluate`][MetaLearner.evaluate] scores on the query
+      set: `metric(pred, y, mask=None) -> scalar` per task, or a name:
+      `"nrmse"` ([`nrmse_metric`][]), `"accuracy"` ([`accuracy`][]) or
+      `"loss"` (the learner's `loss`). Default: `"nrmse"` after [`mse`][],
+      `"accuracy"` after [`cross_entropy`][]; after any other loss it is
+      inferred from the query targets at each `evaluate` (integer labels:
+      accuracy, floating-point targets: nRMSE), and the constructor says so
+      with a `UserWarning`. `learner.metric_name` tells which.
+    - `apply`: `apply(model, x_set) -> pred_set` (default `apply_to_set`,
+      which needs a callable model: for a dict or another pytree of arrays,
+      pass your own `apply(params, x_set)`).
     - `adapt`: `"all"` (the whole model adapts) or `"head"` (the model is an
       [`EmbeddingHead`][]; only its head adapts).
     - `on_nonfinite`: `"raise"` (default): a non-finite meta-gradient leaves
@@ -397,6 +496,14 @@ class MetaLearner:
                 f"learn_T=True needs a method that differentiates T (Adjoint, Unrolled, LinearFlow); "
                 f"{type(method).__name__} does not."
             )
+        if not callable(apply):
+            raise InputError(f"MetaLearner: apply must be callable apply(model, x_set) -> predictions; got {apply!r}")
+        if apply is apply_to_set and adapt == "all" and not callable(model):
+            raise InputError(
+                f"MetaLearner: the model is a {type(model).__name__}, not callable, so the default "
+                "apply=ctmeta.models.apply_to_set cannot run it; pass apply=lambda params, x_set: ... "
+                "(the predictions of a set of inputs x_set (K, ...) under params)"
+            )
         params, static = eqx.partition(model, eqx.is_inexact_array)
         if not jax.tree.leaves(params):
             raise InputError("MetaLearner: the model has no floating-point arrays to learn.")
@@ -406,9 +513,7 @@ class MetaLearner:
         self.T = check_positive("T", T)
         self.learn_T = bool(learn_T)
         self.per_task_T = learn_T == "per-task"
-        if metric is None:
-            metric = accuracy if loss is cross_entropy else nrmse_metric
-        self.metric = metric
+        self.metric, self.metric_name = self._resolve_metric(metric, loss)
         self.apply = apply
         self.adapt = adapt
         self.on_nonfinite = on_nonfinite
@@ -419,6 +524,49 @@ class MetaLearner:
         #: with fixed shapes traces it once.
         self.num_traces = 0
         self.mesh = mesh  # also compiles (lazily) meta_step, meta_gradient, evaluate
+
+    @staticmethod
+    def _resolve_metric(metric, loss) -> tuple[Callable | None, str]:
+        """`(metric function, name)`; `(None, "inferred")` when `evaluate`
+        infers it from the targets."""
+        if metric is None:
+            name = _METRIC_OF_LOSS.get(loss)
+            if name is not None:
+                return METRICS[name], name
+            import warnings
+
+            loss_name = getattr(loss, "__name__", type(loss).__name__)
+            warnings.warn(
+                f"MetaLearner: no metric given for the loss {loss_name}; evaluate() will score accuracy when "
+                "the query targets are integer labels and nRMSE when they are floating-point: pass "
+                "metric='accuracy', 'nrmse', 'loss' or metric(pred, y, mask=None) to choose",
+                UserWarning,
+                stacklevel=3,
+            )
+            return None, "inferred"
+        if isinstance(metric, str):
+            if metric == "loss":
+                return loss, "loss"
+            if metric not in METRICS:
+                raise InputError(
+                    f"MetaLearner: unknown metric {metric!r}; use 'nrmse', 'accuracy', 'loss' or a function "
+                    "metric(pred, y, mask=None)"
+                )
+            return METRICS[metric], metric
+        if not callable(metric):
+            raise InputError(f"MetaLearner: metric must be a name or a function metric(pred, y, mask=None); "
+                             f"got {metric!r}")
+        return metric, getattr(metric, "__name__", type(metric).__name__)
+
+    def metric_for(self, batch) -> tuple[Callable, str]:
+        """The metric `evaluate` scores `batch` with, and its name: the one
+        given (or implied by the loss), else inferred from the query
+        targets (integer labels: accuracy; floating-point: nRMSE)."""
+        if self.metric is not None:
+            return self.metric, self.metric_name
+        qy = tuple(batch)[3]
+        name = "accuracy" if jnp.issubdtype(jnp.result_type(qy), jnp.integer) else "nrmse"
+        return METRICS[name], name
 
     @property
     def mesh(self) -> Mesh | None:
@@ -602,7 +750,9 @@ class MetaLearner:
         A task whose inner solve fails raises `NumericalError` naming it
         (`on_nonfinite="raise"`) or is left out (`"skip-task"`)."""
         params = state_or_params.params if isinstance(state_or_params, MetaState) else state_or_params
-        meta_loss, grads, status = self._grad_jit(*self._placed(params, batch))
+        _check_batch(batch, "meta_gradient")
+        with _task_axis_hint(batch, "meta_gradient"):
+            meta_loss, grads, status = self._grad_jit(*self._placed(params, batch))
         if self.on_nonfinite == "raise" and np.any(np.asarray(status) != SolveStatus.SUCCESS):
             raise NumericalError(f"meta_gradient: {self._solve_failures(status)}. {_solve_advice(status)}.")
         return meta_loss, grads
@@ -664,12 +814,18 @@ class MetaLearner:
     def meta_step(self, state: MetaState, batch, *, check: bool = True) -> tuple[MetaState, dict]:
         """One meta-iteration on `batch` (a `Batch` with a leading task axis).
 
-        Returns the new state and the metrics `meta_loss` (mean query loss
-        after adaptation), `grad_norm` (of the averaged meta-gradient or
-        Reptile direction), `T` (the horizon used), `finite`, `skipped`,
-        `task_finite` and `task_status` (per task: finite, and the inner
-        solve's `ctmeta.ode.SolveStatus` code), as arrays. The underlying
-        function is compiled once per shape.
+        Returns the new state and a dict of metrics, JAX arrays of two kinds:
+
+        - scalars (shape `()`, the names in `SCALAR_METRICS`): `meta_loss`
+          (mean query loss after adaptation), `grad_norm` (of the averaged
+          meta-gradient or Reptile direction), `T` (the horizon used),
+          `finite` (the update was applied) and `skipped` (tasks left out);
+        - per task (shape `(tasks,)`, the names in `TASK_METRICS`):
+          `task_finite` and `task_status` (finite, and the inner solve's
+          `ctmeta.ode.SolveStatus` code).
+
+        So `{k: float(metrics[k]) for k in SCALAR_METRICS}` is the row to log.
+        The underlying function is compiled once per shape.
 
         The inner solves do not throw: a task whose solve fails (step budget
         `max_steps` exhausted, non-finite state; or, for A-MAML, an unstable
@@ -680,49 +836,52 @@ class MetaLearner:
         tasks, and for a failed solve its cause; the parameters are never
         updated with non-finite values either way.
         """
+        _check_batch(batch, "meta_step")
+        it = int(state.iteration) + 1
         try:
-            new_state, metrics = self._step_jit(*self._placed(state, batch))
+            with _task_axis_hint(batch, "meta_step"):
+                new_state, metrics = self._step_jit(*self._placed(state, batch))
             finite = bool(metrics["finite"]) if check else True
         except (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError) as err:
             msg = str(err).strip().splitlines()
             msg = next((line for line in msg if line.strip()), type(err).__name__)
-            raise NumericalError(
-                f"meta-iteration {int(state.iteration) + 1}: the inner solve failed: {msg}"
-            ) from err
+            what = f"meta-iteration {it}: the inner solve failed: {msg}"
+            raise NumericalError(what, iteration=it, what=what) from err
         if check and not finite:
             status = np.asarray(metrics["task_status"])
+            task_finite = np.asarray(metrics["task_finite"]).reshape(-1)
+            all_tasks = not bool(np.any(task_finite))
             failed_solves = self._solve_failures(status)
-            bad = np.flatnonzero(~np.asarray(metrics["task_finite"]) & (status == SolveStatus.SUCCESS)).tolist()
+            bad = np.flatnonzero(~task_finite & (status.reshape(-1) == SolveStatus.SUCCESS)).tolist()
             where = f"task{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of the meta-batch" if bad else ""
             if self.on_nonfinite == "skip-task":
-                raise NumericalError(
-                    f"meta-iteration {int(state.iteration) + 1}: every task of the meta-batch gave a "
-                    f"non-finite loss or meta-gradient{' (' + failed_solves + ')' if failed_solves else ''}; "
-                    "the parameters were left unchanged."
-                )
+                what = (f"meta-iteration {it}: every task of the meta-batch gave a non-finite loss or "
+                        f"meta-gradient{' (' + failed_solves + ')' if failed_solves else ''}; "
+                        "the parameters were left unchanged")
+                raise NumericalError(what + ".", iteration=it, what=what, all_tasks=True)
             if failed_solves:
                 others = f"; {where} gave a non-finite loss or meta-gradient" if where else ""
-                raise NumericalError(
-                    f"meta-iteration {int(state.iteration) + 1}: {failed_solves}{others}; the parameters "
-                    f"were left unchanged. {_solve_advice(status)}, or use on_nonfinite='skip-task'."
-                )
-            raise NumericalError(
-                f"meta-iteration {int(state.iteration) + 1}: non-finite meta-gradient or meta-loss "
-                f"(meta-loss {float(metrics['meta_loss']):.4g}{'; ' + where if where else ''}); "
-                "the parameters were left unchanged. "
-                "Lower the horizon T or the outer learning rate, or use on_nonfinite='skip-task'."
-            )
+                what = f"meta-iteration {it}: {failed_solves}{others}; the parameters were left unchanged"
+                advice = f"{_solve_advice(status)}" + ("." if all_tasks else ", or use on_nonfinite='skip-task'.")
+                raise NumericalError(f"{what}. {advice}", iteration=it, what=what, all_tasks=all_tasks)
+            what = (f"meta-iteration {it}: non-finite meta-gradient or meta-loss "
+                    f"(meta-loss {float(metrics['meta_loss']):.4g}{'; ' + where if where else ''}); "
+                    "the parameters were left unchanged")
+            advice = "Lower the horizon T or the outer learning rate" + (
+                "." if all_tasks else ", or use on_nonfinite='skip-task'.")
+            raise NumericalError(f"{what}. {advice}", iteration=it, what=what, all_tasks=all_tasks)
         return new_state, metrics
 
     # -- evaluation ------------------------------------------------------------
 
-    def _evaluate_chunk(self, params: MetaParams, batch, segments: tuple[int, ...], lr):
+    def _evaluate_chunk(self, params: MetaParams, batch, segments: tuple[int, ...], lr, metric):
         """Per-task metric after sum(segments[:i]) GD steps, for each i (incl. 0);
         the tasks split over the mesh's devices, the result replicated."""
-        per_device = map_over_tasks(lambda shared, tasks: self._evaluate_tasks(*shared, tasks, segments), self._mesh)
+        per_device = map_over_tasks(
+            lambda shared, tasks: self._evaluate_tasks(*shared, tasks, segments, metric), self._mesh)
         return constrain_replicated(per_device((params, lr), tuple(batch)), self._mesh)
 
-    def _evaluate_tasks(self, params: MetaParams, lr, batch, segments: tuple[int, ...]):
+    def _evaluate_tasks(self, params: MetaParams, lr, batch, segments: tuple[int, ...], metric):
         model = eqx.combine(params.model, self._static)
         tasks = tuple(batch)
 
@@ -736,7 +895,7 @@ class MetaLearner:
                     return self.loss(self.apply(eqx.combine(u, static), sx), sy)
 
                 def score(u):
-                    return self._call_loss(self.metric, self.apply(eqx.combine(u, static), qx), qy, mask)
+                    return self._call_loss(metric, self.apply(eqx.combine(u, static), qx), qy, mask)
 
             else:
                 fs = jax.lax.stop_gradient(model.features(sx))
@@ -747,7 +906,7 @@ class MetaLearner:
                     return self.loss(fs @ W.T, sy)
 
                 def score(W):
-                    return self._call_loss(self.metric, fq @ W.T, qy, mask)
+                    return self._call_loss(metric, fq @ W.T, qy, mask)
 
             def gd(u, _):
                 g = jax.grad(support_loss)(u)
@@ -783,6 +942,8 @@ class MetaLearner:
         only the head adapts, on fixed features. Returns an [`Evaluation`][].
         """
         params = state_or_params.params if isinstance(state_or_params, MetaState) else state_or_params
+        _check_batch(batch, "evaluate")
+        metric, metric_name = self.metric_for(batch)
         steps = sorted({int(s) for s in steps_list})
         if not steps or steps[0] < 0:
             raise InputError(f"evaluate: steps_list must be non-negative ints, got {list(steps_list)!r}")
@@ -803,7 +964,8 @@ class MetaLearner:
             idx = np.minimum(np.arange(start, start + chunk), n - 1)  # pad: fixed shapes
             part = jax.tree.map(lambda a: a[idx], tuple(batch))
             _, part = self._placed(None, type(batch)(*part))
-            values = self._eval_jit(params, part, segments, lr_arr)
+            with _task_axis_hint(batch, "evaluate"):
+                values = self._eval_jit(params, part, segments, lr_arr, metric)
             results.append(np.asarray(values)[: stop - start])
             if progress is not None:
                 progress(stop)
@@ -817,6 +979,7 @@ class MetaLearner:
             mean=np.asarray([m for m, _ in stats]),
             ci95=np.asarray([c for _, c in stats]),
             lr=lr,
+            metric=metric_name,
         )
 
     # -- persistence -----------------------------------------------------------
@@ -861,12 +1024,33 @@ def fsync_dir(directory: pathlib.Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """This process's umask (read without changing it where Linux allows)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but brief)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file, fsync and rename."""
+    """Write `data` to `path` through a temporary file, fsync and rename.
+
+    The file gets the mode a plain `open(path, "w")` would give it
+    (`0o666` less the umask), not the temporary file's private `0o600`."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+        except (AttributeError, OSError):  # pragma: no cover (not POSIX)
+            pass
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -938,6 +1122,10 @@ def load_state(path: str | os.PathLike, like: MetaState) -> tuple[MetaState, dic
     import io
 
     path = pathlib.Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a state file saved by save_state")
     side = read_sidecar(path)
     try:
         data = path.read_bytes()

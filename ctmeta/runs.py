@@ -78,6 +78,43 @@ def default_run_dir(benchmark: str, method: str) -> pathlib.Path:
     return path
 
 
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """Raise `InputError` ("`what` ... is not writable") unless a file can be
+    created in the directory `path`, or, if it does not exist yet, `path` can
+    be made under its nearest existing parent. `what` names it for the user,
+    e.g. `"--out runs/x"`. Tried for real (a temporary file), since a
+    read-only file system or root's permissions defeat `os.access`."""
+    import errno
+    import tempfile
+
+    target = pathlib.Path(path)
+    probe = target
+    while not probe.exists():
+        if probe.is_symlink():  # a dangling link
+            raise InputError(f"{what} is a broken symbolic link")
+        parent = probe.parent
+        if parent == probe:
+            break
+        probe = parent
+    if not probe.is_dir():
+        if probe == target:
+            raise InputError(f"{what} is a file, not a directory")
+        raise InputError(f"{what}: its parent {probe} is a file, not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".ctmeta-write-check.", suffix=".tmp", dir=probe)
+    except OSError as err:
+        why = {errno.EROFS: "a read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted", errno.ENOSPC: "no space left",
+               errno.EDQUOT: "disk quota exceeded"}.get(err.errno, err.strerror or type(err).__name__)
+        where = "" if probe == target else f" (its parent {probe} does not allow creating it)"
+        raise InputError(f"{what} is not writable: {why}{where}; choose a directory you can write to") from None
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
 class RunDir:
     """The files of one run (see the module docstring)."""
 
@@ -111,6 +148,11 @@ class RunDir:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "RunDir":
         run = cls(path)
+        if str(path) == "":
+            raise InputError("the run directory is an empty string; give the directory ctmeta train wrote")
+        if run.path.exists() and not run.path.is_dir():
+            raise InputError(f"run directory {run.path} is a file, not a directory; give the directory "
+                             "ctmeta train wrote (it holds config.json)")
         if not run.path.is_dir():
             raise InputError(f"run directory {run.path} does not exist")
         if not run.config_path.is_file():
@@ -212,6 +254,59 @@ class RunDir:
 
     # -- checkpoints ---------------------------------------------------------------
 
+    @staticmethod
+    def _load_checked(it: int | None, path: pathlib.Path, like, config: dict | None):
+        from .meta import load_state
+
+        state, meta = load_state(path, like)
+        if it is not None and int(state.iteration) != it:
+            raise CheckpointError(f"checkpoint {path} holds iteration {int(state.iteration)}, not {it} (renamed?)")
+        saved = meta.get("config") if isinstance(meta, dict) else None
+        if config is not None and isinstance(saved, dict):
+            for name in CHECKPOINT_CONFIG_FIELDS:
+                if name in saved and saved[name] != config.get(name):
+                    raise CheckpointError(
+                        f"checkpoint {path} was written with {name}={saved[name]!r} but the run's "
+                        f"config.json has {config.get(name)!r} (incompatible)"
+                    )
+        return state, meta
+
+    def load_checkpoint(self, which: str, like, *, config: dict | None = None):
+        """The checkpoint `which` (an iteration number, or the path of a
+        `.eqx` file), checked as in `load_latest` but with no fallback:
+        `(state, metadata, path)`."""
+        text = str(which).strip()
+        if text.isdigit():
+            it = int(text)
+            path = self.checkpoint_dir / f"ckpt-{it}.eqx"
+            if not path.is_file():
+                have = ", ".join(str(i) for i, _ in self.checkpoints()) or "none"
+                raise CheckpointError(f"--checkpoint {text}: {self.path} has no checkpoint of iteration {it} "
+                                      f"(it has: {have})")
+        else:
+            path = pathlib.Path(text).expanduser()
+            if not path.exists() and not path.is_absolute() and (self.checkpoint_dir / text).exists():
+                path = self.checkpoint_dir / text
+            m = _CKPT.match(path.name)
+            it = int(m.group(1)) if m else None
+            if not path.is_file():
+                what = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
+                raise CheckpointError(f"--checkpoint {path} {what}")
+        state, meta = self._load_checked(it, path, like, config)
+        return state, meta, path
+
+    @contextlib.contextmanager
+    def locked(self):
+        """`lock()` for the duration of a block, released after it unless
+        this process held the lock already."""
+        held = str(self.path.resolve()) in _HELD_LOCKS
+        self.lock()
+        try:
+            yield self
+        finally:
+            if not held:
+                self.unlock()
+
     def checkpoints(self) -> list[tuple[int, pathlib.Path]]:
         """`(iteration, path)` of the checkpoints, oldest first."""
         if not self.checkpoint_dir.is_dir():
@@ -244,8 +339,6 @@ class RunDir:
         its arrays do not match `like`'s shapes and dtypes, it holds another
         iteration than its name, or (given `config`) its saved configuration
         differs from `config` in `CHECKPOINT_CONFIG_FIELDS`."""
-        from .meta import load_state
-
         ckpts = self.checkpoints()
         if not ckpts:
             raise CheckpointError(
@@ -255,19 +348,7 @@ class RunDir:
         errors = []
         for n, (it, path) in enumerate(reversed(ckpts)):
             try:
-                state, meta = load_state(path, like)
-                if int(state.iteration) != it:
-                    raise CheckpointError(
-                        f"checkpoint {path} holds iteration {int(state.iteration)}, not {it} (renamed?)"
-                    )
-                saved = meta.get("config") if isinstance(meta, dict) else None
-                if config is not None and isinstance(saved, dict):
-                    for name in CHECKPOINT_CONFIG_FIELDS:
-                        if name in saved and saved[name] != config.get(name):
-                            raise CheckpointError(
-                                f"checkpoint {path} was written with {name}={saved[name]!r} but the run's "
-                                f"config.json has {config.get(name)!r} (incompatible)"
-                            )
+                state, meta = self._load_checked(it, path, like, config)
             except CheckpointError as err:
                 errors.append(str(err))
                 older = "; falling back to the previous checkpoint" if n + 1 < len(ckpts) else ""
@@ -288,17 +369,36 @@ class RunDir:
 # --------------------------------------------------------------------------- #
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 class Reporter:
-    """Progress bars (rich, on stderr) and log lines (stdout)."""
+    """Progress bars (rich, on stderr) and log lines (stdout).
+
+    The bars are drawn only when stderr is a terminal: written to a file or
+    a pipe, the output is the log lines alone (as with `quiet`)."""
 
     def __init__(self, quiet: bool = False, silent: bool = False):
-        self.quiet = quiet or silent
+        import sys
+
+        self.quiet = quiet or silent or not _is_terminal(sys.stderr)
         #: Print nothing at all (the processes other than 0 of a multi-process run).
         self.silent = silent
 
     def log(self, message: str) -> None:
         if not self.silent:
             print(message, flush=True)
+
+    def warn(self, message: str) -> None:
+        """`ctmeta: warning: <message>` on stderr, on one line."""
+        if not self.silent:
+            import sys
+
+            print(f"ctmeta: warning: {one_line(message)}", file=sys.stderr, flush=True)
 
     def progress(self, description: str, total: int, completed: int = 0):
         return _Bar(description, total, completed, enabled=not self.quiet)
@@ -359,6 +459,25 @@ class _Bar:
         if self._progress is not None:
             self._progress.__exit__(*exc)
         return False
+
+
+def one_line(message) -> str:
+    """`message` on one line: its lines joined by "; " (or a space after a
+    full stop, nothing before a closing bracket), for a library's multi-line
+    error text, say."""
+    out = ""
+    for line in (line.strip() for line in str(message).strip().splitlines()):
+        if not line:
+            continue
+        if not out:
+            out = line
+        elif line[0] in ")]}.,;:" or out[-1] in "([{":
+            out += line
+        elif out[-1] in ".;:,":
+            out += " " + line
+        else:
+            out += "; " + line
+    return out
 
 
 def _fmt(x: float) -> str:
@@ -470,6 +589,8 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
     t0 = time.perf_counter()
     last_saved = start
     skipped_total = 0
+    skipped_iterations = 0
+    causes_seen: set[str] = set()
 
     def metadata(elapsed):
         return {
@@ -518,9 +639,15 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
                         last_saved = done
                 skipped_total += skipped
                 if skipped:
+                    skipped_iterations += 1
                     why = learner._solve_failures(m["task_status"])  # "" unless an inner solve failed
-                    reporter.log(f"warning: meta-iteration {done}: skipped {skipped} of {meta_batch} tasks "
-                                 "with a non-finite loss or meta-gradient" + (f" ({why})" if why else ""))
+                    cause = re.sub(r"tasks? [\d, ]+ of the meta-batch", "", why)
+                    if cause not in causes_seen:  # once per cause: the count goes on in the log lines
+                        causes_seen.add(cause)
+                        reporter.warn(f"meta-iteration {done}: skipped {skipped} of {meta_batch} tasks "
+                                      "with a non-finite loss or meta-gradient" + (f" ({why})" if why else "")
+                                      + "; later skips are counted in the log lines and in metrics.csv "
+                                      "(column skipped)")
                 bar.update(done)
                 if done == start + 1:
                     t_first = time.perf_counter()  # the rate leaves out the compilation
@@ -549,6 +676,9 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
     finally:
         f.close()
         signals.restore()
+    if skipped_total:
+        reporter.warn(f"skipped {skipped_total} tasks in {skipped_iterations} of the {total - start} meta-iterations "
+                      "run (--on-nonfinite skip-task; per iteration in metrics.csv, column skipped)")
     return state
 
 
@@ -566,27 +696,57 @@ def _hms(seconds: float) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def evaluate_run(exp, run: RunDir, state, *, reporter: Reporter | None = None) -> dict:
+def eval_curve(table_steps, every: int | None = None) -> list[int]:
+    """The steps of the error-vs-steps curve for the table's `table_steps`:
+    every `every` steps from 0 to the largest (default: about 20 points),
+    plus the table's own."""
+    table_steps = sorted({int(x) for x in table_steps})
+    top = table_steps[-1]
+    if every is None:
+        every = max(1, top // 20)
+    return sorted(set(range(0, top + 1, max(1, int(every)))) | set(table_steps) | {0})
+
+
+def evaluate_run(exp, run: RunDir, state, *, reporter: Reporter | None = None, steps=None, tasks: int | None = None,
+                 lr: float | None = None, log_y: bool = False) -> dict:
     """Evaluate the learned and a random initialisation on the meta-test
-    tasks; write results.md, results.json and the figures (process 0 of a
-    multi-process run only; all of them evaluate); print the table."""
+    tasks; print the table, then write results.md, results.json and the
+    figures (process 0 of a multi-process run only; all of them evaluate).
+
+    `steps` (the table's adaptation steps), `tasks` (the first `tasks`
+    meta-test tasks) and `lr` (the GD learning rate) override the run's
+    configuration; `log_y` draws the error-vs-steps figure on a log scale."""
     from .sharding import is_main_process
 
     reporter = reporter or Reporter()
     cfg = exp.config
     learner = exp.learner
     ev = cfg["eval"]
-    curve = [int(s) for s in ev["curve"]]
+    if steps is None:
+        table_steps = [int(x) for x in ev["steps"]]
+        curve = [int(x) for x in ev["curve"]]
+    else:
+        table_steps = sorted({int(x) for x in steps})
+        old = [int(x) for x in ev.get("curve") or []]
+        every = old[1] - old[0] if len(old) > 1 else None
+        curve = eval_curve(table_steps, every)
+    lr = float(ev["lr"]) if lr is None else float(lr)
     batch = exp.eval_batch()
     import jax
 
+    available = jax.tree.leaves(batch)[0].shape[0]
+    if tasks is not None:
+        if tasks > available:
+            raise InputError(f"--tasks {tasks} exceeds the {available} meta-test tasks of {cfg['benchmark']}; "
+                             f"the maximum is {available}")
+        batch = type(batch)(*(a[:tasks] for a in batch))
     n_tasks = jax.tree.leaves(batch)[0].shape[0]
     evaluations = {}
     inits = {"learned": state, "random": learner.init(exp.run_key)}
     for name, st in inits.items():
         with reporter.progress(f"evaluating {name} init", n_tasks) as bar:
             evaluations[name] = learner.evaluate(
-                st, batch, curve, lr=float(ev["lr"]), chunk_size=exp.eval_chunk, progress=bar.update
+                st, batch, curve, lr=lr, chunk_size=exp.eval_chunk, progress=bar.update
             )
     T_learned = float(learner.horizon(state))
     results = {
@@ -596,24 +756,25 @@ def evaluate_run(exp, run: RunDir, state, *, reporter: Reporter | None = None) -
         "metric": exp.metric_name,
         "lower_is_better": exp.lower_is_better,
         "tasks": int(n_tasks),
-        "lr": float(ev["lr"]),
+        "lr": lr,
         "T": T_learned,
-        "table_steps": [int(s) for s in ev["steps"]],
+        "table_steps": table_steps,
         "curve_steps": curve,
         **{
             name: {"mean": e.mean.tolist(), "ci95": e.ci95.tolist()}
             for name, e in evaluations.items()
         },
     }
+    # The table first: whatever happens to the files, the numbers are on screen.
+    reporter.log("")
+    reporter.log(results_text(results))
     if is_main_process():
         _atomic_text(run.path / "results.json", json.dumps(results, indent=2) + "\n")
         _atomic_text(run.results_path, results_markdown(results))
         try:
-            write_figures(run, results)
+            write_figures(run, results, log_y=log_y)
         except Exception as err:  # figures are a convenience; never lose a run over them
-            reporter.log(f"warning: could not draw the figures: {type(err).__name__}: {err}")
-    reporter.log("")
-    reporter.log(results_text(results))
+            reporter.warn(f"could not draw the figures: {type(err).__name__}: {err}")
     reporter.log(f"\nrun directory: {run.path}")
     return results
 
@@ -663,7 +824,23 @@ def results_text(results: dict) -> str:
     return "\n".join([_caption(results), "", fmt(header), sep] + [fmt(r) for r in rows])
 
 
-def write_figures(run: RunDir, results: dict | None) -> None:
+def _run_title(run: RunDir, results: dict | None) -> str:
+    """"<benchmark> / <method>, T = ..." from the results, else config.json."""
+    info = results
+    if info is None:
+        try:
+            info = run.read_config()
+        except CheckpointError:
+            return run.path.name
+    T = info.get("T")
+    horizon = f", T = {T:.4g}" if isinstance(T, (int, float)) else ""
+    return f"{info.get('benchmark', '?')} / {info.get('method', '?')}{horizon}"
+
+
+def write_figures(run: RunDir, results: dict | None, *, log_y: bool = False) -> None:
+    """figures/meta_loss.png (from metrics.csv) and, given `results`,
+    figures/error_vs_steps.png (mean and 95% CI band over the test tasks;
+    `log_y`: a logarithmic error axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -672,6 +849,7 @@ def write_figures(run: RunDir, results: dict | None) -> None:
 
     run.figure_dir.mkdir(exist_ok=True)
     rows = run.read_metrics()
+    title = _run_title(run, results)
     if rows:
         it = np.array([r["iteration"] for r in rows])
         loss = np.array([r["meta_loss"] for r in rows])
@@ -685,6 +863,7 @@ def write_figures(run: RunDir, results: dict | None) -> None:
             ax.set_yscale("log")
         ax.set_xlabel("meta-iteration")
         ax.set_ylabel("meta-loss (query loss after adaptation)")
+        ax.set_title(f"meta-training: {title}")
         ax.legend()
         ax.grid(alpha=0.3)
         save_figure(fig, run.figure_dir / "meta_loss.png")
@@ -694,14 +873,19 @@ def write_figures(run: RunDir, results: dict | None) -> None:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, label in (("learned", f"learned ({results['method']})"), ("random", "random init")):
             mean = np.array(results[name]["mean"])
-            ci = np.array(results[name]["ci95"])
-            ax.plot(steps, mean, marker="o", ms=3, label=label)
-            ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2)
+            ci = np.nan_to_num(np.array(results[name]["ci95"]))  # one task: no interval
+            (line,) = ax.plot(steps, mean, marker="o", ms=3, label=label)
+            ax.fill_between(steps, mean - ci, mean + ci, color=line.get_color(), alpha=0.3, lw=0,
+                            label=f"{label}: 95% CI")
+            for edge in (mean - ci, mean + ci):  # the band's edges, visible even when it is thin
+                ax.plot(steps, edge, color=line.get_color(), lw=0.6, ls="--", alpha=0.8)
+        if log_y:
+            ax.set_yscale("log")
         ax.set_xlabel(f"adaptation steps (GD, lr {results['lr']:g})")
         ax.set_ylabel(f"meta-test {results['metric']}")
-        ax.set_title(f"{results['benchmark']}: {results['tasks']} test tasks")
-        ax.legend()
-        ax.grid(alpha=0.3)
+        ax.set_title(f"{title}: {results['tasks']} test tasks, iteration {results['iteration']}")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3, which="both" if log_y else "major")
         save_figure(fig, run.figure_dir / "error_vs_steps.png")
         plt.close(fig)
 

@@ -1,5 +1,6 @@
 """Gradient checks run in float64 (see DESIGN.md, Conventions)."""
 
+import os
 import pathlib
 
 import jax
@@ -7,14 +8,25 @@ import pytest
 
 jax.config.update("jax_enable_x64", True)
 
-DATA_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The real datasets: $CTMETA_DATA (the folder with movielens/, jester/, omniglot/,
+# miniimagenet/, as ctmeta itself reads it), else ../shared/data beside the checkout.
+_DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA_DIR = pathlib.Path(os.environ["CTMETA_DATA"]).expanduser() if os.environ.get("CTMETA_DATA") else _DEFAULT_DATA_DIR
+
+
+def pytest_report_header(config):
+    """Say, at the top of every run, where the real data are or why their tests skip."""
+    if DATA_DIR.is_dir():
+        return f"ctmeta real data: {DATA_DIR}"
+    return (f"ctmeta real data: NOT FOUND at {DATA_DIR}; the real-data tests will skip "
+            "(set CTMETA_DATA=/path/to/data, the folder with movielens/, jester/, omniglot/, miniimagenet/)")
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:
-    """`../shared/data`: the real datasets. Tests that need them skip if absent."""
+    """`$CTMETA_DATA`, else `../shared/data`: the real datasets. Tests that need them skip if absent."""
     if not DATA_DIR.is_dir():
-        pytest.skip(f"real datasets not found at {DATA_DIR}")
+        pytest.skip(f"real datasets not found at {DATA_DIR} (set CTMETA_DATA to the folder that holds them)")
     return DATA_DIR
 
 

@@ -264,24 +264,32 @@ class FewShotClassification(TaskFamily):
         self.queries = check_int("queries", queries)
         self._pools: dict[str, ClassPool] = {}
 
-    def _set_pools(self, pools: dict[str, ClassPool]) -> None:
-        """Install the splits, checking that every split can make a task."""
+    def _check_sizes(self, splits: dict[str, tuple[tuple[str, ...], np.ndarray]]) -> None:
+        """Check that every split, given as `(class names, images per class)`,
+        can make a task: `ways` classes of `shots + queries` images. Called
+        before the images are decoded, so that a task too large fails at once."""
         per_class = self.shots + self.queries
-        for split, pool in pools.items():
-            n = len(pool.names)
+        for split, (names, counts) in splits.items():
+            n = len(names)
             if self.ways > n:
                 raise InputError(
                     f"ways={self.ways} exceeds the {n} classes of split {split!r} of "
                     f"{type(self).__name__}; the maximum is {n}"
                 )
-            smallest = int(pool.count.min())
+            counts = np.asarray(counts)
+            smallest = int(counts.min())
             if per_class > smallest:
-                name = pool.names[int(pool.count.argmin())]
+                name = names[int(counts.argmin())]
                 raise InputError(
                     f"shots + queries = {self.shots} + {self.queries} = {per_class} exceeds "
                     f"the {smallest} images of class {name!r} in split {split!r}; "
                     f"the maximum of shots + queries is {smallest}"
                 )
+
+    def _set_pools(self, pools: dict[str, ClassPool]) -> None:
+        """Install the splits, checking that every split can make a task."""
+        self._check_sizes({split: (pool.names, pool.count) for split, pool in pools.items()})
+        for pool in pools.values():
             if np.any(pool.rot != 0) and pool.images.shape[1] != pool.images.shape[2]:
                 raise DataError("rotated classes need square images")
         self._pools = dict(pools)

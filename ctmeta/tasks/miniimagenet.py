@@ -218,6 +218,20 @@ class MiniImageNet(FewShotClassification):
             broken = {s: r[3] for s, r in resolved.items() if r[3]}
             if broken:
                 raise DataError(self._missing_message(tree, resolved, broken))
+            # The task sizes too: `ways` and `shots + queries` against the
+            # splits' classes, from the CSVs alone.
+            if protocol == "ravi":
+                self._check_sizes({s: (tuple(r[0]), r[2]) for s, r in resolved.items()})
+            else:
+                labels, _, counts, _ = resolved["train"]
+                if len(labels) >= 4:
+                    perm = np.random.default_rng(split_seed).permutation(len(labels))
+                    n_test = len(labels) // 4
+                    self._check_sizes({
+                        split: (tuple(labels[i] for i in np.sort(idx)), counts[np.sort(idx)])
+                        for split, idx in (("train", perm[: len(labels) - n_test]),
+                                           ("test", perm[len(labels) - n_test :]))
+                    })
             arrays = {
                 split: self._decode(tree, split, r[1], image_size, cache_dir, progress)
                 for split, r in resolved.items()

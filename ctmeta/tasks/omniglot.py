@@ -142,6 +142,11 @@ class Omniglot(FewShotClassification):
                 f"train_characters={train_characters} (the val characters come out of them)"
             )
         data_dir = pathlib.Path(data_dir).expanduser()
+        if data_dir.is_file():
+            raise DataError(
+                f"Omniglot data directory {data_dir} is a file, not a directory; pass the folder that "
+                f"holds images_background.zip and images_evaluation.zip (or the extracted folders); {_WHERE}"
+            )
         if not data_dir.is_dir():
             raise DataError(
                 f"Omniglot data directory {data_dir} does not exist; it should hold "
@@ -160,6 +165,15 @@ class Omniglot(FewShotClassification):
             names = sorted(chars)
             counts = np.array([len(chars[c][1]) for c in names], dtype=np.int64)
             starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            # The split and the task sizes, from the file listing alone: a task
+            # too large fails before a single image is decoded.
+            split_chars = self._split_characters(len(names), train_characters, val_characters, split_seed)
+            turns = (0, 1, 2, 3) if rotations else (0,)
+            self._check_sizes({
+                split: (tuple(f"{names[c]}/rot{90 * r:03d}" for c in np.sort(idx) for r in turns),
+                        np.repeat(counts[np.sort(idx)], len(turns)))
+                for split, idx in split_chars.items()
+            })
 
             def fill(out: np.ndarray) -> None:
                 with progress_bar(len(out), "decoding Omniglot", progress) as advance:
@@ -189,20 +203,6 @@ class Omniglot(FewShotClassification):
             for tree in trees:
                 tree.close()
 
-        total = len(names)
-        if train_characters >= total:
-            raise InputError(
-                f"train_characters={train_characters} leaves no meta-test characters: the "
-                f"data has {total} characters; the maximum is {total - 1}"
-            )
-        perm = np.random.default_rng(split_seed).permutation(total)
-        n_fit = train_characters - val_characters
-        split_chars = {"train": perm[:n_fit]}
-        if val_characters:
-            split_chars["val"] = perm[n_fit:train_characters]
-        split_chars["test"] = perm[train_characters:]
-        turns = (0, 1, 2, 3) if rotations else (0,)
-
         pools = {}
         for split, idx in split_chars.items():
             idx = np.repeat(np.sort(idx), len(turns))
@@ -217,3 +217,19 @@ class Omniglot(FewShotClassification):
         self.data_dir = data_dir
         self.rotations = bool(rotations)
         self._set_pools(pools)
+
+    @staticmethod
+    def _split_characters(total: int, train_characters: int, val_characters: int, split_seed: int):
+        """`{split: character indices}` of the split rule (see the module docstring)."""
+        if train_characters >= total:
+            raise InputError(
+                f"train_characters={train_characters} leaves no meta-test characters: the "
+                f"data has {total} characters; the maximum is {total - 1}"
+            )
+        perm = np.random.default_rng(split_seed).permutation(total)
+        n_fit = train_characters - val_characters
+        split_chars = {"train": perm[:n_fit]}
+        if val_characters:
+            split_chars["val"] = perm[n_fit:train_characters]
+        split_chars["test"] = perm[train_characters:]
+        return split_chars
