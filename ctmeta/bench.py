@@ -1313,7 +1313,8 @@ def plot(rows, out_dir, limit_bytes: float = 8e9) -> list[pathlib.Path]:
         for i, method in enumerate(dict.fromkeys(r["method"] for r in rows if r["benchmark"] == bench)):
             rs = sorted((r for r in rows if r["benchmark"] == bench and r["method"] == method), key=lambda r: r["steps"])
             color = f"C{i}"
-            mem = [(r["steps"], r["peak_bytes"] / 2**20, r.get("seconds") is not None) for r in rs if r.get("peak_bytes")]
+            # MB (1e6 bytes), the unit of the log lines and of bench.md.
+            mem = [(r["steps"], r["peak_bytes"] / 1e6, r.get("seconds") is not None) for r in rs if r.get("peak_bytes")]
             if mem:
                 ax_m.plot([m[0] for m in mem], [m[1] for m in mem], "-", color=color, label=method)
                 ax_m.plot([m[0] for m in mem if m[2]], [m[1] for m in mem if m[2]], "o", color=color)
@@ -1324,10 +1325,10 @@ def plot(rows, out_dir, limit_bytes: float = 8e9) -> list[pathlib.Path]:
                 ax_t.plot([x[0] for x in tim], [x[1] for x in tim], "o-", color=color, label=method)
         top = max((r["peak_bytes"] for r in rows if r["benchmark"] == bench and r.get("peak_bytes")), default=0)
         if top > limit_bytes / 10:
-            ax_m.axhline(limit_bytes / 2**20, color="grey", ls="--", lw=1)
-            ax_m.text(ax_m.get_xlim()[0], limit_bytes / 2**20, f" run limit {_fmt_bytes(limit_bytes)}",
+            ax_m.axhline(limit_bytes / 1e6, color="grey", ls="--", lw=1)
+            ax_m.text(ax_m.get_xlim()[0], limit_bytes / 1e6, f" run limit {_fmt_bytes(limit_bytes)}",
                       va="bottom", fontsize=8, color="grey")
-        for ax, ylabel in ((ax_m, "peak memory of the meta-gradient (MiB)"), (ax_t, "seconds per meta-gradient")):
+        for ax, ylabel in ((ax_m, "peak memory of the meta-gradient (MB)"), (ax_t, "seconds per meta-gradient")):
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("inner steps K = T / h  (h = 0.01)")
@@ -1335,7 +1336,9 @@ def plot(rows, out_dir, limit_bytes: float = 8e9) -> list[pathlib.Path]:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
         mb = next(r["meta_batch"] for r in rows if r["benchmark"] == bench)
-        ax_m.set_title(f"{bench}: memory (XLA, compiled; hollow = not run)", fontsize=10)
+        untimed = any(r.get("peak_bytes") and r.get("seconds") is None for r in rows if r["benchmark"] == bench)
+        ax_m.set_title(f"{bench}: memory (XLA, compiled" + ("; hollow: memory only, not timed)" if untimed else ")"),
+                       fontsize=10)
         ax_t.set_title(f"{bench}: time, meta-batch {mb} (median)", fontsize=10)
         fig.tight_layout()
         path = out_dir / f"bench-{bench}.png"

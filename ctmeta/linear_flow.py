@@ -209,6 +209,11 @@ def _check_arrays(W0, features, labels, T):
     shapes = {}
     for name, x in (("W0", W0), ("features", features), ("labels", labels)):
         shape = jnp.shape(x)
+        if name == "labels" and len(shape) == 1:
+            raise InputError(
+                f"`labels` must be one-hot, shape (M, N); got integer-like labels of shape {shape}: "
+                "pass `jax.nn.one_hot(labels, N)`."
+            )
         if len(shape) != 2:
             raise InputError(
                 f"`{name}` must be a 2-D array, got shape {shape}. Call linear_flow "

@@ -260,6 +260,7 @@ BAD_INPUTS = {
     "labels not one-hot (soft)": (_bad(labels=_LABELS * 0.5), {}, "one-hot"),
     "labels not one-hot (two ones)": (_bad(labels=_LABELS.at[0].set(1.0)), {}, "one-hot"),
     "labels row count": (_bad(labels=_LABELS[:-1]), {}, "rows"),
+    "integer labels": (_bad(labels=jnp.argmax(_LABELS, axis=1)), {}, r"jax\.nn\.one_hot\(labels, N\)"),
     "N mismatch": (_bad(labels=jax.nn.one_hot(jnp.arange(M) % 2, 2)), {}, "classes"),
     "d mismatch": (_bad(features=_FEATURES[:, :-1]), {}, "dimension"),
     "features 1-D": (_bad(features=_FEATURES[0]), {}, "2-D"),
