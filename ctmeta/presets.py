@@ -11,7 +11,8 @@ Horizon and steps (the papers' convention `T = steps * h`, `h = 0.01`):
 - `amaml`: `T` is the horizon of the gradient flow (`T = 2` of A-MAML Sec. 5.1
   for the 50-shot regressions). Without `steps` the adjoint is solved backward
   adaptively over the forward's dense output (`Adjoint()`); `steps = K`
-  selects the paper's sweep over `K` stored states (`h = T / K`).
+  selects the paper's sweep over `K` stored states (`h = T / K`); the image
+  benchmarks default to it (`K = T / 0.01`), see `resolve_config`.
 - `maml`, `fomaml`, `reptile`, `imaml`, `anil`: `steps` gradient steps with
   learning rate `h = T / steps`; without `--T`, `T = steps * h` with the
   benchmark's inner learning rate `h` (0.01).
@@ -254,7 +255,11 @@ def resolve_config(
     learn_T = False
     solver = None
     if method == "amaml":
-        n_steps = steps  # None: the adaptive backward; K: the stored sweep over K states
+        # None: the adaptive backward; K: the stored sweep over K states. The image
+        # presets keep the stored sweep: Dopri5 on a ReLU/max-pool Conv-4 takes ~1,000
+        # steps over T = 0.5 (its gradient field is not smooth), more than a dense
+        # output of Conv-4 states can hold in memory here.
+        n_steps = steps if steps is not None or p.kind != "images" else p.steps
         horizon = p.T if T is None else T
     elif method == "comln":
         n_steps = steps  # None: Dopri5; K: Euler with K steps
@@ -284,7 +289,7 @@ def resolve_config(
     if method == "imaml":
         method_options = {"lam": 1.0, "cg_steps": 5}
     elif method == "amaml":
-        method_options = ({"rtol": 1e-6, "atol": 1e-8, "dense_steps": p.dense_steps} if steps is None
+        method_options = ({"rtol": 1e-6, "atol": 1e-8, "dense_steps": p.dense_steps} if n_steps is None
                           else {"rtol": 1e-6, "atol": 1e-8, "scheme": "heun"})
     elif method == "comln":
         method_options = {"lam": 0.0, "solver": solver}

@@ -161,3 +161,19 @@ def test_resnet12_preset_takes_a_meta_step(method, image_dir):
     assert not np.array_equal(np.asarray(before.embedding.blocks[0].convs[0].weight),
                               np.asarray(after.embedding.blocks[0].convs[0].weight))
     assert np.any(np.asarray(after.head))  # the head's initialisation is learned too
+
+
+def test_amaml_uses_the_adaptive_adjoint_unless_steps_are_given(tmp_path):
+    from ctmeta import ode
+    from ctmeta.presets import build_method, resolve_config
+
+    adaptive = build_method(resolve_config("cosmixture", "amaml"))
+    assert adaptive.steps is None and isinstance(adaptive.sensitivity, ode.AdaptiveAdjoint)
+    assert adaptive.dense_steps == 128
+    assert build_method(resolve_config("alpine", "amaml")).dense_steps == 1024
+    stored = build_method(resolve_config("cosmixture", "amaml", steps=200))
+    assert stored.steps == 200 and isinstance(stored.sensitivity, ode.StoredAdjoint)
+    # The image presets keep the stored sweep (K = T / 0.01) by default.
+    (tmp_path / "omniglot").mkdir()
+    images = build_method(resolve_config("omniglot", "amaml", data_dir=str(tmp_path / "omniglot")))
+    assert images.steps == 50 and isinstance(images.sensitivity, ode.StoredAdjoint)
