@@ -26,6 +26,12 @@ computed is the *sensitivity rule*:
   Memory is the `steps + 1` stored states, with no graph over the trajectory.
   With `checkpoints=C` only `C + 1` states are kept and each segment is
   re-integrated during the backward pass.
+- [`AdaptiveAdjoint`][] (what `ctmeta.Adjoint()` uses): the forward records
+  its accepted steps (state, derivative and mid-step state: Dopri5's own
+  4th-order dense output), and the same adjoint ODE is solved backward by an
+  adaptive Dopri5 that reads $y(t)$ from that interpolant. No grid, no
+  stability bound on $h\,\lambda_{\max}$, a cost that follows the steps the
+  flow needs; memory is the `dense_steps` slots of the dense output.
 - [`Backprop`][]: exact reverse-mode differentiation through the solver's
   operations (diffrax's `RecursiveCheckpointAdjoint`). The reference rule.
 - [`Backsolve`][]: the continuous adjoint of Chen et al. that re-integrates

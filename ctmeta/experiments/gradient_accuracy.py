@@ -1,4 +1,4 @@
-r"""A-MAML Table 4: accuracy of the stored-state adjoint on an ODE with a closed form.
+r"""A-MAML Table 4: accuracy of the adjoint rules on an ODE with a closed form.
 
 The ODE (A-MAML Appendix A, eq. 11 with $x = t$, see DESIGN.md)
 
@@ -7,7 +7,8 @@ $$\frac{dy}{dt} = -2t^3 - 2ty, \qquad y(t) = 1 - t^2 + (y_0 - 1) e^{-t^2},$$
 with the loss $L = (y(T) - 3)^6$ has the meta-gradient
 $dL/dy_0 = 6 (y(T) - 3)^5 e^{-T^2}$. We report the relative error of
 `jax.grad` through `ctmeta.ode.solve` (Dopri5 forward, adjoint backward over
-`K` stored states) beside the paper's Adjoint column.
+`K` stored states) beside the paper's Adjoint column, and of the adaptive
+backward (`ctmeta.ode.AdaptiveAdjoint`, no `K`) at three forward tolerances.
 
 Run: `python -m ctmeta.experiments.gradient_accuracy`.
 """
@@ -57,18 +58,51 @@ def relative_errors(steps: int, scheme: str = "heun", horizons=HORIZONS, num_ini
     return np.mean(np.abs(g - exact) / np.abs(exact), axis=1)
 
 
-def table4(schemes=("heun", "rk4"), states=STATES, horizons=HORIZONS, num_inits: int = 20) -> dict:
-    """`{scheme: {T: [error for each K]}}`, plus the paper's column under `"paper"`."""
+#: Forward tolerances `(rtol, atol)` of the adaptive rule's rows (it has no grid `K`).
+ADAPTIVE_TOLERANCES = ((1e-6, 1e-8), (1e-8, 1e-10), (1e-11, 1e-12))
+
+
+def adaptive_errors(rtol: float, atol: float, horizons=HORIZONS, num_inits: int = 20, seed: int = 0):
+    """As `relative_errors`, for `ctmeta.ode.AdaptiveAdjoint` (the adaptive backward, `Adjoint()`)."""
+    rng = np.random.default_rng(seed)
+    y0s = rng.uniform(-1.0, 1.0, size=num_inits)
+
+    def loss(y0, T):
+        y = ode.solve(vector_field, y0, T, None, sensitivity=ode.AdaptiveAdjoint(dense_steps=1024),
+                      rtol=rtol, atol=atol)
+        return (y - 3.0) ** 6
+
+    grad = jax.jit(jax.vmap(jax.vmap(jax.grad(loss), in_axes=(0, None)), in_axes=(None, 0)))
+    g = np.asarray(grad(jnp.asarray(y0s), jnp.asarray(horizons)))
+    exact = np.stack([exact_gradient(y0s, T) for T in horizons])
+    return np.mean(np.abs(g - exact) / np.abs(exact), axis=1)
+
+
+def table4(schemes=("heun", "rk4"), states=STATES, horizons=HORIZONS, num_inits: int = 20,
+           adaptive=ADAPTIVE_TOLERANCES) -> dict:
+    """`{scheme: {T: [error for each K]}}`, the paper's column under `"paper"`, and
+    `"adaptive"`: `{T: [error for each (rtol, atol) of `adaptive`]}`."""
     out = {"paper": {T: list(PAPER_ADJOINT[T]) for T in horizons}}
     for scheme in schemes:
         per_k = [relative_errors(K, scheme, horizons, num_inits) for K in states]
         out[scheme] = {T: [float(e[i]) for e in per_k] for i, T in enumerate(horizons)}
+    if adaptive:
+        per_tol = [adaptive_errors(r, a, horizons, num_inits) for r, a in adaptive]
+        out["adaptive"] = {T: [float(e[i]) for e in per_tol] for i, T in enumerate(horizons)}
+        out["adaptive_tolerances"] = [list(t) for t in adaptive]
     return out
 
 
 def to_markdown(result: dict, states=STATES) -> str:
-    schemes = [s for s in result if s != "paper"]
+    schemes = [s for s in result if s not in ("paper", "adaptive", "adaptive_tolerances")]
     lines = []
+    if "adaptive" in result:
+        tols = result["adaptive_tolerances"]
+        lines.append("\n**Adaptive backward (`Adjoint()`, no stored grid), by forward tolerance**\n")
+        lines.append("| T | " + " | ".join(f"rtol {r:g}, atol {a:g}" for r, a in tols) + " |")
+        lines.append("|---:|" + "---:|" * len(tols))
+        for T, errs in result["adaptive"].items():
+            lines.append(f"| {T} | " + " | ".join(f"{e:.2e}" for e in errs) + " |")
     for T in result["paper"]:
         lines.append(f"\n**T = {T}**\n")
         lines.append("| states | paper (Adjoint) | " + " | ".join(f"ctmeta {s}" for s in schemes) + " |")
