@@ -324,11 +324,18 @@ _UNSTABLE_ADVICE = ("Raise the method's steps (more stored states, a smaller h =
                     "or use scheme='rk4' (an unstable backward adjoint sweep)")
 
 
+_DENSE_ADVICE = ("Raise the method's dense_steps (Adjoint(dense_steps=...): the forward's accepted steps it can "
+                 "hold), loosen its rtol/atol or lower the horizon T (a forward that needs more steps than its "
+                 "dense output holds)")
+
+
 def _solve_advice(status) -> str:
     """What to change for the failed inner solves among `status`, without the final full stop."""
     codes = set(np.asarray(status).reshape(-1).tolist()) - {int(SolveStatus.SUCCESS)}
-    parts = ([_SOLVE_ADVICE] if codes - {int(SolveStatus.UNSTABLE_ADJOINT)} else []) + (
-        [_UNSTABLE_ADVICE] if int(SolveStatus.UNSTABLE_ADJOINT) in codes else [])
+    special = {int(SolveStatus.UNSTABLE_ADJOINT), int(SolveStatus.DENSE_OVERFLOW)}
+    parts = ([_SOLVE_ADVICE] if codes - special else []) + (
+        [_UNSTABLE_ADVICE] if int(SolveStatus.UNSTABLE_ADJOINT) in codes else []) + (
+        [_DENSE_ADVICE] if int(SolveStatus.DENSE_OVERFLOW) in codes else [])
     return "; ".join(parts) if parts else _SOLVE_ADVICE
 
 
@@ -765,7 +772,8 @@ class MetaLearner:
         """
         status = np.asarray(status).reshape(-1)
         max_steps = getattr(self.method, "max_steps", None)
-        sweep = {"steps": getattr(self.method, "steps", None), "scheme": getattr(self.method, "scheme", None)}
+        sweep = {"steps": getattr(self.method, "steps", None), "scheme": getattr(self.method, "scheme", None),
+                 "dense_steps": getattr(self.method, "dense_steps", None)}
         parts = []
         for code in sorted(set(status.tolist()) - {int(SolveStatus.SUCCESS)}):
             tasks = np.flatnonzero(status == code).tolist()

@@ -271,3 +271,19 @@ def test_adjoint_contract():
         Adjoint(checkpoints=4)
     with pytest.raises(InputError, match="solver"):
         ode.solve(lambda t, y, a: -y, jnp.ones(2), 1.0, sensitivity=ode.AdaptiveAdjoint(), solver="euler")
+
+
+def test_meta_learner_names_a_dense_overflow_and_what_to_raise():
+    import optax
+
+    from ctmeta import NumericalError
+    from ctmeta.meta import MetaLearner, mse
+    from ctmeta.models import MLP
+    from ctmeta.tasks import CosMixture
+
+    tasks = CosMixture(shots=10, queries=10)
+    learner = MetaLearner(MLP(2, 1, 8, 1, key=jax.random.PRNGKey(0)), Adjoint(dense_steps=2), optax.adam(1e-3),
+                          mse, T=2.0)
+    state = learner.init(jax.random.PRNGKey(1))
+    with pytest.raises(NumericalError, match=r"filled its dense output \(dense_steps=2 .*Raise the method's dense_steps"):
+        learner.meta_step(state, tasks.sample(learner.iteration_key(state), 2))
