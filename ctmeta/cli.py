@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="meta-train on a benchmark and evaluate on its meta-test tasks",
         description="Meta-train an initialisation on a benchmark, then report the meta-test error\n"
         "after 0..K adaptation steps, for the learned and for a random initialisation.\n"
-        "With no flags: CosMixture 50shot-50val, A-MAML (T=2, 200 stored states), an MLP 2x32 tanh,\n"
+        "With no flags: CosMixture 50shot-50val, A-MAML (T=2, adaptive adjoint), an MLP 2x32 tanh,\n"
         "Adam 1e-3, 5 tasks per meta-batch, 1000 meta-iterations (about 2-3 minutes on 2 CPU cores).",
         epilog=_TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -109,7 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--T", type=float, default=None, metavar="FLOAT",
                    help="inner horizon T, > 0 (default: per benchmark and method, see below)")
     t.add_argument("--steps", type=int, default=None, metavar="INT",
-                   help="inner steps K, > 0: stored states (amaml) or GD steps (discrete methods)")
+                   help="inner steps K, > 0: stored states (amaml; RK4 steps with --solver rk4) or GD steps "
+                   "(discrete methods)")
+    t.add_argument("--solver", choices=["dopri5", "rk4"], default=None,
+                   help="amaml's forward solver: dopri5 (adaptive; without --steps the backward is adaptive "
+                   "too) or rk4 (K = --steps fixed steps of T/K) (default: rk4 with K=15 on images, dopri5 "
+                   "elsewhere)")
     t.add_argument("--meta-iterations", type=int, default=None, metavar="INT",
                    help="outer iterations, > 0 (default: per benchmark, 1000)")
     t.add_argument("--meta-batch", type=int, default=None, metavar="INT",
@@ -124,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fetch the benchmark's official files into the data directory first, if absent "
                    "(movielens, movielens-1m, jester, omniglot)")
     t.add_argument("--backbone", choices=list(BACKBONES), default=None,
-                   help="embedding network of omniglot and miniimagenet (default: conv4)")
+                   help="embedding network of omniglot and miniimagenet (default: conv4-smooth for amaml, "
+                   "conv4 for the others)")
     t.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
                    help="outer optimiser, with its paper's defaults (default: sgd for comln and anil, "
                    "adam for the others; see below)")
@@ -265,6 +271,7 @@ def _resolve_train_config(args) -> dict:
         meta_lr=args.meta_lr,
         lr_schedule=args.lr_schedule,
         backbone=args.backbone,
+        solver=args.solver,
     )
 
 
@@ -275,8 +282,9 @@ def _saved_choices(config: dict) -> dict:
     opt = config.get("optimizer") or {}
     model = str((config.get("model") or {}).get("name", ""))
     backbone = config.get("backbone") or next((b for b in BACKBONES if model.startswith(b)), None)
+    solver = (config.get("method_options") or {}).get("solver", "dopri5") if config.get("method") == "amaml" else None
     return {"optimizer": opt.get("name"), "meta_lr": opt.get("learning_rate"),
-            "lr_schedule": opt.get("schedule") or "none", "backbone": backbone}
+            "lr_schedule": opt.get("schedule") or "none", "backbone": backbone, "solver": solver}
 
 
 def _check_resume_flags(args, config: dict) -> dict:

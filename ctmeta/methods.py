@@ -157,6 +157,12 @@ class Adjoint(AbstractMethod):
     - `Adjoint(steps=K)`: the paper's rule (Sec. 3.2): the forward stores
       $K + 1$ states on a uniform grid, $h = T/K$, and the adjoint is swept
       back over them by Heun (`ctmeta.ode.StoredAdjoint`).
+    - `Adjoint(steps=K, solver="rk4")`: the same sweep after a fixed-step
+      forward, $K$ classical Runge-Kutta steps of $h = T/K$
+      (`ctmeta.ode.RK4`): for a gradient field that is not smooth (a
+      ReLU/max-pool Conv-4), where an adaptive forward crawls from kink to
+      kink. Its cost is fixed ($4K$ gradients forward); its reference is
+      backprop through the same steps.
 
     **Arguments:**
 
@@ -164,6 +170,8 @@ class Adjoint(AbstractMethod):
       of the stored grid, $h = T/K$.
     - `rtol`, `atol`: tolerances of the adaptive forward solve (`rtol` at
       least `1e-5` for float32 parameters: `ctmeta.ode.effective_rtol`).
+    - `solver`: the forward solver, `"dopri5"` (adaptive, default) or
+      `"rk4"` (fixed steps of $T/K$; needs `steps`).
     - `dense_steps` (adaptive rule): the most accepted forward steps kept,
       three states each; a forward that needs more fails with
       `SolveStatus.DENSE_OVERFLOW`.
@@ -203,11 +211,16 @@ class Adjoint(AbstractMethod):
     dense_steps: int = eqx.field(default=256, static=True)
     adjoint_rtol: float = eqx.field(default=10.0, static=True)
     adjoint_atol: float = eqx.field(default=10.0, static=True)
+    solver: str = eqx.field(default="dopri5", static=True)
 
     def __check_init__(self):
+        if self.solver not in ("dopri5", "rk4"):
+            raise InputError(f"Adjoint(solver={self.solver!r}): use 'dopri5' (adaptive) or 'rk4' (fixed steps).")
         if self.steps is None:
             if self.checkpoints is not None:
                 raise InputError("Adjoint(checkpoints=...) applies to the stored sweep: give steps=K too.")
+            if self.solver != "dopri5":
+                raise InputError(f"Adjoint(solver={self.solver!r}) takes fixed steps of T/K: give steps=K too.")
         else:
             _check_steps("Adjoint", self.steps)
             if self.checkpoints is not None and isinstance(self.checkpoints, int) and self.steps % self.checkpoints:
@@ -244,6 +257,7 @@ class Adjoint(AbstractMethod):
             rtol=self.rtol,
             atol=self.atol,
             max_steps=self.max_steps,
+            solver=self.solver,
             throw=throw,
         )
 

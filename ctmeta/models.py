@@ -315,6 +315,20 @@ def max_pool2x2(x: jax.Array) -> jax.Array:
     return x[:, :, : 2 * h, : 2 * w].reshape(k, c, h, 2, w, 2).max(axis=(3, 5))
 
 
+def avg_pool2x2(x: jax.Array) -> jax.Array:
+    """2x2 average pool with stride 2, as `max_pool2x2` (floor on odd sizes).
+
+    Linear, so a network with it and a smooth activation has a smooth loss:
+    its gradient flow has no switches (a max-pool's gradient jumps where the
+    largest of four inputs changes)."""
+    k, c, h, w = x.shape
+    h, w = h // 2, w // 2
+    return x[:, :, : 2 * h, : 2 * w].reshape(k, c, h, 2, w, 2).mean(axis=(3, 5))
+
+
+POOLS = {"max": max_pool2x2, "avg": avg_pool2x2}
+
+
 def _check_set_input(name: str, x: jax.Array, channels: int) -> None:
     # Shapes are static under jit, so this check costs nothing at run time.
     if x.ndim != 4 or x.shape[1] != channels:
@@ -328,17 +342,24 @@ def _check_set_input(name: str, x: jax.Array, channels: int) -> None:
 
 
 class ConvBlock(eqx.Module):
-    """conv3x3 (padding 1, no bias) -> set batch norm -> ReLU -> 2x2 max-pool."""
+    """conv3x3 (padding 1, no bias) -> set batch norm -> activation (ReLU) -> 2x2 pool (max)."""
 
     conv: Conv2d
     norm: SetBatchNorm
+    activation: Callable = eqx.field(static=True)
+    pool: str = eqx.field(static=True)
 
-    def __init__(self, in_channels: int, out_channels: int, *, conv_impl: str = "auto", dtype=None, key):
+    def __init__(self, in_channels: int, out_channels: int, *, activation: Callable = jax.nn.relu,
+                 pool: str = "max", conv_impl: str = "auto", dtype=None, key):
+        if pool not in POOLS:
+            raise InputError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
         self.conv = Conv2d(in_channels, out_channels, 3, 1, impl=conv_impl, dtype=dtype, key=key)
         self.norm = SetBatchNorm(out_channels, dtype=dtype)
+        self.activation = activation
+        self.pool = pool
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return max_pool2x2(jax.nn.relu(self.norm(self.conv(x))))
+        return POOLS[self.pool](self.activation(self.norm(self.conv(x))))
 
 
 class Conv4(SetModule):
@@ -355,6 +376,12 @@ class Conv4(SetModule):
     - `out_size=n`: a linear head follows, `(K, n)` logits, for MAML-style
       whole-network adaptation. The head's input width depends on the image
       size, so `image_size` (28 or 84, say) is then required.
+
+    `activation` (ReLU) and `pool` (`"max"`) are the benchmarks' network by
+    default. Their derivatives jump, so the gradient flow of a whole-network
+    adaptation (A-MAML) has a discontinuous vector field, on which every
+    solver is first order. A smooth activation (`jax.nn.softplus`,
+    `jax.nn.gelu`) with `pool="avg"` makes it smooth (docs/bench.md).
     """
 
     blocks: tuple[ConvBlock, ...]
@@ -368,11 +395,15 @@ class Conv4(SetModule):
         *,
         hidden: int = 64,
         image_size: int | tuple[int, int] | None = None,
+        activation: Callable = jax.nn.relu,
+        pool: str = "max",
         conv_impl: str = "auto",
         dtype=None,
         key: jax.Array,
     ):
         self.in_channels = check_int("in_channels", in_channels)
+        if not callable(activation):
+            raise InputError(f"Conv4's activation must be a function (jax.nn.relu, say), got {activation!r}")
         hidden = check_int("hidden", hidden)
         _check_conv_impl(conv_impl)
         # Size the head first, so that a bad argument fails before any work.
@@ -390,7 +421,7 @@ class Conv4(SetModule):
         keys = jax.random.split(key, 5)
         widths = [self.in_channels] + [hidden] * 4
         self.blocks = tuple(
-            ConvBlock(a, b, conv_impl=conv_impl, dtype=dtype, key=k)
+            ConvBlock(a, b, activation=activation, pool=pool, conv_impl=conv_impl, dtype=dtype, key=k)
             for a, b, k in zip(widths[:-1], widths[1:], keys[:4])
         )
         if out_size is None:

@@ -375,8 +375,38 @@ class _Options(eqx.Module):
     rtol: float = eqx.field(static=True)
     atol: float = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
-    solver: Literal["dopri5", "tsit5", "euler", "heun"] = eqx.field(static=True)
+    solver: Literal["dopri5", "tsit5", "euler", "heun", "rk4"] = eqx.field(static=True)
     throw: bool = eqx.field(static=True, default=True)
+
+
+class RK4(diffrax.AbstractERK):
+    r"""The classical fourth-order Runge-Kutta method, for fixed steps.
+
+    Stages $k_1 = f(t, y)$, $k_2 = f(t + h/2, y + h k_1/2)$,
+    $k_3 = f(t + h/2, y + h k_2/2)$, $k_4 = f(t + h, y + h k_3)$;
+    $y_{n+1} = y_n + h (k_1 + 2 k_2 + 2 k_3 + k_4)/6$. Its error estimate
+    (against the midpoint rule) is second order only: use it with
+    `diffrax.ConstantStepSize`, as [`solve`][] does for `solver="rk4"`. On
+    a gradient flow whose field is not smooth (a ReLU/max-pool network)
+    an adaptive solver's step collapses at every kink; fixed steps
+    $h = t_1/K$ do not (A-MAML's authors' own choice for images).
+    """
+
+    tableau: ClassVar[diffrax.ButcherTableau] = diffrax.ButcherTableau(
+        c=np.array([0.5, 0.5, 1.0]),
+        b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
+        b_error=np.array([1 / 6, 1 / 3 - 1, 1 / 3, 1 / 6]),
+        a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
+    )
+    interpolation_cls: ClassVar[Callable] = diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
+
+    def order(self, terms):
+        return 4
+
+
+#: Solvers taking `steps` uniform steps (the others are adaptive).
+FIXED_STEP_SOLVERS = ("euler", "heun", "rk4")
+SOLVERS = ("dopri5", "tsit5") + FIXED_STEP_SOLVERS
 
 
 def _diffrax_solver(name: str):
@@ -385,6 +415,7 @@ def _diffrax_solver(name: str):
         "tsit5": diffrax.Tsit5,
         "euler": diffrax.Euler,
         "heun": diffrax.Heun,
+        "rk4": RK4,
     }[name]()
 
 
@@ -419,7 +450,7 @@ def _forward(field, y0, t0, t1, args, options: _Options, ts=None, adjoint=None):
     checked by diffrax, so it gets `throw=options.throw`.
     """
     solver = _diffrax_solver(options.solver)
-    if options.solver in ("euler", "heun"):
+    if options.solver in FIXED_STEP_SOLVERS:
         controller = diffrax.ConstantStepSize()
         dt0 = (t1 - t0) / options.steps
     else:
@@ -1102,7 +1133,7 @@ def solve(
     rtol: float = 1e-6,
     atol: float = 1e-8,
     max_steps: int = 16384,
-    solver: Literal["dopri5", "tsit5", "euler", "heun"] = "dopri5",
+    solver: Literal["dopri5", "tsit5", "euler", "heun", "rk4"] = "dopri5",
     throw: bool = True,
 ) -> PyTree:
     r"""Solve $dy/dt = f(t, y, \text{args})$ on $[0, t_1]$ and return $y(t_1)$.
@@ -1122,7 +1153,8 @@ def solve(
       bfloat16): below that the solver's error estimate measures rounding
       and its step collapses (see `effective_rtol`).
     - `max_steps`: the forward solver's step budget.
-    - `solver`: `"dopri5"` (default), `"tsit5"`, or the fixed-step `"euler"` / `"heun"`.
+    - `solver`: `"dopri5"` (default), `"tsit5"`, or the fixed-step `"euler"`,
+      `"heun"`, `"rk4"` ([`RK4`][]), which take `steps` steps of $t_1/\text{steps}$.
     - `throw`: what a failed forward solve (`max_steps` exhausted, or a
       non-finite state) does. `True` (default): raise at run time, inside
       `jit` too, naming the cause; under `vmap` one failing element stops the
@@ -1144,8 +1176,8 @@ def solve(
             "ctmeta.ode.solve: sensitivity must be StoredAdjoint(), Backprop() or Backsolve(); "
             f"got {sensitivity!r}."
         )
-    if solver not in ("dopri5", "tsit5", "euler", "heun"):
-        raise InputError(f"ctmeta.ode.solve: unknown solver {solver!r}; use dopri5, tsit5, euler or heun.")
+    if solver not in SOLVERS:
+        raise InputError(f"ctmeta.ode.solve: unknown solver {solver!r}; use {', '.join(SOLVERS)}.")
     if not jax.tree.leaves(y0) or not all(jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in jax.tree.leaves(y0)):
         raise InputError("ctmeta.ode.solve: y0 must be a non-empty pytree of floating-point arrays.")
     check_horizon(t1)

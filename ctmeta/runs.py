@@ -761,7 +761,9 @@ def evaluate_run(exp, run: RunDir, state, *, reporter: Reporter | None = None, s
         "table_steps": table_steps,
         "curve_steps": curve,
         **{
-            name: {"mean": e.mean.tolist(), "ci95": e.ci95.tolist()}
+            name: {"mean": e.mean.tolist(), "ci95": e.ci95.tolist(),
+                   # each task's error at the table's steps, for paired tests between methods
+                   "per_task": {str(st): e.per_task[:, curve.index(st)].tolist() for st in table_steps}}
             for name, e in evaluations.items()
         },
     }

@@ -60,7 +60,7 @@ def test_help_lists_commands_and_flags(capsys):
     for flag in ("--benchmark", "--method", "--T", "--steps", "--meta-iterations", "--meta-batch", "--ways",
                  "--shots", "--data-dir", "--seed", "--out", "--checkpoint-every", "--resume", "--quiet",
                  "--debug", "cosmixture", "miniimagenet", "amaml", "comln", "--optimizer", "--meta-lr",
-                 "--lr-schedule", "--backbone", "resnet12", "Nesterov"):
+                 "--lr-schedule", "--backbone", "resnet12", "conv4-smooth", "--solver", "rk4", "Nesterov"):
         assert flag in out, flag
     assert main(["bench", "--help"]) == 0  # handed to ctmeta.bench
     assert "ctmeta bench" in capsys.readouterr().out
@@ -87,6 +87,7 @@ def test_help_lists_commands_and_flags(capsys):
         (["train", "--meta-lr", "nan"], "--meta-lr"),
         (["train", "--meta-lr", "1e5"], "--meta-lr"),
         (["train", "--backbone", "resnet12"], "--backbone"),
+        (["train", "--method", "maml", "--solver", "rk4"], "--solver"),
         (["train", "--benchmark", "movielens", "--data-dir", "/nonexistent/ml"], "does not exist"),
         (["train", "--data-dir", "/tmp"], "--data-dir"),
         (["train", "--resume", "/nonexistent/run"], "does not exist"),
@@ -103,7 +104,7 @@ def test_bad_flag_values_exit_2_with_one_line(argv, message, capsys, tmp_path):
 @pytest.mark.parametrize(
     "argv", [["train", "--benchmark", "nope"], ["train", "--method", "nope"], ["train", "--steps", "abc"], [],
              ["train", "--optimizer", "rmsprop"], ["train", "--lr-schedule", "exp"], ["train", "--backbone", "vgg"],
-             ["train", "--meta-lr", "fast"]]
+             ["train", "--meta-lr", "fast"], ["train", "--solver", "euler"]]
 )
 def test_argparse_errors_exit_2(argv, capsys):
     assert main(argv) == 2
@@ -167,7 +168,8 @@ def test_resume_ends_exactly_as_an_uninterrupted_run(finished_run, tmp_path, cap
         f.write("3,0.5,0.5,0.03,1.0\n")
     # Changing the configuration on resume is refused.
     assert main(["train", "--resume", str(out), "--steps", "5", "--quiet"]) == 2
-    for flags in (["--optimizer", "sgd"], ["--meta-lr", "0.01"], ["--lr-schedule", "cosine"], ["--backbone", "conv4"]):
+    for flags in (["--optimizer", "sgd"], ["--meta-lr", "0.01"], ["--lr-schedule", "cosine"], ["--backbone", "conv4"],
+                  ["--solver", "rk4"]):
         capsys.readouterr()
         assert main(["train", "--resume", str(out), *flags, "--quiet"]) == 2
         assert f"{flags[0]} {flags[1]} differs from the resumed run's" in capsys.readouterr().err
@@ -213,7 +215,7 @@ def test_movielens_end_to_end_with_masked_test_queries(data_dir, monkeypatch, tm
 
 
 @pytest.mark.parametrize("flag", ["--shots", "--T", "--method", "--benchmark", "--out", "--resume", "--data-dir",
-                                  "--meta-lr", "--optimizer", "--backbone"])
+                                  "--meta-lr", "--optimizer", "--backbone", "--solver"])
 def test_a_bare_double_dash_as_a_flag_value_is_a_usage_error(flag, capsys, tmp_path):
     # argparse hands `--flag=--` over as [] without type or choice checks.
     code = main(["train", f"{flag}=--", "--meta-iterations", "1", "--quiet"])

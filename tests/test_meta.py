@@ -264,3 +264,28 @@ def test_per_task_horizons_are_learned_with_exact_gradients():
     assert float(jnp.linalg.norm(grads.T_weights)) > 0
     with pytest.raises(InputError, match="per-task"):
         MetaLearner(MLP(1, 1, 4, 1, key=jax.random.PRNGKey(0)), Adjoint(), optax.adam(1e-3), learn_T="per-task")
+
+
+@pytest.mark.parametrize("method", [Adjoint(), Adjoint(steps=8), Reptile(steps=4)], ids=["adaptive", "stored", "reptile"])
+def test_task_map_one_after_the_other_gives_vmaps_meta_gradient(method):
+    batch = sine_batch(jax.random.PRNGKey(2))
+    batched, sequential = make_learner(method), make_learner(method, task_map="map")
+    state = batched.init(jax.random.PRNGKey(1))
+    (l1, g1), (l2, g2) = batched.meta_gradient(state, batch), sequential.meta_gradient(state, batch)
+    np.testing.assert_allclose(l1, l2, rtol=1e-12)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    new, _ = sequential.meta_step(state, batch)
+    assert int(new.iteration) == 1
+
+
+def test_task_map_keeps_each_tasks_failure_its_own():
+    batch = sine_batch(jax.random.PRNGKey(2))
+    x = batch.support_x.at[1].set(jnp.nan)  # task 1's inner solve cannot succeed
+    bad = Batch(x, batch.support_y, batch.query_x, batch.query_y)
+    learner = make_learner(Adjoint(), task_map="map", on_nonfinite="skip-task")
+    state = learner.init(jax.random.PRNGKey(1))
+    new, info = learner.meta_step(state, bad)
+    assert int(info["skipped"]) == 1 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(new.params))
+    with pytest.raises(InputError, match="task_map"):
+        make_learner(Adjoint(), task_map="scan")

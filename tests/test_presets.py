@@ -173,7 +173,61 @@ def test_amaml_uses_the_adaptive_adjoint_unless_steps_are_given(tmp_path):
     assert build_method(resolve_config("alpine", "amaml")).dense_steps == 1024
     stored = build_method(resolve_config("cosmixture", "amaml", steps=200))
     assert stored.steps == 200 and isinstance(stored.sensitivity, ode.StoredAdjoint)
-    # The image presets keep the stored sweep (K = T / 0.01) by default.
+    # Images: the adaptive rule at float32 tolerances, on the smooth Conv-4, tasks one after the other.
     (tmp_path / "omniglot").mkdir()
-    images = build_method(resolve_config("omniglot", "amaml", data_dir=str(tmp_path / "omniglot")))
-    assert images.steps == 50 and isinstance(images.sensitivity, ode.StoredAdjoint)
+    config = resolve_config("omniglot", "amaml", data_dir=str(tmp_path / "omniglot"))
+    images = build_method(config)
+    assert images.steps is None and isinstance(images.sensitivity, ode.AdaptiveAdjoint)
+    assert (images.rtol, images.atol, images.dense_steps) == (1e-5, 1e-6, 256)
+    assert config["backbone"] == "conv4-smooth"
+    assert (config["model"]["activation"], config["model"]["pool"]) == ("softplus", "avg")
+    # --solver rk4: K = T / 0.01 fixed RK4 steps and the RK4 sweep; the other methods keep the ReLU Conv-4.
+    rk4_images = build_method(resolve_config("omniglot", "amaml", solver="rk4", data_dir=str(tmp_path / "omniglot")))
+    assert (rk4_images.steps, rk4_images.solver, rk4_images.scheme) == (50, "rk4", "rk4")
+    maml = resolve_config("omniglot", "maml", data_dir=str(tmp_path / "omniglot"))
+    assert maml["backbone"] == "conv4" and "activation" not in maml["model"]
+    rk4 = build_method(resolve_config("cosmixture", "amaml", solver="rk4"))
+    assert (rk4.steps, rk4.solver, rk4.scheme) == (200, "rk4", "rk4")
+
+
+def test_whole_network_image_learners_map_tasks_one_after_the_other(image_dir):
+    class Family:
+        input_shape, output_size, kind = (1, 28, 28), 3, "classification"
+
+    for method, task_map in (("amaml", "map"), ("maml", "map"), ("comln", "vmap")):
+        config = presets.resolve_config("omniglot", method, ways=3, data_dir=image_dir)
+        assert presets.build_learner(config, Family(), jax.random.PRNGKey(0)).task_map == task_map
+    config = presets.resolve_config("cosmixture", "amaml")
+
+    class Regression:
+        input_shape, output_size, kind = (2,), 1, "regression"
+
+    assert presets.build_learner(config, Regression(), jax.random.PRNGKey(0)).task_map == "vmap"
+
+
+def test_solver_applies_to_amaml_only():
+    with pytest.raises(InputError, match="--solver applies to --method amaml"):
+        presets.resolve_config("cosmixture", "maml", solver="rk4")
+    with pytest.raises(InputError, match="unknown --solver"):
+        presets.resolve_config("cosmixture", "amaml", solver="euler")
+
+
+def test_smooth_backbone_builds_a_softplus_avg_pool_conv4(image_dir):
+    from ctmeta.models import avg_pool2x2
+
+    config = presets.resolve_config("omniglot", "amaml", ways=3, data_dir=image_dir)
+
+    class Family:
+        input_shape, output_size, kind = (1, 28, 28), 3, "classification"
+
+    model = presets.build_model(config, Family(), jax.random.PRNGKey(0))
+    assert all(b.activation is jax.nn.softplus and b.pool == "avg" for b in model.blocks)
+    relu = presets.build_model(presets.resolve_config("omniglot", "maml", ways=3, data_dir=image_dir),
+                               Family(), jax.random.PRNGKey(0))
+    assert all(b.activation is jax.nn.relu and b.pool == "max" for b in relu.blocks)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 1, 28, 28))
+    assert model(x).shape == relu(x).shape == (2, 3)
+    assert not np.allclose(model(x), relu(x))  # same weights, another network
+    # The average pool is the mean of each 2x2 window, floor on an odd size.
+    y = jnp.arange(2 * 5 * 5, dtype=float).reshape(1, 2, 5, 5)
+    np.testing.assert_allclose(avg_pool2x2(y)[0, 0], [[3.0, 5.0], [13.0, 15.0]])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
 import pytest
 
 from ctmeta.cli import main
@@ -170,3 +171,43 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
     assert [r["iteration"] for r in resumed.metrics] == list(range(1, 7))
     assert [r["meta_loss"] for r in resumed.metrics] == [r["meta_loss"] for r in whole.metrics]
     assert resumed.results["learned"] == whole.results["learned"]
+
+
+def test_paired_test_against_the_t_statistic_by_hand():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    b = rng.uniform(0.1, 1.0, 50)
+    a = b - 0.05 + 0.02 * rng.standard_normal(50)
+    t = reproduce.paired_test(a, b)
+    d = a - b
+    stat = d.mean() / (d.std(ddof=1) / np.sqrt(d.size))
+    assert t["mean_diff"] == pytest.approx(d.mean(), rel=1e-12)
+    assert t["t_p"] == pytest.approx(2 * stats.t.sf(abs(stat), d.size - 1), rel=1e-9)
+    assert t["t_p"] < 1e-6 and t["wilcoxon_p"] < 1e-6 and t["a_lower"] == int(np.sum(d < 0)) and t["n"] == 50
+    same = reproduce.paired_test(b, b)
+    assert same["t_p"] == same["wilcoxon_p"] == 1.0 and same["mean_diff"] == 0.0
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_finished_run_without_per_task_errors_is_evaluated_again_to_the_same_numbers(tmp_path):
+    import json
+
+    def run():
+        ctx = reproduce.Context(name="x", scale="test", out=tmp_path, data_root=None, quiet=True, argv=[])
+        ctx.reporter = Reporter(quiet=True, silent=True)
+        return reproduce.run_method(ctx, "s/maml", "cosmixture", "maml", meta_iterations=2, steps=2,
+                                    eval_tasks=4, eval_steps=(0, 2))
+
+    first = run()
+    assert len(first.per_task(2)) == 4
+    np.testing.assert_allclose(first.per_task(2).mean(), first.value(2)[0], rtol=1e-6)
+    path = tmp_path / "s" / "maml" / "results.json"
+    old = json.loads(path.read_text())
+    for name in ("learned", "random"):
+        del old[name]["per_task"]
+    path.write_text(json.dumps(old))
+    again = run()
+    assert again.results["learned"]["mean"] == first.results["learned"]["mean"]
+    np.testing.assert_array_equal(again.per_task(2), first.per_task(2))
+    assert "per_task" in json.loads(path.read_text())["learned"]
