@@ -955,6 +955,7 @@ class MetaLearner:
         lr: float | None = None,
         chunk_size: int | None = None,
         progress: Callable[[int], None] | None = None,
+        metric: Callable | None = None,
     ) -> Evaluation:
         """Adapt on each task's support set from the learned initialisation by
         plain gradient descent with learning rate `lr` (default: the method's
@@ -965,11 +966,17 @@ class MetaLearner:
         whose `query_mask` the metric uses). They are processed `chunk_size`
         tasks at a time (all at once by default); `progress(n)` is called
         with the number of tasks done after each chunk. With `adapt="head"`
-        only the head adapts, on fixed features. Returns an [`Evaluation`][].
+        only the head adapts, on fixed features. `metric(pred, y, mask=None)`
+        scores instead of the learner's metric. Returns an [`Evaluation`][].
         """
         params = state_or_params.params if isinstance(state_or_params, MetaState) else state_or_params
         _check_batch(batch, "evaluate")
-        metric, metric_name = self.metric_for(batch)
+        if metric is None:
+            metric, metric_name = self.metric_for(batch)
+        elif callable(metric):
+            metric_name = getattr(metric, "__name__", "metric")
+        else:
+            raise InputError(f"evaluate: metric must be a function metric(pred, y, mask=None); got {metric!r}")
         steps = sorted({int(s) for s in steps_list})
         if not steps or steps[0] < 0:
             raise InputError(f"evaluate: steps_list must be non-negative ints, got {list(steps_list)!r}")

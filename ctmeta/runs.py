@@ -749,6 +749,23 @@ def evaluate_run(exp, run: RunDir, state, *, reporter: Reporter | None = None, s
                 st, batch, curve, lr=lr, chunk_size=exp.eval_chunk, progress=bar.update
             )
     T_learned = float(learner.horizon(state))
+    # Ratings: the other scales a reader of "nRMSE" may assume, at the table's steps.
+    other = {}
+    from .presets import BENCHMARKS
+
+    preset = BENCHMARKS.get(cfg["benchmark"])
+    if preset is not None and preset.kind == "ratings" and hasattr(exp.family, "mean_rating"):
+        from .tasks.metrics import RelativeSquaredError, rmse
+
+        rse = RelativeSquaredError(exp.family.mean_rating())
+        for metric_name, fn in (("rmse", rmse), ("relative_squared_error", rse)):
+            other[metric_name] = {}
+            for name, st in inits.items():
+                e = learner.evaluate(st, batch, table_steps, lr=lr, chunk_size=exp.eval_chunk, metric=fn)
+                other[metric_name][name] = {"steps": e.steps.tolist(), "mean": e.mean.tolist(),
+                                            "ci95": e.ci95.tolist(),
+                                            "per_task": {str(int(s)): e.per_task[:, i].tolist()
+                                                         for i, s in enumerate(e.steps)}}
     results = {
         "benchmark": cfg["benchmark"],
         "method": cfg["method"],
@@ -767,6 +784,8 @@ def evaluate_run(exp, run: RunDir, state, *, reporter: Reporter | None = None, s
             for name, e in evaluations.items()
         },
     }
+    if other:
+        results["other_metrics"] = other  # {metric: {init: {steps, mean, ci95, per_task}}}
     # The table first: whatever happens to the files, the numbers are on screen.
     reporter.log("")
     reporter.log(results_text(results))

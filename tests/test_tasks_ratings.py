@@ -565,3 +565,39 @@ def test_bad_arguments(kwargs):
     users, items, ratings = _synthetic()
     with pytest.raises(InputError):
         RatingsFamily(RatingsTable(users, items, ratings, "synthetic"), **kwargs)
+
+
+# -- the other scales of the ratings tables, and the predictors that learn no user ------------
+
+
+def test_rmse_and_relative_squared_error_against_closed_forms():
+    from ctmeta.tasks.metrics import RelativeSquaredError, rmse
+
+    y = np.array([[[1.0], [3.0], [5.0], [2.0]]])
+    pred = np.array([[[2.0], [3.0], [3.0], [9.0]]])
+    mask = np.array([[True, True, True, False]])  # the last row is padding
+    np.testing.assert_allclose(rmse(pred, y, mask), [np.sqrt((1 + 0 + 4) / 3)], rtol=1e-12)
+    rse = RelativeSquaredError(3.0)
+    np.testing.assert_allclose(rse(pred, y, mask), [(1 + 0 + 4) / (4 + 0 + 4)], rtol=1e-12)
+    np.testing.assert_allclose(rse(np.full_like(y, 3.0), y, mask), [1.0])  # predicting m scores 1
+    with pytest.raises(InputError, match="same shape"):
+        rmse(pred[:, :3], y)
+
+
+def test_trivial_predictions_are_item_means_of_the_training_users():
+    users, items, ratings = _synthetic()
+    family = RatingsFamily(RatingsTable(users, items, ratings, "synthetic"), shots=5, queries=5, top_items=30,
+                           min_ratings=15, num_test_users=10)
+    means = family.item_means()
+    # By hand, from the meta-training users' own ratings of the kept items.
+    sampled = np.isin(users, family.sampled_user_ids)
+    for rank in (0, 7, 29):
+        item = family.item_ids[rank]
+        rated = ratings[sampled & (items == item)]
+        np.testing.assert_allclose(means[rank], rated.mean() if rated.size else family.mean_rating(), rtol=1e-12)
+    test = family.test_batch()
+    preds = family.trivial_predictions()
+    q = np.asarray(test.query_x).argmax(-1)
+    np.testing.assert_allclose(preds["item mean"][..., 0], means[q])
+    offset = (np.asarray(test.support_y)[..., 0] - means[np.asarray(test.support_x).argmax(-1)]).mean(1)
+    np.testing.assert_allclose(preds["item mean + user offset"][..., 0], means[q] + offset[:, None])

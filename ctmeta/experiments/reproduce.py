@@ -208,7 +208,8 @@ def paired_table(reference: RunResult, others, step: int, lower_is_better: bool 
         t = paired_test(a, r.per_task(step))
         better = t["mean_diff"] < 0 if lower_is_better else t["mean_diff"] > 0
         verdict = ("A-MAML better" if better else "A-MAML worse") if t["wilcoxon_p"] < 0.05 else "no significant difference"
-        rows.append([r.label.split("/")[-1], f"{t['mean_diff']:+.4f} ± {t['ci95']:.4f}", _p(t["t_p"]),
+        name = r.label.split("/")[-1]
+        rows.append([_LABEL.get(name, name), f"{t['mean_diff']:+.4f} ± {t['ci95']:.4f}", _p(t["t_p"]),
                      _p(t["wilcoxon_p"]), f"{t['a_lower']}/{t['n']}", verdict])
     header = ["A-MAML vs", "mean difference (A-MAML - it)", "p (paired t)", "p (Wilcoxon)",
               "tasks where A-MAML is lower", "at p < 0.05"]
@@ -230,6 +231,13 @@ def _data_dir_for(ctx: Context, benchmark: str) -> str | None:
         env = os.environ.get("CTMETA_DATA")
         root = pathlib.Path(env).expanduser() if env else pathlib.Path("data")
     return str(root / sub)
+
+
+def presets_kind(benchmark: str) -> str:
+    """`"regression"`, `"ratings"` or `"images"`: the preset's kind."""
+    from ..presets import BENCHMARKS
+
+    return BENCHMARKS[benchmark].kind
 
 
 def _evaluate_again(ctx: Context, path: pathlib.Path, benchmark: str, label: str, tasks: int) -> dict:
@@ -293,7 +301,8 @@ def run_method(
             metrics = RunDir(path).read_metrics()
             secs = metrics[-1]["seconds"] if metrics else float("nan")
             ctx.log(f"[{label}] reusing the finished run in {path}")
-            if "per_task" not in results.get("learned", {}):
+            ratings = presets_kind(benchmark) == "ratings"
+            if "per_task" not in results.get("learned", {}) or (ratings and "other_metrics" not in results):
                 results = _evaluate_again(ctx, path, benchmark, label, int(results["tasks"]))
             return RunResult(label, "ok", results=results, metrics=metrics, seconds=secs, run_dir=str(path))
         except (OSError, ValueError):
@@ -674,8 +683,69 @@ def _table12(ctx: Context) -> None:
                 else:
                     body.append(f"- {ds} {setting}: A-MAML is the best, as in the paper.")
         body.append("")
+        body += _ratings_scales(ctx, results, table, steps, cols, methods)
     write_results(ctx, "A-MAML Tables 1-2: collaborative filtering", "A-MAML Tables 1 and 2 (Sec. 5.3)", body,
                   all_runs)
+
+
+_RATING_RANGE = {"movielens": 4.0, "movielens-1m": 4.0, "jester": 20.0}  # 1..5 stars; -10..10
+
+
+def _ratings_scales(ctx: Context, results: dict, table: int, steps: int, cols, methods) -> list[str]:
+    """The other scales of Tables 1-2 (RMSE in rating units, RMSE / range, the
+    relative squared error against the training users' mean rating), the
+    predictors that learn no user beside the methods, and A-MAML's paired
+    tests against each method on the same test users."""
+    from .. import presets
+    from ..tasks.metrics import RelativeSquaredError, nrmse, rmse
+
+    header = ["method"] + [f"{ds} {setting}: nRMSE / RMSE / RMSE÷range / RSE" for ds, setting in cols]
+    rows, trivial = [], {}
+    for ds, setting in cols:
+        try:
+            shots = int(setting.split("shot")[0])
+            config = presets.resolve_config(ds, "maml", shots=shots, data_dir=_data_dir_for(ctx, ds))
+            fam = presets.build_family(config, progress=False, log=lambda *a: None)
+        except (DataError, InputError):
+            continue
+        test = fam.test_batch()
+        y, mask = np.asarray(test.query_y), np.asarray(test.query_mask)
+        rse = RelativeSquaredError(fam.mean_rating())
+        for name, pred in fam.trivial_predictions(test).items():
+            scores = [float(np.mean(f(pred, y, mask))) for f in (nrmse, rmse, rse)]
+            trivial.setdefault(name, {})[(ds, setting)] = scores
+    for m in methods:
+        row = [_LABEL[m]]
+        for ds, setting in cols:
+            r = results.get((ds, setting, table, m), (None,))[0]
+            other = (r.results or {}).get("other_metrics") if r is not None and r.ok else None
+            if not other:
+                row.append(r.status if r is not None and not r.ok else "-")
+                continue
+            st = r.nearest_step(steps)
+            i = other["rmse"]["learned"]["steps"].index(st) if st in other["rmse"]["learned"]["steps"] else -1
+            n_rmse, rmse_v = r.value(steps)[0], other["rmse"]["learned"]["mean"][i]
+            rse_v = other["relative_squared_error"]["learned"]["mean"][i]
+            row.append(f"{n_rmse:.3f} / {rmse_v:.3f} / {rmse_v / _RATING_RANGE[ds]:.3f} / {rse_v:.3f}")
+        rows.append(row)
+    for name, by_col in trivial.items():
+        row = [f"{name} (learns no user)"]
+        for ds, setting in cols:
+            v = by_col.get((ds, setting))
+            row.append("-" if v is None else f"{v[0]:.3f} / {v[1]:.3f} / {v[1] / _RATING_RANGE[ds]:.3f} / {v[2]:.3f}")
+        rows.append(row)
+    out = [f"### Table {table}, other scales, after {steps} steps", "",
+           "The paper's nRMSE is undefined; ours is ||e|| / ||y|| per user (first number). Beside it: RMSE in "
+           "rating units, RMSE / the rating range (MovieLens 4, Jester 20), and RSE = ||e||^2 / ||y - m||^2 with "
+           "m the meta-training users' mean rating (1 = predicting m). The predictors that learn no user are the "
+           "floor meta-learning has to beat.", "", md_table(header, rows), ""]
+    for ds, setting in cols:
+        group = [results[(ds, setting, table, m)][0] for m in methods if (ds, setting, table, m) in results]
+        amaml = [r for r in group if r.ok and r.label.endswith("/amaml")]
+        if amaml and all("per_task" in r.results.get("learned", {}) for r in group if r.ok):
+            out += [f"A-MAML against each method, {ds} {setting}, nRMSE after {steps} steps, paired over the "
+                    "same test users:", ""] + paired_table(amaml[0], group, amaml[0].nearest_step(steps)) + [""]
+    return out
 
 
 # --------------------------------------------------------------------------- #

@@ -552,6 +552,40 @@ class RatingsFamily(TaskFamily):
         """All test users, in id order, with their fixed support/query split."""
         return self._test
 
+    def mean_rating(self) -> float:
+        """The meta-training users' mean rating (over the kept items)."""
+        items, ratings = np.asarray(self._items), np.asarray(self._ratings)
+        return float(ratings[items >= 0].mean())
+
+    def item_means(self) -> np.ndarray:
+        """Each kept item's mean rating over the meta-training users' ratings
+        (`(top_items,)`, in popularity-rank order; the overall mean for an item
+        none of them rated): what a predictor learns that learns no user."""
+        items, ratings = np.asarray(self._items), np.asarray(self._ratings)
+        valid = items >= 0
+        overall = ratings[valid].mean()
+        total = np.bincount(items[valid], ratings[valid], self.top_items)
+        count = np.bincount(items[valid], minlength=self.top_items)
+        return np.where(count > 0, total / np.maximum(count, 1), overall)
+
+    def trivial_predictions(self, batch: MaskedBatch | None = None) -> dict[str, np.ndarray]:
+        """Query predictions of the predictors that adapt nothing but a mean,
+        for `batch` (default: the test users), each shaped like `query_y`:
+
+        - `"item mean"`: the item's mean rating over the meta-training users;
+        - `"item mean + user offset"`: plus the user's mean offset from the
+          item means on their support ratings.
+
+        The floor a meta-learned rating predictor has to beat (A-MAML
+        Tables 1-2 leave it out)."""
+        batch = self.test_batch() if batch is None else batch
+        means = self.item_means()
+        support_items = np.asarray(batch.support_x).argmax(-1)
+        query_items = np.asarray(batch.query_x).argmax(-1)
+        offset = (np.asarray(batch.support_y)[..., 0] - means[support_items]).mean(axis=1, keepdims=True)
+        item = means[query_items][..., None]
+        return {"item mean": item, "item mean + user offset": item + offset[..., None]}
+
     # -- internals --------------------------------------------------------------------
 
     def _one_hot(self, ranks: jax.Array) -> jax.Array:
