@@ -320,8 +320,9 @@ class Evaluation(NamedTuple):
 
 _SOLVE_ADVICE = ("Raise the method's max_steps, loosen its rtol/atol or lower the horizon T "
                  "(a stiff or diverging inner flow)")
-_UNSTABLE_ADVICE = ("Raise the method's steps (more stored states, a smaller h = T/steps), lower the horizon T "
-                    "or use scheme='rk4' (an unstable backward adjoint sweep)")
+_UNSTABLE_ADVICE = ("Raise the method's steps (more stored states, a smaller h = T/steps), lower the horizon T, "
+                    "use scheme='rk4' if the sweep is Heun's, or the adaptive rule (Adjoint() without steps, "
+                    "whose step follows the curvature) (an unstable backward adjoint sweep)")
 
 
 _DENSE_ADVICE = ("Raise the method's dense_steps (Adjoint(dense_steps=...): the forward's accepted steps it can "

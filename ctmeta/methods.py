@@ -159,10 +159,11 @@ class Adjoint(AbstractMethod):
       back over them by Heun (`ctmeta.ode.StoredAdjoint`).
     - `Adjoint(steps=K, solver="rk4")`: the same sweep after a fixed-step
       forward, $K$ classical Runge-Kutta steps of $h = T/K$
-      (`ctmeta.ode.RK4`): for a gradient field that is not smooth (a
-      ReLU/max-pool Conv-4), where an adaptive forward crawls from kink to
-      kink. Its cost is fixed ($4K$ gradients forward); its reference is
-      backprop through the same steps.
+      (`ctmeta.ode.RK4`): a fixed cost ($4K$ gradients forward), stable
+      only while $h\,\lambda_{\max} < 2.785$ (the stability check flags it
+      otherwise); its discrete reference is backprop through the same
+      steps. On a field that is not smooth (a ReLU/max-pool Conv-4) no
+      rule's meta-gradient converges quickly in $K$ (docs/bench.md).
 
     **Arguments:**
 

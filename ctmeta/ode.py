@@ -263,7 +263,8 @@ _STABILITY_MARGIN = 0.95  # flag h lambda_max above 0.95 c: near c the mode bare
 _LANCZOS_STEPS = 10  # Jacobian-vector products per checked state
 _UNSTABLE_ADVICE = ("Store more states (steps of solve or Adjoint: h = T/steps, and h*lambda_max must fall below "
                     "0.95 of the limit), "
-                    "shorten the horizon, or use scheme='rk4' (stable up to h*lambda_max = 2.785); "
+                    "shorten the horizon, use scheme='rk4' (stable up to h*lambda_max = 2.785) if the sweep is "
+                    "Heun's or Euler's, or AdaptiveAdjoint (its step follows the curvature); "
                     "stability_check=False turns this check off.")
 
 
@@ -386,10 +387,11 @@ class RK4(diffrax.AbstractERK):
     $k_3 = f(t + h/2, y + h k_2/2)$, $k_4 = f(t + h, y + h k_3)$;
     $y_{n+1} = y_n + h (k_1 + 2 k_2 + 2 k_3 + k_4)/6$. Its error estimate
     (against the midpoint rule) is second order only: use it with
-    `diffrax.ConstantStepSize`, as [`solve`][] does for `solver="rk4"`. On
-    a gradient flow whose field is not smooth (a ReLU/max-pool network)
-    an adaptive solver's step collapses at every kink; fixed steps
-    $h = t_1/K$ do not (A-MAML's authors' own choice for images).
+    `diffrax.ConstantStepSize`, as [`solve`][] does for `solver="rk4"`.
+    Fixed steps $h = t_1/K$ (A-MAML's authors' own choice for images) give
+    a fixed cost where an adaptive solver's steps follow the field (on a
+    ReLU/max-pool network they collapse at every switch), and are stable
+    on a gradient flow only while $h\,\lambda_{\max} < 2.785$.
     """
 
     tableau: ClassVar[diffrax.ButcherTableau] = diffrax.ButcherTableau(
