@@ -13,6 +13,8 @@ from ctmeta import Adjoint, InputError, ode
 from ctmeta.adaptation import gradient_flow
 from ctmeta.methods import GradientField
 from ctmeta.ode import SolveStatus
+from quadratic import loss as _loss
+from quadratic import quadratic
 
 # A stiff quadratic: L(u) = 1/2 u^T A u - b^T u with curvatures 1 .. 400. At T = 1
 # the paper's h = 0.01 puts h * lambda_max = 4 past Heun's limit 2: the stored
@@ -21,17 +23,7 @@ EIGS = jnp.array([1.0, 3.0, 30.0, 400.0])
 
 
 def _quadratic(key=jax.random.PRNGKey(0)):
-    q, _ = jnp.linalg.qr(jax.random.normal(key, (4, 4)))
-    A = q @ jnp.diag(EIGS) @ q.T
-    b = jnp.array([1.0, -1.0, 0.5, 2.0])
-    u0 = jnp.array([0.3, -0.2, 1.0, 0.5])
-    c = jnp.array([0.1, 0.2, -0.3, 0.4])
-    return A, b, u0, c, q
-
-
-def _loss(u, data):
-    A, b = data
-    return 0.5 * u @ A @ u - b @ u
+    return quadratic(EIGS, key)
 
 
 def _closed_form(A, b, u0, c, q, T):

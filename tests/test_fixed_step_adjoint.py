@@ -11,22 +11,14 @@ from ctmeta import Adjoint, InputError, ode
 from ctmeta.adaptation import gradient_flow
 from ctmeta.methods import GradientField
 from ctmeta.ode import SolveStatus
+from quadratic import loss as _loss
+from quadratic import quadratic
 
 EIGS = jnp.array([1.0, 3.0, 10.0, 30.0])
 
 
 def _quadratic(eigs=EIGS, key=jax.random.PRNGKey(0)):
-    q, _ = jnp.linalg.qr(jax.random.normal(key, (4, 4)))
-    A = q @ jnp.diag(eigs) @ q.T
-    b = jnp.array([1.0, -1.0, 0.5, 2.0])
-    u0 = jnp.array([0.3, -0.2, 1.0, 0.5])
-    c = jnp.array([0.1, 0.2, -0.3, 0.4])
-    return A, b, u0, c, q
-
-
-def _loss(u, data):
-    A, b = data
-    return 0.5 * u @ A @ u - b @ u
+    return quadratic(eigs, key)
 
 
 def _J(u0, A, b, c, T, rule):
