@@ -14,6 +14,7 @@ import pytest
 
 import ctmeta.presets as presets
 from ctmeta.cli import main
+from cli_helpers import shorten_evaluation, train_tiny
 
 TINY = ["--method", "fomaml", "--steps", "3", "--meta-batch", "3", "--quiet"]
 
@@ -21,10 +22,7 @@ TINY = ["--method", "fomaml", "--steps", "3", "--meta-batch", "3", "--quiet"]
 @pytest.fixture(autouse=True)
 def short_evaluation(monkeypatch, tmp_path):
     """A short error-vs-steps curve keeps the tests quick; runs land in tmp_path."""
-    p = presets.BENCHMARKS["cosmixture"]
-    monkeypatch.setitem(
-        presets.BENCHMARKS, "cosmixture", dataclasses.replace(p, eval_steps=(0, 5, 20), eval_every=5)
-    )
+    shorten_evaluation(monkeypatch)
     monkeypatch.chdir(tmp_path)
 
 
@@ -32,14 +30,7 @@ def short_evaluation(monkeypatch, tmp_path):
 def finished_run(tmp_path_factory):
     """4 meta-iterations in one go, a checkpoint every 2."""
     out = tmp_path_factory.mktemp("runs") / "full"
-    mp = pytest.MonkeyPatch()
-    p = presets.BENCHMARKS["cosmixture"]
-    mp.setitem(presets.BENCHMARKS, "cosmixture", dataclasses.replace(p, eval_steps=(0, 5, 20), eval_every=5))
-    try:
-        code = main(["train", *TINY, "--meta-iterations", "4", "--checkpoint-every", "2", "--out", str(out)])
-    finally:
-        mp.undo()
-    assert code == 0
+    assert train_tiny(out, TINY) == 0
     return out
 
 

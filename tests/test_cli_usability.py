@@ -6,7 +6,6 @@ figures; `ctmeta bench` in the style of the other commands."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import json
 import os
@@ -21,6 +20,7 @@ import pytest
 import ctmeta.presets as presets
 import ctmeta.runs as runs
 from ctmeta.cli import main
+from cli_helpers import shorten_evaluation, train_tiny
 
 TINY = ["--method", "fomaml", "--steps", "3", "--meta-batch", "3", "--meta-iterations", "4", "--quiet"]
 
@@ -28,8 +28,7 @@ TINY = ["--method", "fomaml", "--steps", "3", "--meta-batch", "3", "--meta-itera
 @pytest.fixture(autouse=True)
 def short_evaluation(monkeypatch, tmp_path):
     """A short error-vs-steps curve keeps the tests quick; the working directory is tmp_path."""
-    p = presets.BENCHMARKS["cosmixture"]
-    monkeypatch.setitem(presets.BENCHMARKS, "cosmixture", dataclasses.replace(p, eval_steps=(0, 5, 20), eval_every=5))
+    shorten_evaluation(monkeypatch)
     monkeypatch.chdir(tmp_path)
 
 
@@ -37,16 +36,11 @@ def short_evaluation(monkeypatch, tmp_path):
 def run_dir(tmp_path_factory):
     """4 meta-iterations, a checkpoint every 2, written under umask 002."""
     out = tmp_path_factory.mktemp("usability") / "run"
-    mp = pytest.MonkeyPatch()
-    p = presets.BENCHMARKS["cosmixture"]
-    mp.setitem(presets.BENCHMARKS, "cosmixture", dataclasses.replace(p, eval_steps=(0, 5, 20), eval_every=5))
     old = os.umask(0o002)
     try:
-        code = main(["train", *TINY, "--meta-iterations", "4", "--checkpoint-every", "2", "--out", str(out)])
+        assert train_tiny(out, TINY) == 0
     finally:
         os.umask(old)
-        mp.undo()
-    assert code == 0
     return out
 
 

@@ -1000,7 +1000,7 @@ def _comln_fig5(ctx: Context) -> None:
     a1.set_ylabel("T")
     a1.set_title("horizon T during meta-training")
     a2.set_xlabel("meta-iteration")
-    a2.set_ylabel(f"meta-loss (moving average)")
+    a2.set_ylabel("meta-loss (moving average)")
     a2.set_title("learned vs fixed T")
     for a in (a1, a2):
         a.grid(alpha=0.3)
@@ -1300,7 +1300,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ctmeta reproduce: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"ctmeta reproduce: interrupted; run the same command again to resume (finished runs are reused)",
+        print("ctmeta reproduce: interrupted; run the same command again to resume (finished runs are reused)",
               file=sys.stderr)
         return 130
     return 0
