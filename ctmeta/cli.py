@@ -113,8 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(discrete methods)")
     t.add_argument("--solver", choices=["dopri5", "rk4"], default=None,
                    help="amaml's forward solver: dopri5 (adaptive; without --steps the backward is adaptive "
-                   "too) or rk4 (K = --steps fixed steps of T/K) (default: rk4 with K=15 on images, dopri5 "
-                   "elsewhere)")
+                   "too) or rk4 (K = --steps fixed steps of T/K; without --steps K = T/0.01) (default: dopri5)")
     t.add_argument("--meta-iterations", type=int, default=None, metavar="INT",
                    help="outer iterations, > 0 (default: per benchmark, 1000)")
     t.add_argument("--meta-batch", type=int, default=None, metavar="INT",
