@@ -188,13 +188,15 @@ def paired_test(a, b) -> dict:
     tasks on which `a` is lower."""
     from scipy import stats
 
+    from ..meta import summarize
+
     a, b = np.asarray(a, float), np.asarray(b, float)
     d = a - b
     n = d.size
-    half = 1.96 * d.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
+    _, half = summarize(d)  # the same normal 95% half-width as every table's
     t_p = float(stats.ttest_rel(a, b).pvalue) if n > 1 and np.any(d != 0) else 1.0
     w_p = float(stats.wilcoxon(a, b).pvalue) if n > 1 and np.any(d != 0) else 1.0
-    return {"mean_diff": float(d.mean()), "ci95": float(half), "t_p": t_p, "wilcoxon_p": w_p,
+    return {"mean_diff": float(d.mean()), "ci95": half, "t_p": t_p, "wilcoxon_p": w_p,
             "a_lower": int(np.sum(d < 0)), "n": int(n)}
 
 
