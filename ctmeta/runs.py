@@ -651,6 +651,11 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
                 bar.update(done)
                 if done == start + 1:
                     t_first = time.perf_counter()  # the rate leaves out the compilation
+                if done == start + 1 + _PROJECTION_AFTER and total - done >= _PROJECTION_AFTER:
+                    per_it = (time.perf_counter() - t_first) / _PROJECTION_AFTER
+                    reporter.log(f"measured {per_it:.3g} s a meta-iteration over iterations {start + 2}..{done} "
+                                 f"(compilation excluded): projected {_hms(per_it * (total - done))} for the "
+                                 f"remaining {total - done} of {total} meta-iterations, evaluation not included")
                 if done == start + 1:
                     reporter.log(
                         f"[iter {done:>{len(str(total))}}/{total}] meta-loss {_fmt(row[1])}  "
@@ -680,6 +685,11 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
         reporter.warn(f"skipped {skipped_total} tasks in {skipped_iterations} of the {total - start} meta-iterations "
                       "run (--on-nonfinite skip-task; per iteration in metrics.csv, column skipped)")
     return state
+
+
+# Iterations after the first (compiling) one over which a run's time per
+# meta-iteration is measured for its projected wall time.
+_PROJECTION_AFTER = 10
 
 
 def _hms(seconds: float) -> str:

@@ -211,3 +211,70 @@ def test_a_finished_run_without_per_task_errors_is_evaluated_again_to_the_same_n
     assert again.results["learned"]["mean"] == first.results["learned"]["mean"]
     np.testing.assert_array_equal(again.per_task(2), first.per_task(2))
     assert "per_task" in json.loads(path.read_text())["learned"]
+
+
+def test_cpu_scale_of_the_image_experiments_is_omniglot_with_the_cpu_budgets(monkeypatch, tmp_path):
+    calls = _record_runs(monkeypatch)
+    reproduce.run_experiment("amaml-table3", scale="cpu", out=str(tmp_path), quiet=True)
+    assert {c["benchmark"] for c in calls} == {"omniglot"}
+    iters = {c["method"]: c["meta_iterations"] for c in calls}
+    assert iters == {m: reproduce._CPU_ITERATIONS[m] for m in ("amaml", "maml", "comln")}
+    assert {c["eval_tasks"] for c in calls} == {200}  # one test batch for every method: paired tests
+    calls.clear()
+    reproduce.run_experiment("comln-table2", scale="cpu", out=str(tmp_path), quiet=True)
+    assert {(c["benchmark"], c["ways"], c["shots"], c["backbone"]) for c in calls} == {("omniglot", 5, 1, "conv4")}
+    assert {c["optimizer"] for c in calls} == {"sgd"} and {c["method"] for c in calls} == {"comln", "anil", "maml"}
+    md = (tmp_path / "comln-table2" / "results.md").read_text()
+    assert "scale `cpu`" in md and "COMLN 2000 meta-iterations, 200 meta-test tasks" in md
+    calls.clear()
+    reproduce.run_experiment("comln-fig5", scale="cpu", out=str(tmp_path), quiet=True)
+    assert {(c["meta_iterations"], c["eval_tasks"], c["optimizer"]) for c in calls} == {(2000, 600, None)}
+    calls.clear()
+    reproduce.run_experiment("comln-fig5", scale="paper", out=str(tmp_path), quiet=True)
+    assert {(c["benchmark"], c["meta_iterations"], c["eval_tasks"]) for c in calls} == {("miniimagenet", 60000, 600)}
+
+
+def test_cpu_scale_of_an_experiment_that_fits_is_its_paper_scale(monkeypatch, tmp_path):
+    calls = _record_runs(monkeypatch)
+    reproduce.run_experiment("amaml-fig2-alpine", scale="paper", out=str(tmp_path / "p"), quiet=True)
+    paper = [dict(c) for c in calls]
+    calls.clear()
+    reproduce.run_experiment("amaml-fig2-alpine", scale="cpu", out=str(tmp_path / "c"), quiet=True)
+    assert calls == paper and len(paper) == 12
+    assert "scale `paper`" in (tmp_path / "c" / "amaml-fig2-alpine" / "results.md").read_text()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_estimate_times_every_run_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    est = reproduce.run_experiment("amaml-fig2-cosmixture", scale="test", out=str(out), quiet=True, estimate=1)
+    assert [e["label"] for e in est] == ["50shot-50val/amaml", "50shot-50val/maml"] and not out.exists()
+    for e in est:
+        assert e["meta_iterations"] == 2 and e["s_per_iteration"] > 0
+        assert e["projected_s"] == pytest.approx(e["compile_s"] + e["s_per_iteration"])
+    text = capsys.readouterr().out
+    assert "projected meta-training wall time" in text and "| total | 4 |" in text
+    with pytest.raises(reproduce.InputError, match="does not meta-train"):
+        reproduce.run_experiment("amaml-table4", scale="test", out=str(out), estimate=1)
+    assert main(["reproduce", "comln-fig2", "--estimate", "--out", str(out)]) == 2
+    assert "does not meta-train" in capsys.readouterr().err
+
+
+def _fake_run(label, per_task: dict, tasks: int = 4):
+    return reproduce.RunResult(label, "ok", results={"tasks": tasks, "learned": {"per_task": per_task}})
+
+
+def test_paired_table_compares_each_run_at_its_own_step_and_direction():
+    ref = _fake_run("b/amaml-T0.5", {"5": [0.1, 0.1, 0.1, 0.1], "50": [0.9, 0.8, 0.95, 0.85]})
+    maml = _fake_run("b/maml", {"5": [0.5, 0.6, 0.55, 0.5], "50": [0.99, 0.99, 0.99, 0.99]})
+    assert ref.nearest_table_step(37) == 50 and maml.nearest_table_step(3) == 5
+    steps = {ref.label: 50, maml.label: 5}
+    (md,) = reproduce.paired_table(ref, [ref, maml], lambda r: steps[r.label], lower_is_better=False,
+                                   name="A-MAML (T=0.5)")
+    row = next(l for l in md.splitlines() if l.startswith("| MAML |"))
+    d = np.array([0.9, 0.8, 0.95, 0.85]) - np.array([0.5, 0.6, 0.55, 0.5])
+    assert f"{d.mean():+.4f}" in row and "| 4/4 |" in row  # higher accuracy on all 4 tasks
+    assert "tasks where A-MAML (T=0.5) is higher" in md
+    # With 4 tasks the Wilcoxon test cannot reach p < 0.05: no verdict either way.
+    assert row.rstrip(" |").endswith("no significant difference")
+    assert reproduce._same_test_tasks([ref, maml]) and not reproduce._same_test_tasks([ref, _fake_run("x", {}, 5)])

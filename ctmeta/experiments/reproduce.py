@@ -1,7 +1,7 @@
 """`ctmeta reproduce`: the papers' experiments, one command each.
 
     ctmeta reproduce --list
-    ctmeta reproduce EXPERIMENT [--scale quick|paper] [--out DIR] [--data-dir DIR] [--quiet]
+    ctmeta reproduce EXPERIMENT [--scale quick|cpu|paper] [--out DIR] [--data-dir DIR] [--quiet]
 
 Every experiment writes into `OUT/<experiment>/`: one run directory per
 (setting, method) made by the ordinary `ctmeta train` machinery
@@ -11,9 +11,14 @@ paper's numbers beside it with the table reference, and every deviation from
 the paper's protocol) and its PNG figures.
 
 Scales: `paper` follows the papers' protocols (and lists what still differs);
-`quick` cuts meta-iterations, evaluation tasks and settings so that each
-experiment finishes in minutes on 2 CPU cores (each cut is listed in
-results.md); `test` (hidden) is a seconds-long smoke scale for the tests.
+`cpu` is `paper` for every experiment but the image ones, whose paper budget
+(60,000 meta-iterations of a Conv-4 or ResNet-12) needs a GPU: there it runs
+Omniglot only, with 1,000-2,000 meta-iterations (A-MAML: what its cost
+allows), a few hours on 2 CPU cores; `quick` cuts meta-iterations, evaluation
+tasks and settings so that each experiment finishes in minutes on 2 CPU cores
+(each cut is listed in results.md); `test` (hidden) is a seconds-long smoke
+scale for the tests. Every run prints its measured time per meta-iteration
+and its projected wall time once it has run a few iterations.
 
 A finished run directory (one with results.json) is reused when the command is
 run again with the same `--out`, so an interrupted reproduction resumes at
@@ -41,7 +46,7 @@ from .._errors import CtmetaError, DataError, InputError
 
 __all__ = ["EXPERIMENTS", "SCALES", "main", "run_experiment"]
 
-SCALES = ("quick", "paper", "test")  # "test" is hidden from --help
+SCALES = ("quick", "cpu", "paper", "test")  # "test" is hidden from --help
 
 
 # --------------------------------------------------------------------------- #
@@ -131,6 +136,10 @@ class Context:
     argv: list[str]
     reporter: Any = None
     methods: frozenset[str] | None = None  # run only these (the label's last part); None: all
+    #: Time this many meta-iterations of each unfinished run and project its
+    #: wall time instead of running it (nothing is written); 0: run.
+    estimate: int = 0
+    estimates: list[dict] = dataclasses.field(default_factory=list)
     deviations: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -174,6 +183,10 @@ class RunResult:
     def curve(self, which: str = "learned"):
         return self.results["curve_steps"], self.results[which]["mean"], self.results[which]["ci95"]
 
+    def nearest_table_step(self, step: int) -> int:
+        """The table step (one with per-task errors kept) closest to `step`."""
+        return min((int(k) for k in self.results["learned"]["per_task"]), key=lambda s: (abs(s - step), -s))
+
     def per_task(self, step: int, which: str = "learned") -> np.ndarray:
         """Each meta-test task's error after `step` steps (a table step), in task order."""
         return np.asarray(self.results[which]["per_task"][str(step)], dtype=float)
@@ -200,21 +213,27 @@ def paired_test(a, b) -> dict:
             "a_lower": int(np.sum(d < 0)), "n": int(n)}
 
 
-def paired_table(reference: RunResult, others, step: int, lower_is_better: bool = True) -> list[str]:
-    """Markdown rows: `reference` (A-MAML) against each other finished run on the same test tasks."""
+def paired_table(reference: RunResult, others, step, lower_is_better: bool = True, name: str = "A-MAML") -> list[str]:
+    """Markdown rows: `reference` (A-MAML) against each other finished run on the
+    same test tasks. `step`: the table step of every run, or a function of the
+    run (each method at its own meta-test horizon)."""
+    step_of = step if callable(step) else (lambda r: step)
     rows = []
-    a = reference.per_task(step)
+    a = reference.per_task(step_of(reference))
     for r in others:
         if not r.ok or r is reference:
             continue
-        t = paired_test(a, r.per_task(step))
+        b = r.per_task(step_of(r))
+        t = paired_test(a, b)
+        wins = t["a_lower"] if lower_is_better else int(np.sum(a > b))
         better = t["mean_diff"] < 0 if lower_is_better else t["mean_diff"] > 0
-        verdict = ("A-MAML better" if better else "A-MAML worse") if t["wilcoxon_p"] < 0.05 else "no significant difference"
-        name = r.label.split("/")[-1]
-        rows.append([_LABEL.get(name, name), f"{t['mean_diff']:+.4f} ± {t['ci95']:.4f}", _p(t["t_p"]),
-                     _p(t["wilcoxon_p"]), f"{t['a_lower']}/{t['n']}", verdict])
-    header = ["A-MAML vs", "mean difference (A-MAML - it)", "p (paired t)", "p (Wilcoxon)",
-              "tasks where A-MAML is lower", "at p < 0.05"]
+        verdict = f"{name} better" if better else f"{name} worse"
+        verdict = verdict if t["wilcoxon_p"] < 0.05 else "no significant difference"
+        label = r.label.split("/")[-1]
+        rows.append([_LABEL.get(label, label), f"{t['mean_diff']:+.4f} ± {t['ci95']:.4f}", _p(t["t_p"]),
+                     _p(t["wilcoxon_p"]), f"{wins}/{t['n']}", verdict])
+    header = [f"{name} vs", f"mean difference ({name} - it)", "p (paired t)", "p (Wilcoxon)",
+              f"tasks where {name} is {'lower' if lower_is_better else 'higher'}", "at p < 0.05"]
     return [md_table(header, rows)] if rows else []
 
 
@@ -345,6 +364,8 @@ def run_method(
         exp = presets.build(config, progress=not ctx.quiet, log=reporter.log)
         if ev.get("tasks") is not None and hasattr(exp.family, "test_batch") and eval_tasks is not None:
             _limit_eval_tasks(exp, int(eval_tasks))
+        if ctx.estimate:
+            return _estimate_run(ctx, label, exp)
         import datetime as _dt
 
         state, seconds, run = None, 0.0, _unfinished_run(path, config, exp, ctx)
@@ -380,6 +401,43 @@ def run_method(
     metrics = RunDir(path).read_metrics()
     return RunResult(label, "ok", results=results, metrics=metrics, seconds=time.perf_counter() - t0,
                      run_dir=str(path))
+
+
+def _estimate_run(ctx: Context, label: str, exp) -> RunResult:
+    """Time `ctx.estimate` meta-iterations of a run (after one that compiles)
+    and record its projected meta-training wall time; nothing is written."""
+    learner, family = exp.learner, exp.family
+    total, batch_size = int(exp.config["meta_iterations"]), int(exp.config["meta_batch"])
+    state = learner.init(exp.run_key)
+    t0 = time.perf_counter()
+    times = []
+    for it in range(1 + ctx.estimate):
+        state, m = learner.meta_step(state, family.sample(learner.iteration_key(state, it), batch_size, "train"))
+        float(m["meta_loss"])  # wait for the result
+        times.append(time.perf_counter() - t0)
+    per_it = (times[-1] - times[0]) / ctx.estimate
+    est = {"label": label, "meta_iterations": total, "compile_s": times[0], "s_per_iteration": per_it,
+           "projected_s": times[0] + per_it * (total - 1)}
+    ctx.estimates.append(est)
+    ctx.log(f"[{label}] {per_it:.3g} s a meta-iteration (first, compiling: {times[0]:.1f} s): "
+            f"{total} meta-iterations projected at {_hms(est['projected_s'])}, evaluation not included")
+    return RunResult(label, "not run", "estimate only")
+
+
+def _hms(seconds: float) -> str:
+    from ..runs import _hms as hms
+
+    return hms(seconds)
+
+
+def estimate_table(estimates: list[dict]) -> str:
+    """The projected meta-training wall times of `--estimate`, one row a run and the total."""
+    rows = [[e["label"], str(e["meta_iterations"]), f"{e['s_per_iteration']:.3g}", f"{e['compile_s']:.1f}",
+             _hms(e["projected_s"])] for e in estimates]
+    rows.append(["total", str(sum(e["meta_iterations"] for e in estimates)), "", "",
+                 _hms(sum(e["projected_s"] for e in estimates))])
+    return md_table(["run", "meta-iterations", "s / meta-iteration", "first (compiling) s",
+                     "projected meta-training"], rows)
 
 
 # Keys of a run's config.json that record where and when it ran, not what it computes.
@@ -442,6 +500,8 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_results(ctx: Context, title: str, reproduces: str, body: list[str], runs: list[RunResult] = ()) -> pathlib.Path:
+    if ctx.estimate:  # an estimate writes nothing
+        return ctx.out / "results.md"
     from ..meta import atomic_write_bytes
 
     lines = [f"# {title}", "", f"Reproduces: {reproduces}.", "",
@@ -755,13 +815,44 @@ def _ratings_scales(ctx: Context, results: dict, table: int, steps: int, cols, m
 # --------------------------------------------------------------------------- #
 
 
-def _image_scale(ctx: Context, whole_network: bool) -> dict:
+_HEAD_ONLY = ("comln", "anil")  # adapt a linear head on a fixed embedding: cheap per meta-iteration
+
+# Meta-iterations per method at --scale cpu: what fits a few hours of 2 CPU
+# cores. Measured on Omniglot 5-way 1-shot, meta-batch 4, Conv-4 (float32):
+# COMLN 0.64 s, ANIL 0.59 s, MAML 1.1 s, A-MAML (conv4-smooth, adaptive
+# adjoint) 8 s a meta-iteration; 20-way 1-shot: A-MAML 14 s.
+_CPU_ITERATIONS = {"comln": 2000, "anil": 2000, "maml": 1000, "amaml": 250}
+# The papers' image budget: MAML's and iMAML's protocol (Finn et al. 2017:
+# 60,000 meta-iterations), which A-MAML follows; COMLN follows Lee et al.
+# (60 epochs of 1,000 batches).
+_PAPER_IMAGE_ITERATIONS = 60000
+
+
+def _image_budget(ctx: Context, method: str, whole_network_table: bool = True) -> dict:
+    """Meta-iterations, meta-test tasks and meta-batch of one image run at the
+    context's scale (meta-batch `None`: the presets'). At the cpu scale every
+    run of a table that has whole-network methods is evaluated on the same 200
+    test tasks (a whole-network evaluation of 100 GD steps costs ~4 s a task
+    here; the paired tests need the same tasks), a head-only table on 600."""
     s = ctx.scale
+    head = method in _HEAD_ONLY
     if s == "paper":
-        return dict(meta_iterations=None, eval_tasks=None)
+        return dict(meta_iterations=_PAPER_IMAGE_ITERATIONS, eval_tasks=600, meta_batch=None)
+    if s == "cpu":
+        return dict(meta_iterations=_CPU_ITERATIONS.get(method, 1000), eval_tasks=200 if whole_network_table else 600,
+                    meta_batch=None)
     if s == "test":
         return dict(meta_iterations=1, eval_tasks=2, meta_batch=1)
-    return dict(meta_iterations=12 if whole_network else 40, eval_tasks=20 if whole_network else 50)
+    return dict(meta_iterations=40 if head else 12, eval_tasks=50 if head else 20, meta_batch=None)
+
+
+def _image_budget_note(ctx: Context, methods) -> str:
+    """The budgets of `methods` at the context's scale, for results.md."""
+    parts = []
+    for m in dict.fromkeys(methods):
+        b = _image_budget(ctx, m)
+        parts.append(f"{_LABEL.get(m, m)} {b['meta_iterations']} meta-iterations, {b['eval_tasks']} meta-test tasks")
+    return "; ".join(parts)
 
 
 def _acc_table(runs: list[tuple[str, RunResult, int]], paper: dict[str, tuple[float, float]] | None = None):
@@ -788,17 +879,25 @@ _TABLE3_META_BATCH = 4  # the Omniglot preset's
 
 def _table3(ctx: Context) -> None:
     scale = ctx.scale
-    cfg = _image_scale(ctx, True)
     benches = ["omniglot", "miniimagenet"]
     methods = [("A-MAML (T=0.5)", "amaml", 0.5), ("MAML", "maml", None), ("COMLN", "comln", None)]
     if scale == "paper":
         methods.insert(1, ("A-MAML (T=1.0)", "amaml", 1.0))
+    budgets = _image_budget_note(ctx, [m for _, m, _ in methods])
     if scale == "quick":
         benches = ["omniglot"]
-        ctx.deviate(f"quick: Omniglot only; {cfg['meta_iterations']} meta-iterations of {_TABLE3_META_BATCH} tasks for "
-                    "MAML and A-MAML (whole Conv-4 adapts) and 40 for COMLN, instead of thousands; 20 (whole "
-                    "network) / 50 (COMLN) meta-test tasks instead of the protocol's 600+; A-MAML with T = 0.5 "
-                    "only (the paper also reports T = 1.0)")
+        ctx.deviate(f"quick: Omniglot only; {budgets}, meta-batch {_TABLE3_META_BATCH}, instead of the protocol's "
+                    "60,000 meta-iterations and 600 test tasks; A-MAML with T = 0.5 only (the paper also reports "
+                    "T = 1.0)")
+    if scale == "cpu":
+        benches = ["omniglot"]
+        ctx.deviate(f"cpu: Omniglot 20-way 1-shot only (whole-network miniImageNet does not fit 2 CPU cores); "
+                    f"{budgets}, meta-batch {_TABLE3_META_BATCH}, instead of the protocol's 60,000 "
+                    "meta-iterations (A-MAML's budget is what its cost allows: ~14 s a meta-iteration here); "
+                    "A-MAML with T = 0.5 only")
+    if scale == "paper":
+        ctx.deviate(f"meta-batch {_TABLE3_META_BATCH} (the presets'; MAML's protocol uses 16 on Omniglot 20-way "
+                    "and 4 on miniImageNet)")
     if scale == "test":
         benches = ["omniglot"]
         methods = [("COMLN", "comln", None)]
@@ -811,10 +910,11 @@ def _table3(ctx: Context) -> None:
     ctx.deviate("Conv-4 in float32 on CPU; A-MAML's and MAML's meta-test adaptation is GD with lr 0.01 for the "
                 "method's own horizon (T/0.01 steps); COMLN adapts its head by GD at lr 0.01 for its learned T/0.01 "
                 "steps (nearest evaluated step)")
-    ctx.deviate("miniImageNet: the data copy has only the 64 training classes (protocol train64: 48 meta-train / "
-                "16 meta-test classes), so its numbers are not comparable with the published ones")
+    if "miniimagenet" in benches:
+        ctx.deviate("miniImageNet: the data copy has only the 64 training classes (protocol train64: 48 meta-train "
+                    "/ 16 meta-test classes), so its numbers are not comparable with the published ones")
     comln_opt = _comln_optimizer(ctx)
-    if scale == "paper":
+    if scale in ("paper", "cpu"):
         ctx.deviate("COMLN (not in A-MAML's table) is meta-trained with its own paper's protocol; "
                     + _LEE_SCHEDULE_NOTE + "; the A-MAML methods with Adam 1e-3 (A-MAML's)")
     body = ["Meta-test accuracy (%, mean ± 95% CI over test tasks).", ""]
@@ -823,15 +923,12 @@ def _table3(ctx: Context) -> None:
         rows = {}
         # The cheap runs first, so that an interrupted quick run has them (A-MAML is the costliest on a CPU).
         for name, m, T in sorted(methods, key=lambda nm: nm[1] == "amaml"):
-            it = cfg["meta_iterations"] if m != "comln" or scale != "quick" else 40
-            et = cfg["eval_tasks"] if m != "comln" or scale != "quick" else 50
-            mb = cfg.get("meta_batch")
-            options = None
-            steps_eval = (0, 5, 10, 50, 100) if scale == "paper" else ((0, 10) if scale == "test" else (0, 5, 10, 50))
-            r = run_method(ctx, f"{b}/{m}" + (f"-T{T}" if T else ""), b, m, T=T,
-                           meta_iterations=it or 1000, meta_batch=mb, eval_tasks=et,
+            budget = _image_budget(ctx, m)
+            steps_eval = {"paper": (0, 5, 10, 50, 100), "cpu": (0, 5, 10, 50, 100), "test": (0, 10)}.get(
+                scale, (0, 5, 10, 50))
+            r = run_method(ctx, f"{b}/{m}" + (f"-T{T}" if T else ""), b, m, T=T, **budget,
                            eval_steps=steps_eval, eval_every=10 if scale != "test" else 5,
-                           optimizer=comln_opt if m == "comln" else None, method_options=options)
+                           optimizer=comln_opt if m == "comln" else None)
             all_runs.append(r)
             default = {"amaml": int(round((T or 0.5) / 0.01)), "maml": 5}.get(m, 10)
             rows[name] = (name, r, _eval_step_for(r, default) if m == "comln" else min(default, max(steps_eval)))
@@ -843,6 +940,14 @@ def _table3(ctx: Context) -> None:
             best = max(ok, key=lambda t: t[1].value(t[2])[0])
             body += [f"Best here, each at its own meta-test horizon: **{best[0]}**. (COMLN is not in A-MAML's "
                      "Table 3; it is added as the brief asks.)", ""]
+            horizon = {r.label: r.nearest_table_step(s) for _, r, s in ok}
+            for n, ref, _ in ok if _same_test_tasks([r for _, r, _ in ok]) else ():
+                if n.startswith("A-MAML"):
+                    body += [f"{n} against the others on the same meta-test tasks (per-task accuracy, each at its "
+                             "own horizon's table step: " + ", ".join(f"{m} {horizon[r.label]}" for m, r, _ in ok)
+                             + "):", ""]
+                    body += paired_table(ref, [r for _, r, _ in ok], lambda r: horizon[r.label],
+                                         lower_is_better=False, name=n) + [""]
             # The horizons differ (MAML 5 steps, A-MAML 50): the same steps for every method as well.
             common = sorted(set.intersection(*(set(r.results["curve_steps"]) for _, r, _ in ok)) & set(steps_eval))
             if common:
@@ -858,11 +963,12 @@ def _table3(ctx: Context) -> None:
 
 
 def _comln_optimizer(ctx: Context) -> str | None:
-    """The outer optimiser of a COMLN experiment's runs: at paper scale the
-    presets' (COMLN's SGD protocol for comln and anil); at the shorter scales
-    Adam 1e-3, since Lee et al.'s step schedule squeezed into a few dozen
-    meta-iterations would leave the learning rate at 0.1 for a dozen of them."""
-    if ctx.scale == "paper":
+    """The outer optimiser of a COMLN experiment's runs: at the paper and cpu
+    scales the presets' (COMLN's SGD protocol for comln and anil); at the
+    quick scale Adam 1e-3, since Lee et al.'s step schedule squeezed into a
+    few dozen meta-iterations would leave the learning rate at 0.1 for a
+    dozen of them."""
+    if ctx.scale in ("paper", "cpu"):
         return None
     ctx.deviate(f"{ctx.scale}: outer optimiser Adam 1e-3 (A-MAML's) for every method instead of COMLN's SGD with "
                 "Nesterov momentum 0.9, lr 0.1 and Lee et al.'s step schedule, which does not fit a few dozen "
@@ -877,28 +983,34 @@ _LEE_SCHEDULE_NOTE = ("outer optimiser: COMLN's SGD with Nesterov momentum 0.9, 
 
 def _comln_table2(ctx: Context) -> None:
     scale = ctx.scale
-    cfg = _image_scale(ctx, True)
     benches = [("miniimagenet", 5), ("omniglot", 5)]
     shots = (1, 5)
     methods = ("comln", "anil", "maml")
     # ResNet-12 rows: miniImageNet at paper scale (the paper's; Omniglot 5-way is our addition).
     backbones = {"miniimagenet": ("conv4", "resnet12"), "omniglot": ("conv4",)} if scale == "paper" else {}
+    budgets = _image_budget_note(ctx, methods)
     if scale == "quick":
         shots = (1,)
-        ctx.deviate(f"quick: 1-shot only; {cfg['meta_iterations']} meta-iterations for MAML, 40 for COMLN/ANIL; "
-                    "20/50 test tasks; Conv-4 only (the ResNet-12 rows run at --scale paper)")
+        ctx.deviate(f"quick: 1-shot only; {budgets}; Conv-4 only (the ResNet-12 rows run at --scale paper)")
+    if scale == "cpu":
+        benches, shots = [("omniglot", 5)], (1,)
+        ctx.deviate(f"cpu: Omniglot 5-way 1-shot, Conv-4, only; {budgets}, instead of the protocol's 60,000 "
+                    "meta-iterations (the miniImageNet and ResNet-12 rows run at --scale paper)")
     if scale == "test":
         benches, shots, methods = [("omniglot", 5)], (1,), ("comln",)
     if scale == "paper":
         ctx.deviate("ResNet-12 rows on miniImageNet only (Omniglot 5-way, our addition, is Conv-4 only); ResNet-12 "
                     "without DropBlock, as in COMLN, in float32; MAML on ResNet-12 adapts the whole network with a "
                     "bias-free linear head")
+    if scale in ("paper", "cpu"):
         ctx.deviate(_LEE_SCHEDULE_NOTE + "; for MAML too, as COMLN does for every method of the table")
         opt = "sgd"
     else:
         opt = _comln_optimizer(ctx)
-    ctx.deviate("miniImageNet: train64 protocol (48/16 of the 64 training classes): not comparable with published "
-                "numbers; Omniglot 5-way is an addition (COMLN reports tieredImageNet, which is not available)")
+    if any(b == "miniimagenet" for b, _ in benches):
+        ctx.deviate("miniImageNet: train64 protocol (48/16 of the 64 training classes): not comparable with "
+                    "published numbers")
+    ctx.deviate("Omniglot 5-way is an addition (COMLN reports tieredImageNet, which is not available)")
     body = ["Meta-test accuracy (%, mean ± 95% CI over test tasks), Conv-4 backbone"
             + (" and ResNet-12 on miniImageNet." if scale == "paper" else " (ResNet-12 rows at --scale paper)."), ""]
     all_runs = []
@@ -908,41 +1020,52 @@ def _comln_table2(ctx: Context) -> None:
             for k in shots:
                 rows = []
                 for m in methods:
-                    it = cfg["meta_iterations"] if m == "maml" or scale != "quick" else 40
-                    et = cfg["eval_tasks"] if m == "maml" or scale != "quick" else 50
                     r = run_method(ctx, f"{b}-{ways}w{k}s{suffix}/{m}", b, m, ways=ways, shots=k,
-                                   meta_iterations=it or 1000, meta_batch=cfg.get("meta_batch"), eval_tasks=et,
-                                   eval_steps=(0, 10) if scale != "paper" else (0, 10, 50, 100), eval_every=5,
-                                   optimizer=opt, backbone=backbone)
+                                   **_image_budget(ctx, m),
+                                   eval_steps=(0, 10, 50, 100) if scale in ("paper", "cpu") else (0, 10),
+                                   eval_every=5, optimizer=opt, backbone=backbone)
                     all_runs.append(r)
                     rows.append((m, r, _eval_step_for(r, 10) if m == "comln" else 5 if m in ("maml", "anil") else 10))
                 paper = {m: PAPER_COMLN_TABLE2[backbone][m][k] for m in methods} if b == "miniimagenet" else None
                 name = {"conv4": "Conv-4", "resnet12": "ResNet-12"}[backbone]
                 body += [f"## {b} {ways}-way {k}-shot, {name}", "", _acc_table(rows, paper), ""]
+                ok = {m: r for m, r, _ in rows if r.ok}
+                if "comln" in ok and len(ok) > 1 and _same_test_tasks(ok.values()):
+                    horizon = {r.label: r.nearest_table_step(s) for _, r, s in rows if r.ok}
+                    body += ["COMLN against the others on the same meta-test tasks (per-task accuracy, each at its "
+                             "own horizon's table step: " + ", ".join(f"{_LABEL[m]} {horizon[r.label]}"
+                                                                         for m, r in ok.items()) + "):", ""]
+                    body += paired_table(ok["comln"], list(ok.values()), lambda r: horizon[r.label],
+                                         lower_is_better=False, name="COMLN") + [""]
     title = "COMLN Table 2 (Conv-4 and ResNet-12)" if scale == "paper" else "COMLN Table 2 (Conv-4)"
     rows_note = "Conv-4 and ResNet-12 rows" if scale == "paper" else "Conv-4 rows"
     write_results(ctx, title, f"COMLN Table 2 (Sec. 5.1), {rows_note}", body, all_runs)
 
 
+def _same_test_tasks(runs) -> bool:
+    """Whether the runs were evaluated on the same meta-test tasks (the fixed
+    test batch depends on the number of tasks): a paired test needs them."""
+    return len({int(r.results["tasks"]) for r in runs}) == 1
+
+
 def _comln_table4(ctx: Context) -> None:
     scale = ctx.scale
-    cfg = _image_scale(ctx, False)
+    budget = _image_budget(ctx, "comln", whole_network_table=False)
     b = "miniimagenet" if scale == "paper" else "omniglot"
     shots = (1, 5) if scale == "paper" else (5,)
     if scale != "paper":
-        ctx.deviate(f"{scale}: Omniglot 5-way 5-shot instead of miniImageNet, {cfg['meta_iterations']} meta-iterations, "
-                    f"{cfg['eval_tasks']} test tasks")
+        ctx.deviate(f"{scale}: Omniglot 5-way 5-shot instead of miniImageNet, {budget['meta_iterations']} "
+                    f"meta-iterations, {budget['eval_tasks']} test tasks")
     ctx.deviate("Euler: 20 fixed steps over the (learned) horizon; Dopri5: adaptive steps")
     opt = _comln_optimizer(ctx)
-    if scale == "paper":
+    if scale in ("paper", "cpu"):
         ctx.deviate(_LEE_SCHEDULE_NOTE)
     body = ["COMLN with an adaptive Dopri5 solver vs explicit Euler: meta-test accuracy and meta-training time.", ""]
     rows, all_runs = [], []
     for k in shots:
         for solver, steps in (("dopri5", None), ("euler", 20)):
-            r = run_method(ctx, f"{b}-5w{k}s/comln-{solver}", b, "comln", ways=5, shots=k, steps=steps,
-                           meta_iterations=cfg["meta_iterations"] or 1000, meta_batch=cfg.get("meta_batch"),
-                           eval_tasks=cfg["eval_tasks"], eval_steps=(0, 10, 50), eval_every=5, optimizer=opt)
+            r = run_method(ctx, f"{b}-5w{k}s/comln-{solver}", b, "comln", ways=5, shots=k, steps=steps, **budget,
+                           eval_steps=(0, 10, 50), eval_every=5, optimizer=opt)
             all_runs.append(r)
             p = PAPER_COMLN_TABLE4[solver].get(k)
             if r.ok:
@@ -959,18 +1082,19 @@ def _comln_table4(ctx: Context) -> None:
 
 def _comln_fig5(ctx: Context) -> None:
     scale = ctx.scale
-    cfg = _image_scale(ctx, False)
+    budget = _image_budget(ctx, "comln", whole_network_table=False)
     b, k = ("miniimagenet", 5) if scale == "paper" else ("omniglot", 5)
     fixed_T = 1.0
     if scale != "paper":
-        ctx.deviate(f"{scale}: Omniglot 5-way 5-shot instead of miniImageNet 5-way 5-shot; {cfg['meta_iterations']} "
-                    f"meta-iterations; {cfg['eval_tasks']} test tasks; the left panel's ResNet-12/tieredImageNet runs "
-                    "are not made (Conv-4 only)")
+        ctx.deviate(f"{scale}: Omniglot 5-way 5-shot instead of miniImageNet 5-way 5-shot; "
+                    f"{budget['meta_iterations']} meta-iterations; {budget['eval_tasks']} test tasks; the left "
+                    "panel's ResNet-12/tieredImageNet runs are not made (Conv-4 only)")
     ctx.deviate(f"fixed-T baseline: COMLN's head flow with T fixed at {fixed_T} (learn_T off); learned T starts at "
                 "0.1 (presets)")
-    if scale == "paper":
+    if scale in ("paper", "cpu"):
         opt, schedule = None, None
-        ctx.deviate(_LEE_SCHEDULE_NOTE + "; the left panel's ResNet-12/tieredImageNet runs are not made")
+        ctx.deviate(_LEE_SCHEDULE_NOTE + ("; the left panel's ResNet-12/tieredImageNet runs are not made"
+                                          if scale == "paper" else ""))
     else:
         # What this figure is about is T moving; Adam 1e-3 moves log T by at most
         # 1e-3 an iteration (measured: 0.1 -> 0.104 in 40), SGD at 0.1 does not bind it.
@@ -981,10 +1105,8 @@ def _comln_fig5(ctx: Context) -> None:
     runs = []
     eval_steps = (0, 10, 100) if scale == "paper" else (0, 10, 100, 1000)
     for label, learn, T in (("learned-T", True, None), (f"fixed-T{fixed_T}", False, fixed_T)):
-        r = run_method(ctx, f"{b}-5w{k}s/{label}", b, "comln", ways=5, shots=k, T=T, learn_T=learn,
-                       meta_iterations=cfg["meta_iterations"] or 1000, meta_batch=cfg.get("meta_batch"),
-                       eval_tasks=cfg["eval_tasks"], eval_steps=eval_steps, eval_every=10, optimizer=opt,
-                       lr_schedule=schedule)
+        r = run_method(ctx, f"{b}-5w{k}s/{label}", b, "comln", ways=5, shots=k, T=T, learn_T=learn, **budget,
+                       eval_steps=eval_steps, eval_every=10, optimizer=opt, lr_schedule=schedule)
         runs.append(r)
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -1006,7 +1128,8 @@ def _comln_fig5(ctx: Context) -> None:
     a2.set_title("learned vs fixed T")
     for a in (a1, a2):
         a.grid(alpha=0.3)
-        a.legend()
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
     fig.tight_layout()
     _savefig(fig, ctx.out / "fig5.png")
     rows = []
@@ -1169,6 +1292,10 @@ class ExperimentSpec:
     reproduces: str
     quick_cost: str
     runner: Callable[[Context], None]
+    #: Whether `--scale cpu` differs from `--scale paper` (the image experiments).
+    cpu_differs: bool = False
+    #: Whether it meta-trains runs (which `estimate` can time).
+    meta_trains: bool = True
 
 
 EXPERIMENTS: dict[str, ExperimentSpec] = {
@@ -1183,23 +1310,23 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
         ExperimentSpec("amaml-table1-2", "A-MAML Tables 1-2: MovieLens-100K/1M, Jester-1, 50 and 100 inner steps",
                        "~10 min (10shot-15val only; MovieLens-1M skipped without its data)", _table12),
         ExperimentSpec("amaml-table3", "A-MAML Table 3: Omniglot 20-way 1-shot, miniImageNet 5-way 1-shot",
-                       "~15-25 min (Omniglot only, 12 meta-iterations of whole-network Conv-4)", _table3),
+                       "~15-25 min (Omniglot only, 12 meta-iterations of whole-network Conv-4)", _table3, cpu_differs=True),
         ExperimentSpec("amaml-table4", "A-MAML Table 4: adjoint gradient error vs closed form", "~1-2 min",
-                       _amaml_table4),
+                       _amaml_table4, meta_trains=False),
         ExperimentSpec("amaml-table5", "A-MAML Table 5: CosMixture meta-gradient error vs 1000-state reference",
-                       "~2-5 min (5 initialisations)", _amaml_table5),
+                       "~2-5 min (5 initialisations)", _amaml_table5, meta_trains=False),
         ExperimentSpec("amaml-fig3-4", "A-MAML Figs. 3-4: memory and time vs inner steps (CosMixture)",
-                       "~2-5 min (ctmeta bench --quick)", lambda c: _bench(c, ["cosmixture"])),
+                       "~2-5 min (ctmeta bench --quick)", lambda c: _bench(c, ["cosmixture"]), meta_trains=False),
         ExperimentSpec("comln-fig2", "COMLN Fig. 2: adjoint backward instability on a quadratic", "< 1 min",
-                       _comln_fig2),
+                       _comln_fig2, meta_trains=False),
         ExperimentSpec("comln-fig3", "COMLN Fig. 3: memory and time vs inner steps (Conv-4, 5-way 5-shot)",
-                       "~3-8 min (ctmeta bench --quick)", lambda c: _bench(c, ["miniimagenet"])),
+                       "~3-8 min (ctmeta bench --quick)", lambda c: _bench(c, ["miniimagenet"]), meta_trains=False),
         ExperimentSpec("comln-table2", "COMLN Table 2: COMLN vs ANIL vs MAML, Conv-4 (+ ResNet-12 at --scale paper) "
                        "(miniImageNet train64, Omniglot)",
-                       "~15-25 min (1-shot only)", _comln_table2),
-        ExperimentSpec("comln-table4", "COMLN Table 4: Dopri5 vs Euler, accuracy and time", "~5 min", _comln_table4),
+                       "~15-25 min (1-shot only)", _comln_table2, cpu_differs=True),
+        ExperimentSpec("comln-table4", "COMLN Table 4: Dopri5 vs Euler, accuracy and time", "~5 min", _comln_table4, cpu_differs=True),
         ExperimentSpec("comln-fig5", "COMLN Fig. 5: learned T during meta-training; learned vs fixed T",
-                       "~5 min (Omniglot 5-way 5-shot)", _comln_fig5),
+                       "~5 min (Omniglot 5-way 5-shot)", _comln_fig5, cpu_differs=True),
     ]
 }
 
@@ -1212,41 +1339,70 @@ def _sub(ctx: Context, suffix: str) -> Context:
 
 def list_text() -> str:
     w = max(len(n) for n in EXPERIMENTS)
-    lines = ["experiments (ctmeta reproduce NAME [--scale quick|paper]):", ""]
+    lines = ["experiments (ctmeta reproduce NAME [--scale quick|cpu|paper]; cpu = paper unless marked):", ""]
     for s in EXPERIMENTS.values():
         lines.append(f"  {s.name:<{w}}  {s.reproduces}")
-        lines.append(f"  {'':<{w}}  quick scale: {s.quick_cost}")
+        lines.append(f"  {'':<{w}}  quick scale: {s.quick_cost}"
+                     + ("; cpu scale: Omniglot only, 1,000-2,000 meta-iterations" if s.cpu_differs else ""))
     return "\n".join(lines)
 
 
 def run_experiment(name: str, *, scale: str = "quick", out: str = "reproduce-out", data_dir: str | None = None,
                    quiet: bool = False, argv: list[str] | None = None,
-                   methods: tuple[str, ...] | None = None) -> pathlib.Path:
+                   methods: tuple[str, ...] | None = None, estimate: int = 0) -> pathlib.Path | list[dict]:
     """Run one experiment; returns its output directory.
 
     `methods` (e.g. `("maml", "reptile")`) runs only the runs whose label ends
-    in one of them; the others are listed as not run, unless already finished."""
-    from ..runs import Reporter
+    in one of them; the others are listed as not run, unless already finished.
+
+    `estimate > 0` runs nothing: it times `estimate` meta-iterations of every
+    run (finished or not, after one that compiles), writes nothing, and
+    returns one dict a run (`label`, `meta_iterations`, `compile_s`,
+    `s_per_iteration`, `projected_s`)."""
+    import tempfile
 
     if name not in EXPERIMENTS:
         raise InputError(f"unknown experiment {name!r}; see `ctmeta reproduce --list` ({', '.join(EXPERIMENTS)})")
     if scale not in SCALES:
-        raise InputError(f"--scale must be one of quick, paper; got {scale!r}")
+        raise InputError(f"scale must be one of quick, cpu, paper; got {scale!r}")
+    estimate = int(estimate)
+    if estimate < 0:
+        raise InputError(f"estimate must be a number of meta-iterations >= 0, got {estimate}")
+    if estimate and not EXPERIMENTS[name].meta_trains:
+        raise InputError(f"{name} does not meta-train: there is nothing to estimate (it runs in minutes)")
+    if estimate:
+        with tempfile.TemporaryDirectory(prefix="ctmeta-estimate-") as tmp:
+            ctx = _run(name, scale, pathlib.Path(tmp), data_dir, quiet, argv, methods, estimate)
+        return ctx.estimates
+    return _run(name, scale, pathlib.Path(out).expanduser(), data_dir, quiet, argv, methods, 0).out
+
+
+def _run(name, scale, out, data_dir, quiet, argv, methods, estimate) -> Context:
+    from ..runs import Reporter
+
     root = None
     if data_dir is not None:
         root = pathlib.Path(data_dir).expanduser()
         if not root.is_dir():
             raise DataError(f"--data-dir {root} does not exist")
         root = root.resolve()
-    path = pathlib.Path(out).expanduser() / name
+    path = out / name
     path.mkdir(parents=True, exist_ok=True)
     ctx = Context(name=name, scale=scale, out=path, data_root=root, quiet=quiet,
                   argv=list(argv) if argv is not None else [name, "--scale", scale],
-                  reporter=Reporter(quiet=quiet), methods=frozenset(methods) if methods else None)
+                  reporter=Reporter(quiet=quiet), methods=frozenset(methods) if methods else None,
+                  estimate=estimate)
+    if scale == "cpu" and not EXPERIMENTS[name].cpu_differs:
+        ctx.log(f"{name}: its cpu scale is its paper scale (it fits this machine)")
+        ctx.scale = "paper"
     t0 = time.perf_counter()
     EXPERIMENTS[name].runner(ctx)
-    ctx.log(f"{name} ({scale}) finished in {time.perf_counter() - t0:.0f} s; results in {path}")
-    return path
+    if estimate:
+        ctx.log(f"\n{name} ({scale}): projected meta-training wall time on this machine\n\n"
+                + estimate_table(ctx.estimates))
+    else:
+        ctx.log(f"{name} ({scale}) finished in {time.perf_counter() - t0:.0f} s; results in {path}")
+    return ctx
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1258,8 +1414,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("experiment", nargs="?", metavar="EXPERIMENT", help="see --list")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
-    p.add_argument("--scale", choices=SCALES, default="quick", metavar="{quick,paper}",
-                   help="quick: minutes on a CPU, with the cuts listed in results.md; paper: the papers' protocols")
+    p.add_argument("--scale", choices=SCALES, default="quick", metavar="{quick,cpu,paper}",
+                   help="quick: minutes on a CPU, with the cuts listed in results.md; paper: the papers' protocols; "
+                   "cpu: paper, except the image experiments' budgets, cut to a few hours on 2 CPU cores")
     p.add_argument("--out", default="reproduce-out", metavar="DIR", help="output root (default: reproduce-out)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="root holding movielens/, jester/, omniglot/, miniimagenet/ (default: $CTMETA_DATA, "
@@ -1267,6 +1424,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, metavar="M,M,...",
                    help="run only these methods (e.g. maml,maml-1,reptile); finished runs of the others are "
                    "still read back into the tables")
+    p.add_argument("--estimate", type=int, nargs="?", const=3, default=0, metavar="N",
+                   help="run nothing: time N (default 3) meta-iterations of each run after one that compiles, and "
+                   "print each run's and the experiment's projected meta-training wall time")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="print tracebacks")
     return p
@@ -1295,7 +1455,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
         run_experiment(args.experiment, scale=args.scale, out=args.out, data_dir=args.data_dir, quiet=args.quiet,
-                       argv=argv, methods=methods)
+                       argv=argv, methods=methods, estimate=args.estimate)
     except CtmetaError as err:
         if args.debug:
             traceback.print_exc()
