@@ -654,7 +654,7 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
                 if done == start + 1 + _PROJECTION_AFTER and total - done >= _PROJECTION_AFTER:
                     per_it = (time.perf_counter() - t_first) / _PROJECTION_AFTER
                     reporter.log(f"measured {per_it:.3g} s a meta-iteration over iterations {start + 2}..{done} "
-                                 f"(compilation excluded): projected {_hms(per_it * (total - done))} for the "
+                                 f"(compilation excluded): projected {format_duration(per_it * (total - done))} for the "
                                  f"remaining {total - done} of {total} meta-iterations, evaluation not included")
                 if done == start + 1:
                     reporter.log(
@@ -668,7 +668,7 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
                     reporter.log(
                         f"[iter {done:>{len(str(total))}}/{total}] meta-loss {_fmt(row[1])}  "
                         f"grad-norm {_fmt(row[2])}  T {row[3]:.4g}  {rate:.2f} it/s  "
-                        f"ETA {_hms(eta)}"
+                        f"ETA {format_duration(eta)}"
                         + (f"  skipped tasks {skipped_total}" if skipped_total else "")
                     )
     except (KeyboardInterrupt, NumericalError):
@@ -692,7 +692,8 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
 _PROJECTION_AFTER = 10
 
 
-def _hms(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """`H:MM:SS` (or `M:SS` under an hour); `--:--` for a non-finite duration."""
     if not math.isfinite(seconds):
         return "--:--"
     seconds = int(round(seconds))

@@ -420,22 +420,22 @@ def _estimate_run(ctx: Context, label: str, exp) -> RunResult:
            "projected_s": times[0] + per_it * (total - 1)}
     ctx.estimates.append(est)
     ctx.log(f"[{label}] {per_it:.3g} s a meta-iteration (first, compiling: {times[0]:.1f} s): "
-            f"{total} meta-iterations projected at {_hms(est['projected_s'])}, evaluation not included")
+            f"{total} meta-iterations projected at {_duration(est['projected_s'])}, evaluation not included")
     return RunResult(label, "not run", "estimate only")
 
 
-def _hms(seconds: float) -> str:
-    from ..runs import _hms as hms
+def _duration(seconds: float) -> str:
+    from ..runs import format_duration
 
-    return hms(seconds)
+    return format_duration(seconds)
 
 
 def estimate_table(estimates: list[dict]) -> str:
     """The projected meta-training wall times of `--estimate`, one row a run and the total."""
     rows = [[e["label"], str(e["meta_iterations"]), f"{e['s_per_iteration']:.3g}", f"{e['compile_s']:.1f}",
-             _hms(e["projected_s"])] for e in estimates]
+             _duration(e["projected_s"])] for e in estimates]
     rows.append(["total", str(sum(e["meta_iterations"] for e in estimates)), "", "",
-                 _hms(sum(e["projected_s"] for e in estimates))])
+                 _duration(sum(e["projected_s"] for e in estimates))])
     return md_table(["run", "meta-iterations", "s / meta-iteration", "first (compiling) s",
                      "projected meta-training"], rows)
 
@@ -1022,7 +1022,7 @@ def _comln_table2(ctx: Context) -> None:
                 for m in methods:
                     r = run_method(ctx, f"{b}-{ways}w{k}s{suffix}/{m}", b, m, ways=ways, shots=k,
                                    **_image_budget(ctx, m),
-                                   eval_steps=(0, 10, 50, 100) if scale in ("paper", "cpu") else (0, 10),
+                                   eval_steps=(0, 5, 10, 50, 100) if scale in ("paper", "cpu") else (0, 10),
                                    eval_every=5, optimizer=opt, backbone=backbone)
                     all_runs.append(r)
                     rows.append((m, r, _eval_step_for(r, 10) if m == "comln" else 5 if m in ("maml", "anil") else 10))
