@@ -212,3 +212,14 @@ def test_a_bare_double_dash_as_a_flag_value_is_a_usage_error(flag, capsys, tmp_p
     code = main(["train", f"{flag}=--", "--meta-iterations", "1", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and f"{flag} needs a value" in err
+
+
+def test_a_long_enough_run_logs_its_measured_rate_and_projected_wall_time(tmp_path, capsys):
+    assert main(["train", *TINY, "--meta-iterations", "25", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("measured "))
+    assert "over iterations 2..11 (compilation excluded)" in line
+    assert "for the remaining 14 of 25 meta-iterations" in line
+    # Too short a run (fewer iterations left than measured) prints no projection.
+    assert main(["train", *TINY, "--meta-iterations", "15", "--out", str(tmp_path / "s")]) == 0
+    assert "projected" not in capsys.readouterr().out
