@@ -136,8 +136,8 @@ class Context:
     argv: list[str]
     reporter: Any = None
     methods: frozenset[str] | None = None  # run only these (the label's last part); None: all
-    #: Time this many meta-iterations of each unfinished run and project its
-    #: wall time instead of running it (nothing is written); 0: run.
+    #: Time this many meta-iterations of every run (finished or not) and
+    #: project its wall time instead of running it (nothing is written); 0: run.
     estimate: int = 0
     estimates: list[dict] = dataclasses.field(default_factory=list)
     deviations: list[str] = dataclasses.field(default_factory=list)
