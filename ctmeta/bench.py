@@ -89,7 +89,13 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
     "cosmixture": ("maml", "fomaml", "reptile", "imaml", "amaml", "amaml-ckpt", "amaml-adaptive"),
     "omniglot": ("comln", "comln-euler", "anil", "maml", "amaml", "amaml-ckpt", "amaml-adaptive"),
     "miniimagenet": ("comln", "comln-euler", "anil", "maml", "amaml", "amaml-ckpt", "amaml-adaptive"),
+    # COMLN's own embedding (Fig. 4, Appendix E.2): ResNet-12 without global
+    # pooling, d = 640 * 5 * 5 = 16,000 features on 84x84 images, where the
+    # head's unrolled graph (ANIL) is no longer small beside the embedding's.
+    "miniimagenet-resnet12": ("comln", "comln-euler", "anil"),
 }
+#: Benchmarks whose every call takes tens of seconds on a CPU: memory only under `quick`.
+_SLOW_BENCHMARKS = ("miniimagenet-resnet12",)
 DEFAULT_CASES = ("cosmixture", "omniglot")
 
 #: Columns of `bench.csv`, in order.
@@ -306,15 +312,21 @@ def make_problem(name: str, meta_batch: int, *, data_dir=None, seed: int = 0, he
         return Problem(name, params, batch, meta_batch, "float32", "CosMixture 100shot-100val, MLP 2x32 tanh",
                        whole_loss, whole_outer)
     if name in ("omniglot", "miniimagenet"):
-        return _conv4_problem(name, meta_batch, data_dir=data_dir, seed=seed, head_init=head_init)
+        return _image_problem(name, meta_batch, data_dir=data_dir, seed=seed, head_init=head_init)
+    if name == "miniimagenet-resnet12":
+        return _image_problem(name, meta_batch, data_dir=data_dir, seed=seed, head_init=head_init,
+                              backbone="resnet12")
     raise InputError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
 
 
-def _conv4_problem(name, meta_batch, *, data_dir, seed, head_init="zeros"):
-    from .models import Conv4, apply_to_set
+def _image_problem(name, meta_batch, *, data_dir, seed, head_init="zeros", backbone="conv4"):
+    """An image benchmark: Conv-4 (64 channels) or, with `backbone="resnet12"`, COMLN's ResNet-12
+    without global pooling (head-only methods; the whole network never adapts there)."""
+    from .models import Conv4, ResNet12, apply_to_set
 
     ways, shots, queries = 5, 5, 15
     channels, size = (1, 28) if name == "omniglot" else (3, 84)
+    net = "ResNet-12 without global pooling (d = 16,000)" if backbone == "resnet12" else "Conv-4 (64 ch)"
     key = jax.random.PRNGKey(seed)
     data_dir = pathlib.Path(data_dir) if data_dir is not None else _default_data_dir()
     try:
@@ -328,7 +340,7 @@ def _conv4_problem(name, meta_batch, *, data_dir, seed, head_init="zeros"):
             family = MiniImageNet(data_dir / "miniimagenet", ways=ways, shots=shots, queries=queries,
                                   protocol="train64", progress=False)
         batch = _f32(family.sample(key, meta_batch, "train"))
-        data = f"{name} {ways}-way {shots}-shot ({queries} queries/class), Conv-4 (64 ch), head init {head_init}"
+        data = f"{name} {ways}-way {shots}-shot ({queries} queries/class), {net}, head init {head_init}"
     except Exception as err:  # data absent: same shapes, random pixels (memory and time do not depend on values)
         k1, k2 = jax.random.split(key)
         labels = lambda n: jnp.tile(jnp.repeat(jnp.arange(ways, dtype=jnp.int32), n), (meta_batch, 1))
@@ -343,12 +355,15 @@ def _conv4_problem(name, meta_batch, *, data_dir, seed, head_init="zeros"):
     # XLA's for the head-only methods, whose embedding runs outside any loop,
     # and the default (matrix products on a CPU) for whole-network adaptation,
     # whose convolutions run inside the inner loops (`ctmeta.models.conv2d`).
-    embedding = Conv4(channels, hidden=64, conv_impl="xla", dtype=jnp.float32, key=jax.random.fold_in(key, 1))
+    if backbone == "resnet12":
+        make = lambda **kw: ResNet12(channels, global_pool=False, dtype=jnp.float32, key=jax.random.fold_in(key, 1), **kw)
+    else:
+        make = lambda **kw: Conv4(channels, hidden=64, dtype=jnp.float32, key=jax.random.fold_in(key, 1), **kw)
+    embedding = make(conv_impl="xla")
     emb_params, emb_static = eqx.partition(embedding, eqx.is_inexact_array)
-    whole_params, whole_static = eqx.partition(
-        Conv4(channels, hidden=64, dtype=jnp.float32, key=jax.random.fold_in(key, 1)), eqx.is_inexact_array)
+    whole_params, whole_static = eqx.partition(make(), eqx.is_inexact_array)
     whole_def = jax.tree.structure(whole_params)  # the convolution is static: the same leaves, another treedef
-    d = 64 * (size // 16) ** 2
+    d = 640 * 5 * 5 if backbone == "resnet12" else 64 * (size // 16) ** 2
     if head_init == "zeros":
         # A zero head: every method starts from the same uniform prediction.
         # With a random head the whole-network gradient flow forces Dopri5
@@ -535,6 +550,9 @@ def _measure_case(problem, method, steps, settings, history, repeats, device):
         row["status"] = ("memory only (--quick): whole-network Conv-4 timings take 10-100 s per call "
                          "on a CPU, see docs/bench.md")
         return row
+    if settings.quick and problem.name in _SLOW_BENCHMARKS:
+        row["status"] = "memory only (--quick): ResNet-12 meta-gradients take tens of seconds per call on a CPU"
+        return row
     if mem["peak_bytes"] > settings.max_bytes:
         row["status"] = f"memory only: needs {_fmt_bytes(mem['peak_bytes'])} > limit {_fmt_bytes(settings.max_bytes)}"
         return row
@@ -583,7 +601,8 @@ def run(
 
     **Arguments:**
 
-    - `cases`: benchmarks (`"cosmixture"`, `"omniglot"`, `"miniimagenet"`)
+    - `cases`: benchmarks (`"cosmixture"`, `"omniglot"`, `"miniimagenet"`,
+      `"miniimagenet-resnet12"`)
       or `"benchmark/method"` items (`"cosmixture/maml+amaml"`); default
       cosmixture and omniglot with all their methods.
     - `steps`: inner step counts (default `DEFAULT_STEPS`, quick `QUICK_STEPS`).
@@ -987,6 +1006,39 @@ def comln_head_timing(problem: Problem, steps: int, repeats: int = 7) -> dict:
                 dopri5_head_seconds=d, euler_head_seconds=e, dopri5_over_euler=d / e, repeats=repeats)
 
 
+def head_memory(problem: Problem, steps: int) -> dict:
+    """Compiled memory of the head's meta-gradient alone, features fixed (no embedding):
+    COMLN (`linear_flow`, Dopri5) against ANIL (`Unrolled(steps)` through the head), the
+    derivative taken w.r.t. `W0` and both feature sets, as the embedding's backward would need.
+
+    On ResNet-12 the embedding's own backward (~6 GB on a 5-way 5-shot task) hides the
+    head's graph in `peak_bytes`; this isolates the part that grows with the steps."""
+    T = steps * H
+    emb, W0 = problem.head["split"](problem.params)
+    ways = problem.head["ways"]
+    fs = jax.vmap(lambda x: problem.head["features"](emb, x))(problem.batch[0])
+    fq = jax.vmap(lambda x: problem.head["features"](emb, x))(problem.batch[2])
+    onehot = jax.nn.one_hot(problem.batch[1], ways, dtype=fs.dtype)
+    sy, qy = problem.batch[1], problem.batch[3]
+
+    def comln(W0, fs, onehot, fq, sy, qy):
+        return _cross_entropy(fq @ linear_flow(W0, fs, onehot, T, max_steps=16384).T, qy)
+
+    def anil(W0, fs, onehot, fq, sy, qy):
+        W = gradient_flow(lambda W, d: _cross_entropy(d[0] @ W.T, d[1]), W0, (fs, sy), T, method=Unrolled(steps))
+        return _cross_entropy(fq @ W.T, qy)
+
+    out = dict(benchmark=problem.name, method="head-only", steps=steps, T=T, meta_batch=problem.meta_batch)
+    for name, loss in (("comln", comln), ("anil", anil)):
+        def grad(*args, loss=loss):
+            g = jax.vmap(jax.grad(loss, argnums=(0, 1, 3)), in_axes=(None, 0, 0, 0, 0, 0))(*args)
+            return jax.tree.map(lambda x: jnp.mean(x, 0), g)
+
+        out[f"{name}_head_bytes"] = compile_fn(grad, W0, fs, onehot, fq, sy, qy)[1]["peak_bytes"]
+    out["comln_over_anil"] = out["comln_head_bytes"] / out["anil_head_bytes"]
+    return out
+
+
 def run_diagnostics(rows, problems, *, repeats=3, quick=False, data_dir=None, budget=120.0) -> list[dict]:
     """Where the time goes, measured: A-MAML's time breakdown on CosMixture
     (at 500 steps, or the closest measured; meta-batch 5 and 1) and its Dopri5
@@ -1027,6 +1079,10 @@ def run_diagnostics(rows, problems, *, repeats=3, quick=False, data_dir=None, bu
                                 reached_t=info["reached_t"], last_dt=info["last_dt"]))
             except Exception as err:  # noqa: BLE001
                 out.append(dict(benchmark=bench, method="amaml", steps=10, head_init=init, error=f"{type(err).__name__}: {err}"[:200]))
+    rn = "miniimagenet-resnet12"
+    if rn in problems:
+        for k in sorted({r["steps"] for r in rows if r["benchmark"] == rn and r["method"] == "anil"}):
+            guard(lambda: head_memory(problems[rn], k), benchmark=rn, method="head-only", steps=k)
     for bench in ("omniglot", "miniimagenet"):
         if bench not in problems:
             continue
@@ -1135,6 +1191,23 @@ def evaluate_targets(rows, vmap_rows=(), diag_rows=()) -> list[dict]:
                       detail=", ".join(f"K={s}: {_get(rows, conv, 'comln', s, 'peak_bytes') / _get(rows, conv, 'anil', s, 'peak_bytes'):.3f}" for s in ks)))
     else:
         t.append(dict(name="4b. COMLN peak_bytes / ANIL peak_bytes", value="-", goal="<= 0.1", met=None, at="not measured"))
+    rn = "miniimagenet-resnet12"
+    ks = _steps_with(rows, rn, ["comln", "anil"], "peak_bytes")
+    k = _closest(ks, 1000)
+    name4d = "4d. COMLN peak_bytes / ANIL peak_bytes, ResNet-12 (d = 16,000)"
+    if k:
+        c, a = _get(rows, rn, "comln", k, "peak_bytes"), _get(rows, rn, "anil", k, "peak_bytes")
+        t.append(dict(name=name4d, value=f"{c / a:.3f} ({_fmt_bytes(c)} / {_fmt_bytes(a)})", goal="<= 0.1",
+                      met=c / a <= 0.1, at=f"K={k}",
+                      detail=", ".join(f"K={s}: {_get(rows, rn, 'comln', s, 'peak_bytes') / _get(rows, rn, 'anil', s, 'peak_bytes'):.3f}" for s in ks)))
+        head = sorted((d for d in diag_rows if d.get("benchmark") == rn and d.get("method") == "head-only"
+                       and d.get("comln_over_anil") is not None), key=lambda d: d["steps"])
+        if head:
+            t[-1]["detail"] += "; head alone (features fixed): " + ", ".join(
+                f"K={d['steps']}: {_fmt_bytes(d['comln_head_bytes'])} / {_fmt_bytes(d['anil_head_bytes'])} "
+                f"= {d['comln_over_anil']:.3f}" for d in head)
+    elif any(r["benchmark"] == rn for r in rows):
+        t.append(dict(name=name4d, value="-", goal="<= 0.1", met=None, at="not measured"))
     ks = [s for s in (_steps_with(rows, conv, ["comln", "comln-euler"], "seconds") if conv else []) if s * H >= 1]
     if ks:
         ratios = {s: _get(rows, conv, "comln", s, "seconds") / _get(rows, conv, "comln-euler", s, "seconds") for s in ks}
@@ -1363,7 +1436,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
     p.add_argument("--cases", nargs="+", default=None,
                    help="benchmarks or benchmark/method items, e.g. cosmixture omniglot/comln+anil "
-                        f"(default: {' '.join(DEFAULT_CASES)}; also miniimagenet)")
+                        f"(default: {' '.join(DEFAULT_CASES)}; also miniimagenet, miniimagenet-resnet12)")
     p.add_argument("--steps", nargs="+", type=int, default=None,
                    help=f"inner step counts (default {' '.join(map(str, DEFAULT_STEPS))}; quick {' '.join(map(str, QUICK_STEPS))})")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per point (default 5, quick 2)")

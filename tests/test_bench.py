@@ -112,3 +112,25 @@ def test_conv4_problem_whole_network_and_head_paths_compute_the_same_network(tmp
     np.testing.assert_allclose(whole, via_features, rtol=1e-5)
     grads = jax.grad(p.whole_loss)(p.params, (task[0], task[1]))
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_resnet12_problem_has_comln_s_16000_features_and_head_only_methods(tmp_path):
+    import jax
+
+    p = bench.make_problem("miniimagenet-resnet12", 1, data_dir=tmp_path)  # no data: synthetic 84x84 images
+    emb, W0 = p.params
+    task = jax.tree.map(lambda a: a[0], p.batch)
+    shape = jax.eval_shape(p.head["features"], emb, task[0]).shape  # no ResNet-12 forward is run
+    assert shape == (25, 16000) and W0.shape == (5, 16000)
+    assert set(bench.BENCHMARKS["miniimagenet-resnet12"]) == {"comln", "comln-euler", "anil"}
+
+
+def test_head_memory_grows_with_steps_for_anil_and_not_for_comln(tmp_path):
+    """The head's meta-gradient alone: ANIL's unrolled graph keeps a (ways, d) state per step,
+    COMLN's forward sensitivity does not depend on the steps."""
+    p = bench.make_problem("omniglot", 1, data_dir=tmp_path)  # synthetic Omniglot, Conv-4, d = 64
+    small, large = bench.head_memory(p, 10), bench.head_memory(p, 1000)
+    assert large["comln_head_bytes"] == small["comln_head_bytes"]
+    # At least one (5, 64) float32 state a step: 1,280 bytes x 990 more steps.
+    assert large["anil_head_bytes"] - small["anil_head_bytes"] >= 990 * 5 * 64 * 4
+    assert large["comln_over_anil"] < small["comln_over_anil"]

@@ -976,6 +976,11 @@ def _comln_optimizer(ctx: Context) -> str | None:
     return "adam"
 
 
+#: Why `--scale cpu` runs COMLN's own experiments on 1-shot tasks (measured, comln-table4, 2026-12-03).
+_CPU_ONE_SHOT_NOTE = ("cpu: 1-shot, not 5-shot: COMLN's augmented system holds z[i, j, m] for M = ways x shots "
+                      "support examples ((M, M, M, ways) numbers, M^4 work a step), and on 5-way 5-shot the learned T grows ~0.8 a meta-iteration "
+                      "(T = 205 at iteration 270), Dopri5's steps with it: 35 s a meta-iteration there, a projected "
+                      "17 h for 2,000 on one core; 5-way 1-shot (M = 5) took 1,680 s for 2,000 (COMLN Table 2)")
 _LEE_SCHEDULE_NOTE = ("outer optimiser: COMLN's SGD with Nesterov momentum 0.9, lr 0.1 and Lee et al.'s step schedule "
                       "(x0.06, x0.012, x0.0024 from 1/3, 2/3, 5/6 of the run), spread over the run's meta-iterations "
                       "instead of Lee et al.'s 60 epochs; no weight decay (Lee et al. use 5e-4; COMLN names none)")
@@ -1052,10 +1057,12 @@ def _comln_table4(ctx: Context) -> None:
     scale = ctx.scale
     budget = _image_budget(ctx, "comln", whole_network_table=False)
     b = "miniimagenet" if scale == "paper" else "omniglot"
-    shots = (1, 5) if scale == "paper" else (5,)
+    shots = {"paper": (1, 5), "cpu": (1,)}.get(scale, (5,))
     if scale != "paper":
-        ctx.deviate(f"{scale}: Omniglot 5-way 5-shot instead of miniImageNet, {budget['meta_iterations']} "
+        ctx.deviate(f"{scale}: Omniglot 5-way {shots[0]}-shot instead of miniImageNet, {budget['meta_iterations']} "
                     f"meta-iterations, {budget['eval_tasks']} test tasks")
+    if scale == "cpu":
+        ctx.deviate(_CPU_ONE_SHOT_NOTE)
     ctx.deviate("Euler: 20 fixed steps over the (learned) horizon; Dopri5: adaptive steps")
     opt = _comln_optimizer(ctx)
     if scale in ("paper", "cpu"):
@@ -1083,10 +1090,12 @@ def _comln_table4(ctx: Context) -> None:
 def _comln_fig5(ctx: Context) -> None:
     scale = ctx.scale
     budget = _image_budget(ctx, "comln", whole_network_table=False)
-    b, k = ("miniimagenet", 5) if scale == "paper" else ("omniglot", 5)
+    b, k = {"paper": ("miniimagenet", 5), "cpu": ("omniglot", 1)}.get(scale, ("omniglot", 5))
     fixed_T = 1.0
+    if scale == "cpu":
+        ctx.deviate(_CPU_ONE_SHOT_NOTE)
     if scale != "paper":
-        ctx.deviate(f"{scale}: Omniglot 5-way 5-shot instead of miniImageNet 5-way 5-shot; "
+        ctx.deviate(f"{scale}: Omniglot 5-way {k}-shot instead of miniImageNet 5-way 5-shot; "
                     f"{budget['meta_iterations']} meta-iterations; {budget['eval_tasks']} test tasks; the left "
                     "panel's ResNet-12/tieredImageNet runs are not made (Conv-4 only)")
     ctx.deviate(f"fixed-T baseline: COMLN's head flow with T fixed at {fixed_T} (learn_T off); learned T starts at "
@@ -1325,14 +1334,14 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
                        "~2-5 min (ctmeta bench --quick)", lambda c: _bench(c, ["cosmixture"]), meta_trains=False),
         ExperimentSpec("comln-fig2", "COMLN Fig. 2: adjoint backward instability on a quadratic", "< 1 min",
                        _comln_fig2, meta_trains=False),
-        ExperimentSpec("comln-fig3", "COMLN Fig. 3: memory and time vs inner steps (Conv-4, 5-way 5-shot)",
-                       "~3-8 min (ctmeta bench --quick)", lambda c: _bench(c, ["miniimagenet"]), meta_trains=False),
+        ExperimentSpec("comln-fig3", "COMLN Figs. 3-4: memory and time vs inner steps (Conv-4 and ResNet-12, 5-way 5-shot)",
+                       "~8-13 min (ctmeta bench --quick; ResNet-12 compiles ~5 min)", lambda c: _bench(c, ["miniimagenet"] + (["miniimagenet-resnet12"] if c.scale != "test" else [])), meta_trains=False),
         ExperimentSpec("comln-table2", "COMLN Table 2: COMLN vs ANIL vs MAML, Conv-4 (+ ResNet-12 at --scale paper) "
                        "(miniImageNet train64, Omniglot)",
                        "~15-25 min (1-shot only)", _comln_table2, cpu_differs=True),
         ExperimentSpec("comln-table4", "COMLN Table 4: Dopri5 vs Euler, accuracy and time", "~5 min", _comln_table4, cpu_differs=True),
         ExperimentSpec("comln-fig5", "COMLN Fig. 5: learned T during meta-training; learned vs fixed T",
-                       "~5 min (Omniglot 5-way 5-shot)", _comln_fig5, cpu_differs=True),
+                       "~5 min (Omniglot 5-way 5-shot; cpu: 1-shot)", _comln_fig5, cpu_differs=True),
     ]
 }
 
