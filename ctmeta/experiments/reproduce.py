@@ -1271,7 +1271,13 @@ def _comln_fig2(ctx: Context) -> None:
             "gap between the forward trajectory and the one recomputed backward in time.", "",
             md_table(["T"] + methods + ["backward-recomputation gap"], rows), "",
             "Paper (COMLN Fig. 2, qualitative): recomputing W(t) backward diverges from the forward trajectory; "
-            "forward sensitivity stays accurate.", "", "Figure: `stability.png`."]
+            "forward sensitivity stays accurate.", "",
+            "`adaptive_adjoint` is ctmeta's default rule (`Adjoint()` through `gradient_flow`: the backward reads "
+            "w(t) from the forward's dense output, with its own step control), an implementation independent of "
+            "the other three (diffrax directly). Like the stored sweep it never recomputes w backward, so it stays "
+            "accurate where the backsolve's recomputation overflows. (The quadratic's adjoint does not read w, "
+            "so the backsolve gradient itself is accurate until the overflow; see `ctmeta.experiments.stability`.)",
+            "", "Figure: `stability.png`."]
     write_results(ctx, "COMLN Fig. 2: stability of the adjoint's backward recomputation", "COMLN Fig. 2 (Sec. 3.2)",
                   body)
 
