@@ -55,6 +55,8 @@ __all__ = [
     "Conv2d",
     "Conv4",
     "ConvBlock",
+    "EmbeddingHead",
+    "InputScale",
     "ResNet12",
     "ResidualBlock",
     "SetBatchNorm",
@@ -65,8 +67,6 @@ __all__ = [
     "feature_size",
     "max_pool2x2",
 ]
-
-
 
 
 def _float_dtype(dtype):
@@ -105,6 +105,45 @@ def feature_size(model: Callable, input_shape: Sequence[int]) -> int:
     x = jax.ShapeDtypeStruct((2, *input_shape), jnp.float32)
     out = eqx.filter_eval_shape(apply_to_set, model, x)
     return math.prod(out.shape[1:])
+
+
+# ------------------------------------------------------------------- wrappers
+
+
+class EmbeddingHead(SetModule):
+    """An embedding network followed by a bias-free linear head `W (ways, d)`.
+
+    Applied to a set `x (K, ...)`: `logits = apply_to_set(embedding, x) @ W.T`.
+    In a [`MetaLearner`][] with `adapt="head"` only `head` adapts in the inner
+    loop (ANIL, COMLN); with `adapt="all"` the whole module does (MAML on this
+    network).
+    """
+
+    embedding: Callable
+    head: jax.Array
+
+    def __call__(self, x):
+        return self.features(x) @ self.head.T
+
+    def features(self, x):
+        """The embedded set, `(K, d)`."""
+        feats = apply_to_set(self.embedding, x)
+        return feats.reshape(feats.shape[0], -1)
+
+
+class InputScale(eqx.Module):
+    """`model(x * scale)`: a fixed (not learned) rescaling of one example's input.
+
+    Keeps the inputs of a per-example model of order one (Alpine's
+    $[-10, 10]^2$ becomes $[-1, 1]^2$), which keeps the Hessian of the task
+    loss, hence the stiffness of the gradient flow, moderate.
+    """
+
+    model: Callable
+    scale: float = eqx.field(static=True)
+
+    def __call__(self, x):
+        return self.model(x * self.scale)
 
 
 # --------------------------------------------------------------------------- MLP

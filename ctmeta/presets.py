@@ -565,7 +565,7 @@ def build_family(config: dict, *, progress: bool = True, log=print):
 
 def build_method(config: dict):
     from . import methods
-    from .meta import LinearFlow
+    from .methods import LinearFlow
 
     m, K, opts = config["method"], config["steps"], config.get("method_options", {})
     if m == "amaml":
@@ -593,8 +593,7 @@ def build_model(config: dict, family, key):
     import jax
     import jax.numpy as jnp
 
-    from .meta import EmbeddingHead, InputScale
-    from .models import MLP, Conv4, ResNet12, feature_size
+    from .models import MLP, Conv4, EmbeddingHead, InputScale, ResNet12, feature_size
 
     spec = config["model"]
     if spec["name"] == "mlp":
@@ -637,7 +636,8 @@ def build_learner(config: dict, family, model_key):
     """The [`MetaLearner`][ctmeta.meta.MetaLearner] of a resolved
     configuration on `family` (anything with `input_shape`, `output_size`
     and `kind`), its model initialised from `model_key`."""
-    from .meta import MetaLearner, accuracy, cross_entropy, mse, nrmse_metric
+    from .losses import accuracy, cross_entropy, mse, nrmse_metric
+    from .meta import MetaLearner
 
     optimizer = build_optimizer(config["optimizer"])  # checks the entry first
     model = build_model(config, family, model_key)

@@ -44,6 +44,7 @@ import threading
 import time
 
 from ._errors import CheckpointError, InputError, NumericalError
+from ._io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["Interrupted", "RunDir", "default_run_dir", "dtype_name", "evaluate_run", "package_versions", "save_figure",
            "train"]
@@ -62,9 +63,7 @@ _HELD_LOCKS: dict[str, int] = {}  # run directory -> open, flock'ed file descrip
 
 
 def _atomic_text(path: pathlib.Path, text: str) -> None:
-    from .meta import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode())
+    atomic_write_text(path, text)
 
 
 def default_run_dir(benchmark: str, method: str) -> pathlib.Path:
@@ -256,7 +255,7 @@ class RunDir:
 
     @staticmethod
     def _load_checked(it: int | None, path: pathlib.Path, like, config: dict | None):
-        from .meta import load_state
+        from .checkpoint import load_state
 
         state, meta = load_state(path, like)
         if it is not None and int(state.iteration) != it:
@@ -319,7 +318,7 @@ class RunDir:
         return sorted(found)
 
     def save_checkpoint(self, state, metadata: dict) -> pathlib.Path:
-        from .meta import save_state, sidecar_path
+        from .checkpoint import save_state, sidecar_path
 
         it = int(state.iteration)
         path = self.checkpoint_dir / f"ckpt-{it}.eqx"
@@ -640,7 +639,7 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
                 skipped_total += skipped
                 if skipped:
                     skipped_iterations += 1
-                    why = learner._solve_failures(m["task_status"])  # "" unless an inner solve failed
+                    why = learner.solve_failures(m["task_status"])  # "" unless an inner solve failed
                     cause = re.sub(r"tasks? [\d, ]+ of the meta-batch", "", why)
                     if cause not in causes_seen:  # once per cause: the count goes on in the log lines
                         causes_seen.add(cause)
@@ -927,8 +926,6 @@ def save_figure(fig, path: str | os.PathLike) -> None:
     interrupted write leaves the previous file, never a torn one."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    from .meta import atomic_write_bytes
-
     atomic_write_bytes(pathlib.Path(path), buf.getvalue())
 
 

@@ -37,7 +37,7 @@ import zipfile
 from typing import Callable
 
 from .._errors import CtmetaError, DataError
-from ..meta import fsync_dir
+from .._io import fsync_dir
 
 __all__ = ["Source", "SOURCES", "DownloadError", "download"]
 
