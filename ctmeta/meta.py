@@ -65,7 +65,7 @@ from .adaptation import gradient_flow
 from .checkpoint import load_state, save_state
 from .evaluation import Evaluation, gd_scores
 from .losses import METRICS, apply_loss, mse, resolve_metric
-from .methods import AbstractMethod, reptile_direction
+from .methods import reptile_direction
 from .models import EmbeddingHead, apply_to_set
 from .ode import SolveStatus
 from .sharding import TASK_AXIS, check_mesh, constrain_replicated, map_over_tasks, place_replicated, place_tasks
@@ -73,7 +73,7 @@ from .state import MetaParams, MetaState, params_of
 
 # Compatibility: these lived here before `ctmeta.losses`, `ctmeta.state`,
 # `ctmeta.checkpoint`, `ctmeta.models` and `ctmeta.methods` held them.
-from ._io import atomic_write_bytes, fsync_dir  # noqa: E402,F401
+from ._io import atomic_write_bytes, fsync_dir  # noqa: F401
 from .checkpoint import read_sidecar, sidecar_path  # noqa: F401
 from .losses import METRIC_OF_LOSS, accuracy, cross_entropy, nrmse_metric, summarize  # noqa: F401
 from .methods import LinearFlow  # noqa: F401
@@ -131,16 +131,17 @@ class MetaLearner:
     - `loss`: `loss(pred, y)` or `loss(pred, y, mask)`, the per-task loss
       (e.g. [`mse`][], [`cross_entropy`][]); inner loss on the support set,
       outer loss on the query set.
-    - `T`: the horizon (for discrete methods, `h = T / steps` is the inner
-      learning rate), or its initial value when `learn_T=True`.
+    - `T`: the horizon (for discrete methods, $h = T / K$, $K$ = `steps`, is
+      the inner learning rate), or its initial value when `learn_T=True`.
     - `learn_T`: learn `log_T` with the other meta-parameters (COMLN's
-      parametrisation `T = exp(log_T)`). Only for methods that differentiate
-      `T`: `Adjoint`, `Unrolled`, `LinearFlow`. `"per-task"` (with
+      parametrisation $T = \exp(\log T)$). Only for methods that
+      differentiate $T$ (`"T" in method.differentiates`): [`Adjoint`][],
+      [`Unrolled`][], [`LinearFlow`][]. `"per-task"` (with
       `adapt="head"`; COMLN's future work) also learns `T_weights`, so that
       each task adapts for its own horizon
-      `T = exp(log_T + T_weights . mean_m phi_m)` read off its embedded
-      support set; `T_weights` starts at zero (every task at `T`).
-      Evaluation adapts with the shared `exp(log_T)`.
+      $T = \exp(\log T + w \cdot \frac{1}{K}\sum_m \phi_m)$ read off its
+      embedded support set $\phi$, $w$ = `T_weights` (zero at first: every
+      task at $T$). Evaluation adapts with the shared $\exp(\log T)$.
     - `metric`: what [`evaluate`][MetaLearner.evaluate] scores on the query
       set: `metric(pred, y, mask=None) -> scalar` per task, or a name:
       `"nrmse"` ([`nrmse_metric`][]), `"accuracy"` ([`accuracy`][]) or
