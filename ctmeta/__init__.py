@@ -5,22 +5,25 @@ stored-state adjoint for whole networks, COMLN's forward sensitivity for a
 linear head, and the discrete baselines (MAML, FOMAML, Reptile, iMAML, ANIL).
 """
 
+__version__ = "0.1.0"  # before the imports: modules read it while the package loads
+
 from . import ode
 from ._errors import CheckpointError, CtmetaError, DataError, InputError, NumericalError
 from .adaptation import gradient_flow
 from .linear_flow import linear_flow, linear_flow_adapt
+from .losses import accuracy, cross_entropy, mse, nrmse_metric
+from .meta import MetaLearner
 from .methods import (
     AbstractMethod,
     Adjoint,
     FirstOrder,
     GradientField,
     Implicit,
+    LinearFlow,
     Reptile,
     Unrolled,
     reptile_direction,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ode",
@@ -33,8 +36,14 @@ __all__ = [
     "FirstOrder",
     "Implicit",
     "Reptile",
+    "LinearFlow",
     "GradientField",
     "reptile_direction",
+    "MetaLearner",
+    "mse",
+    "cross_entropy",
+    "accuracy",
+    "nrmse_metric",
     "CtmetaError",
     "InputError",
     "DataError",

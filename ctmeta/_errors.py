@@ -1,7 +1,7 @@
 """The library's error types.
 
 Every problem a user can cause (bad arguments, bad data, a run that cannot be
-resumed) raises a subclass of :class:`CtmetaError`, with a message that says
+resumed) raises a subclass of [`CtmetaError`][], with a message that says
 what was wrong and what to do. The CLI turns these into one line on stderr and
 exit code 2; anything else is a bug and exits 1.
 """

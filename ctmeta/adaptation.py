@@ -74,7 +74,7 @@ def gradient_flow(
     with `throw=False`, the pair `(u(T), status)`, `status` an int32
     `ctmeta.ode.SolveStatus` code (always `SUCCESS` for rules without a solve).
     """
-    if not isinstance(method, AbstractMethod):
+    if not isinstance(method, AbstractMethod) or method.head_only:
         raise InputError(
             f"gradient_flow: method must be Adjoint(), Unrolled(), FirstOrder(), Implicit() or Reptile(); got {method!r}."
         )

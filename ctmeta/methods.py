@@ -14,10 +14,26 @@ $h$ is forward Euler on the gradient flow).
 | [`FirstOrder`][] (FOMAML) | $K$ GD steps | $\nabla J(u_K)$ (identity Jacobian) | $O(|\theta|)$ |
 | [`Implicit`][] (iMAML) | $K$ GD steps on $L + \tfrac{\lambda}{2}\|u-\theta\|^2$ | $(I + H/\lambda)^{-1}\nabla J$ by conjugate gradients | $O(|\theta|)$ |
 | [`Reptile`][] | $K$ GD steps | outer rule: $\theta - u_K$ (see [`reptile_direction`][]) | $O(|\theta|)$ |
+| [`LinearFlow`][] (COMLN; a linear head only) | gradient flow of a softmax head, Dopri5 | forward sensitivity ([`linear_flow`][]) | independent of $T$ |
 
 Here $H = \nabla^2 L(u)$. The derivative in $T$ of the continuous flow is
 $dJ/dT = -\langle \nabla J(u(T)), \nabla L(u(T)) \rangle$ ([`Adjoint`][]); for
 [`Unrolled`][] it is the exact derivative of the discrete map in $h = T/K$.
+
+**Capabilities.** What a rule can do is said by class attributes (in the
+style of [`AbstractVectorField`][]'s `symmetric_jacobian`), which a
+[`MetaLearner`][] reads to check its configuration:
+
+| rule | `differentiates` | `outer_direction` | `head_only` | `adapts_head` |
+| --- | --- | --- | --- | --- |
+| [`Adjoint`][], [`Unrolled`][] | params, data, T | no | no | yes |
+| [`FirstOrder`][] | params | no | no | yes |
+| [`Implicit`][] | params, data | no | no | yes |
+| [`Reptile`][] | params | yes | no | no |
+| [`LinearFlow`][] | params, data, T | no | yes | yes |
+
+A horizon can be learned (`learn_T`) only with a rule whose
+`differentiates` holds `"T"`.
 """
 
 from __future__ import annotations
@@ -31,6 +47,7 @@ import jax.numpy as jnp
 
 from . import ode
 from ._errors import InputError
+from .linear_flow import linear_flow
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -42,6 +59,7 @@ __all__ = [
     "FirstOrder",
     "Implicit",
     "Reptile",
+    "LinearFlow",
     "GradientField",
     "reptile_direction",
 ]
@@ -100,7 +118,27 @@ def _call_loss(triple):
 
 
 class AbstractMethod(eqx.Module):
-    """A meta-gradient rule. Static configuration objects: compare and hash by value."""
+    """A meta-gradient rule. Static configuration objects: compare and hash by value.
+
+    A subclass implements `adapt` and says what it can do through class
+    attributes (read by [`MetaLearner`][]; defaults in brackets):
+
+    - `differentiates` (`{"params", "data", "T"}`): the inputs of `adapt`
+      whose derivatives `jax.grad` through its result gives. A learned
+      horizon needs `"T"`.
+    - `outer_direction` (`False`): the outer update is not the gradient of an
+      outer loss but [`reptile_direction`][] $\theta - u$ (Reptile).
+    - `head_only` (`False`): the rule adapts a linear softmax head alone,
+      through `adapt_head` instead of `adapt` (COMLN's [`LinearFlow`][]);
+      a learner must use it with `adapt="head"`.
+    - `adapts_head` (`True`): the rule can adapt a linear head on fixed
+      features (`adapt="head"`).
+    """
+
+    differentiates: ClassVar[frozenset[str]] = frozenset({"params", "data", "T"})
+    outer_direction: ClassVar[bool] = False
+    head_only: ClassVar[bool] = False
+    adapts_head: ClassVar[bool] = True
 
     @abc.abstractmethod
     def adapt(self, loss_fn: LossFn, params: PyTree, data: PyTree, T) -> PyTree:
@@ -282,11 +320,13 @@ class Unrolled(AbstractMethod):
 
 
 class FirstOrder(AbstractMethod):
-    """FOMAML: gradient steps whose Jacobian is replaced by the identity.
+    r"""FOMAML: gradient steps whose Jacobian is replaced by the identity.
 
-    `jax.grad` through the result gives $\\nabla J(u_K)$ for $\\theta$ and
+    `jax.grad` through the result gives $\nabla J(u_K)$ for $\theta$ and
     nothing for the data or $T$.
     """
+
+    differentiates: ClassVar[frozenset[str]] = frozenset({"params"})
 
     steps: int = eqx.field(default=100, static=True)
 
@@ -301,13 +341,17 @@ class FirstOrder(AbstractMethod):
 
 
 class Reptile(AbstractMethod):
-    """Reptile: gradient steps, then the outer update moves theta toward the result.
+    r"""Reptile: gradient steps, then the outer update moves $\theta$ toward the result.
 
     Reptile's update is not the gradient of an outer loss; a meta-learner
-    uses [`reptile_direction`][] (`theta - u_K`, averaged over tasks) as the
+    uses [`reptile_direction`][] ($\theta - u_K$, averaged over tasks) as the
     "gradient" handed to the optimiser. Through `adapt` the parameters get
     the first-order (identity) Jacobian, like [`FirstOrder`][].
     """
+
+    differentiates: ClassVar[frozenset[str]] = frozenset({"params"})
+    outer_direction: ClassVar[bool] = True
+    adapts_head: ClassVar[bool] = False  # its direction is taken in the whole model's parameters
 
     steps: int = eqx.field(default=100, static=True)
 
@@ -347,6 +391,8 @@ class Implicit(AbstractMethod):
     with $v$ the first solution, found by `cg_steps` iterations of conjugate
     gradients with Hessian-vector products. No gradient flows to $T$.
     """
+
+    differentiates: ClassVar[frozenset[str]] = frozenset({"params", "data"})
 
     steps: int = eqx.field(default=100, static=True)
     lam: float = eqx.field(default=1.0, static=True)
@@ -404,3 +450,83 @@ def _implicit_bwd(u, g, perturbed, primal, T, method):
 
     gdata, gloss = jax.tree.map(lambda x: -x / method.lam, jax.grad(inner)(diff))
     return (v, gdata, gloss)
+
+
+class LinearFlow(AbstractMethod):
+    r"""COMLN: adapt a linear softmax head by the gradient flow of its cross-entropy.
+
+    The head $W$ follows $\dot W = -\nabla_W \big(\mathrm{CE}(\phi W^\top, y)
+    + \tfrac{\lambda}{2}\|W - W_0\|^2\big)$ on the embedded support set
+    $\phi$ ([`linear_flow`][]); the meta-gradients in the head's
+    initialisation $W_0$, the embedding (through $\phi$) and $T$ are exact,
+    by forward sensitivity, in memory independent of $T$. Use it in a
+    [`MetaLearner`][] with an [`EmbeddingHead`][], `adapt="head"` and the
+    cross-entropy loss (the flow's inner loss is cross-entropy by
+    construction): the rule is `head_only`, and its `adapt` refuses a
+    general loss.
+
+    **Arguments:**
+
+    - `lam`: the proximal strength $\lambda \ge 0$ around $W_0$.
+    - `solver`: `"dopri5"` (adaptive) or `"euler"` (then `steps` fixed
+      steps, which is ANIL with learning rate $T/\text{steps}$).
+    - `steps`: the number of Euler steps.
+    - `rtol`, `atol`, `max_steps`: the adaptive solve's tolerances and step
+      budget.
+    """
+
+    head_only: ClassVar[bool] = True
+
+    lam: float = eqx.field(default=0.0, static=True)
+    solver: str = eqx.field(default="dopri5", static=True)
+    steps: int | None = eqx.field(default=None, static=True)
+    rtol: float = eqx.field(default=1e-6, static=True)
+    atol: float = eqx.field(default=1e-8, static=True)
+    max_steps: int = eqx.field(default=4096, static=True)
+
+    def __check_init__(self):
+        if self.solver not in ("dopri5", "euler"):
+            raise InputError(f"LinearFlow(solver={self.solver!r}): use 'dopri5' or 'euler'.")
+        if self.solver == "euler" and (not isinstance(self.steps, int) or self.steps < 1):
+            raise InputError("LinearFlow(solver='euler') needs steps, a positive int.")
+        if not self.lam >= 0:
+            raise InputError(f"LinearFlow(lam={self.lam!r}): the proximal strength must be >= 0.")
+
+    @property
+    def inner_steps(self) -> int:
+        """`steps` for Euler; 100 (the default evaluation's `T / h`) for Dopri5."""
+        return self.steps if self.steps is not None else 100
+
+    def adapt(self, loss_fn, params, data, T):
+        raise InputError(
+            "LinearFlow adapts a linear softmax head by the flow of its cross-entropy, not a model on a loss: "
+            "use it in a MetaLearner with adapt='head' and an EmbeddingHead, or call adapt_head "
+            "(or ctmeta.linear_flow.linear_flow)"
+        )
+
+    def adapt_head(self, W0, features, labels_onehot, T, throw: bool = True):
+        r"""The adapted head $W(T)$.
+
+        **Arguments:**
+
+        - `W0`: the head's initialisation, `(ways, d)`.
+        - `features`: the embedded support set $\phi$, `(K, d)`.
+        - `labels_onehot`: `(K, ways)`.
+        - `T`: the horizon.
+        - `throw`: as in [`linear_flow`][].
+
+        **Returns:** $W(T)$; with `throw=False`, `(W(T), status)`.
+        """
+        return linear_flow(
+            W0,
+            features,
+            labels_onehot,
+            T,
+            lam=self.lam,
+            solver=self.solver,
+            steps=self.steps if self.solver == "euler" else None,
+            rtol=self.rtol,
+            atol=self.atol,
+            max_steps=self.max_steps,
+            throw=throw,
+        )

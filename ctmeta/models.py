@@ -1,23 +1,23 @@
-"""The networks of the benchmarks: MLP, Conv-4 and ResNet-12 (equinox modules).
+r"""The networks of the benchmarks: MLP, Conv-4 and ResNet-12 (equinox modules).
 
 **How a model is applied.** Every model here maps a *set* of inputs to a set
-of outputs through :func:`apply_to_set`:
+of outputs through [`apply_to_set`][]:
 
     apply_to_set(model, x)      # x (K, *input_shape) -> (K, out)
 
-- :class:`MLP` is an ordinary per-example equinox module: `MLP(...)(x)` takes
+- [`MLP`][] is an ordinary per-example equinox module: `MLP(...)(x)` takes
   one example `(in_size,)` and `apply_to_set` vmaps it over the set.
-- :class:`Conv4` and :class:`ResNet12` are *set models* (subclasses of
-  :class:`SetModule`): their `__call__` takes the whole set `(K, C, H, W)` at
+- [`Conv4`][] and [`ResNet12`][] are *set models* (subclasses of
+  [`SetModule`][]): their `__call__` takes the whole set `(K, C, H, W)` at
   once, because their batch norm normalises with that set's statistics (see
   below). `apply_to_set` calls them directly.
 - A user's own per-example equinox module works with `apply_to_set` unchanged;
-  a user's model that needs the whole set subclasses :class:`SetModule`.
+  a user's model that needs the whole set subclasses [`SetModule`][].
 
 **Batch norm, transductive.** As in MAML and COMLN, batch norm here uses the
 statistics of the set it is applied to (a task's support set, or its query
 set), per channel over the set and spatial axes,
-`y = (x - mean) / sqrt(var + eps) * gamma + beta` with learnable `gamma, beta`
+$y = (x - \mu) / \sqrt{\sigma^2 + \epsilon}\,\gamma + \beta$ with learnable $\gamma, \beta$
 and the biased variance. There are no running statistics and no state, so a
 model is a plain pytree and the same code runs at meta-train and meta-test
 time. The consequence: an example's output depends on the other examples of
@@ -55,6 +55,8 @@ __all__ = [
     "Conv2d",
     "Conv4",
     "ConvBlock",
+    "EmbeddingHead",
+    "InputScale",
     "ResNet12",
     "ResidualBlock",
     "SetBatchNorm",
@@ -67,8 +69,6 @@ __all__ = [
 ]
 
 
-
-
 def _float_dtype(dtype):
     # `None` means JAX's default float: float32, or float64 under x64.
     return jnp.zeros((), dtype if dtype is not None else float).dtype
@@ -78,7 +78,7 @@ class SetModule(eqx.Module):
     """Base class of models whose `__call__` takes a whole set `(K, ...)`.
 
     Subclasses map `(K, *input_shape) -> (K, out)` and may mix information
-    across the set (here: batch-norm statistics). :func:`apply_to_set` calls
+    across the set (here: batch-norm statistics). [`apply_to_set`][] calls
     them directly instead of vmapping them over examples.
     """
 
@@ -86,7 +86,7 @@ class SetModule(eqx.Module):
 def apply_to_set(model: Callable, x: jax.Array) -> jax.Array:
     """Apply `model` to a set of inputs `x (K, *input_shape)`, giving `(K, out)`.
 
-    A :class:`SetModule` is called on the whole set; any other callable is
+    A [`SetModule`][] is called on the whole set; any other callable is
     taken to act on one example and is vmapped over the leading axis.
     """
     if isinstance(model, SetModule):
@@ -107,6 +107,45 @@ def feature_size(model: Callable, input_shape: Sequence[int]) -> int:
     return math.prod(out.shape[1:])
 
 
+# ------------------------------------------------------------------- wrappers
+
+
+class EmbeddingHead(SetModule):
+    """An embedding network followed by a bias-free linear head `W (ways, d)`.
+
+    Applied to a set `x (K, ...)`: `logits = apply_to_set(embedding, x) @ W.T`.
+    In a [`MetaLearner`][] with `adapt="head"` only `head` adapts in the inner
+    loop (ANIL, COMLN); with `adapt="all"` the whole module does (MAML on this
+    network).
+    """
+
+    embedding: Callable
+    head: jax.Array
+
+    def __call__(self, x):
+        return self.features(x) @ self.head.T
+
+    def features(self, x):
+        """The embedded set, `(K, d)`."""
+        feats = apply_to_set(self.embedding, x)
+        return feats.reshape(feats.shape[0], -1)
+
+
+class InputScale(eqx.Module):
+    """`model(x * scale)`: a fixed (not learned) rescaling of one example's input.
+
+    Keeps the inputs of a per-example model of order one (Alpine's
+    $[-10, 10]^2$ becomes $[-1, 1]^2$), which keeps the Hessian of the task
+    loss, hence the stiffness of the gradient flow, moderate.
+    """
+
+    model: Callable
+    scale: float = eqx.field(static=True)
+
+    def __call__(self, x):
+        return self.model(x * self.scale)
+
+
 # --------------------------------------------------------------------------- MLP
 
 
@@ -120,7 +159,7 @@ class MLP(eqx.Module):
     Weights and biases use equinox's default initialisation,
     `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`.
 
-    Use :func:`apply_to_set` (a vmap) to apply it to a set `(K, in_size)`.
+    Use [`apply_to_set`][] (a vmap) to apply it to a set `(K, in_size)`.
     """
 
     layers: tuple[eqx.nn.Linear, ...]
@@ -366,7 +405,7 @@ class Conv4(SetModule):
     """The four-block convolutional network of the few-shot benchmarks.
 
     Applied to a **set** of images `x (K, C, H, W)` (batch norm uses the set's
-    statistics). Four :class:`ConvBlock` s of `hidden` channels halve the
+    statistics). Four [`ConvBlock`][]s of `hidden` channels halve the
     spatial size each (floor): 28 -> 14 -> 7 -> 3 -> 1 and
     84 -> 42 -> 21 -> 10 -> 5. The output is flattened in `(C, H, W)` order:
 
@@ -493,7 +532,7 @@ class ResidualBlock(eqx.Module):
 
 
 class ResNet12(SetModule):
-    """ResNet-12: four :class:`ResidualBlock` s, applied to a **set** `(K, C, H, W)`.
+    """ResNet-12: four [`ResidualBlock`][]s, applied to a **set** `(K, C, H, W)`.
 
     Widths `channels` (default 64, 160, 320, 640, as in MetaOptNet and
     COMLN); each block halves the spatial size, 84 -> 42 -> 21 -> 10 -> 5.

@@ -92,9 +92,11 @@ __all__ = [
     "StoredAdjoint",
     "Backprop",
     "Backsolve",
+    "SolveOptions",
     "SolveStatus",
     "max_curvature",
     "solve",
+    "solve_status",
 ]
 
 
@@ -361,16 +363,58 @@ def raise_if_failed(tree, status, max_steps: int | None = None, where: str = "ct
 
 
 class AbstractSensitivity(eqx.Module):
-    """How `solve` is differentiated. Static configuration: no arrays."""
+    r"""How [`solve`][] is differentiated. Static configuration: no arrays.
+
+    **Adding a rule.** Subclass it and implement [`AbstractSensitivity.solve`][]:
+    integrate the forward solve (for instance with diffrax, through the
+    solver [`SolveOptions.solver`][] names) and return $y(t_1)$ whose
+    derivatives follow the rule, typically through `eqx.filter_custom_vjp`.
+    [`solve`][] does the rest: it checks its arguments, closure-converts the
+    vector field (so its closed-over arrays are differentiated like `args`)
+    and raises, or returns NaN and the status, on failure. A rule that needs
+    the forward's status should derive it with [`solve_status`][].
+
+    ```python
+    class MyRule(ctmeta.ode.AbstractSensitivity):
+        def solve(self, field, y0, t1, args, options):
+            ...  # y1 = y(t1), status = its SolveStatus code
+            return y1, status
+
+    ctmeta.ode.solve(f, y0, t1, args, sensitivity=MyRule())
+    ```
+    """
 
     @abc.abstractmethod
-    def _solve(self, field: AbstractVectorField, y0, t1, args, options: "_Options"):
-        """Return `(y(t1), status)`: `y(t1)` differentiable by this rule, unchecked,
-        and its [`SolveStatus`][] code (`solve` raises or NaNs on failure)."""
+    def solve(self, field: AbstractVectorField, y0, t1, args, options: "SolveOptions"):
+        r"""Integrate $dy/dt = f(t, y, \text{args})$ on $[0, t_1]$.
+
+        **Arguments:**
+
+        - `field`: the vector field, an [`AbstractVectorField`][] (already
+          closure-converted by [`solve`][]).
+        - `y0`: the initial state, a pytree of floating-point arrays.
+        - `t1`: the horizon, a scalar array (may be traced).
+        - `args`: the field's arguments, any pytree.
+        - `options`: the forward solver's [`SolveOptions`][].
+
+        **Returns:** `(y(t1), status)`: $y(t_1)$ differentiable by this rule,
+        unchecked, and its int32 [`SolveStatus`][] code ([`solve`][] raises
+        or NaNs on failure).
+        """
 
 
-class _Options(eqx.Module):
-    """Forward-solver options shared by every rule."""
+class SolveOptions(eqx.Module):
+    """Forward-solver options shared by every rule (what [`solve`][] was given).
+
+    - `steps`: the number of uniform steps of a fixed-step solver, or of
+      intervals of a stored grid.
+    - `rtol`, `atol`: the adaptive solver's tolerances (see `effective_rtol`).
+    - `max_steps`: the step budget.
+    - `solver`: one of `SOLVERS`.
+    - `throw`: whether [`solve`][] raises on failure (a rule that cannot
+      report a failure through its status, like diffrax's backsolve, may
+      raise itself).
+    """
 
     steps: int = eqx.field(static=True)
     rtol: float = eqx.field(static=True)
@@ -378,6 +422,9 @@ class _Options(eqx.Module):
     max_steps: int = eqx.field(static=True)
     solver: Literal["dopri5", "tsit5", "euler", "heun", "rk4"] = eqx.field(static=True)
     throw: bool = eqx.field(static=True, default=True)
+
+
+_Options = SolveOptions  # the former private name, still used by ctmeta.bench
 
 
 class RK4(diffrax.AbstractERK):
@@ -442,7 +489,7 @@ def effective_rtol(rtol: float, y0) -> float:
     return max(float(rtol), floor)
 
 
-def _forward(field, y0, t0, t1, args, options: _Options, ts=None, adjoint=None):
+def _forward(field, y0, t0, t1, args, options: SolveOptions, ts=None, adjoint=None):
     """One forward diffrax solve; adaptive for embedded RK pairs, fixed-step otherwise.
 
     Fixed-step solvers take `options.steps` uniform steps over `[t0, t1]`.
@@ -487,7 +534,7 @@ class Backprop(AbstractSensitivity):
     number of solver steps (diffrax recursive checkpointing bounds it).
     """
 
-    def _solve(self, field, y0, t1, args, options):
+    def solve(self, field, y0, t1, args, options):
         ys, status = _forward(field, y0, 0.0, t1, args, options)
         return _last(ys), status
 
@@ -503,7 +550,7 @@ class Backsolve(AbstractSensitivity):
     reported (diffrax does not return its status): comparison only.
     """
 
-    def _solve(self, field, y0, t1, args, options):
+    def solve(self, field, y0, t1, args, options):
         ys, status = _forward(field, y0, 0.0, t1, args, options, adjoint=diffrax.BacksolveAdjoint())
         return _last(ys), status
 
@@ -571,7 +618,7 @@ class StoredAdjoint(AbstractSensitivity):
         if not isinstance(self.stability_check, bool):
             raise InputError(f"StoredAdjoint(stability_check={self.stability_check!r}): give True or False.")
 
-    def _solve(self, field, y0, t1, args, options):
+    def solve(self, field, y0, t1, args, options):
         if self.checkpoints is not None and options.steps % self.checkpoints:
             raise InputError(
                 f"StoredAdjoint(checkpoints={self.checkpoints}) must divide steps={options.steps}."
@@ -889,7 +936,7 @@ class AdaptiveAdjoint(AbstractSensitivity):
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise InputError(f"AdaptiveAdjoint(max_steps={self.max_steps!r}): give a positive int or None.")
 
-    def _solve(self, field, y0, t1, args, options):
+    def solve(self, field, y0, t1, args, options):
         if options.solver != "dopri5":
             raise InputError(f"AdaptiveAdjoint records Dopri5's steps; solver={options.solver!r} is not supported.")
         return _adaptive_adjoint_solve((field, y0, t1, args), self, options)
@@ -938,7 +985,7 @@ class DenseOutput(eqx.Module):
         return jax.tree.map(quartic, self.ys, self.fs, self.ms)
 
 
-def _dense_forward(field, y0, t1, args, options: _Options, dense_steps: int | None, midpoints: bool = False):
+def _dense_forward(field, y0, t1, args, options: SolveOptions, dense_steps: int | None, midpoints: bool = False):
     """Dopri5 from 0 to `t1` with step-size control; `(y(t1), DenseOutput or None, status, stats)`.
 
     diffrax's Dopri5 step and PID controller, in a loop of our own so that
@@ -1016,7 +1063,7 @@ def _dense_forward(field, y0, t1, args, options: _Options, dense_steps: int | No
     return y, dense, status, {"accepted_steps": n_acc, "steps": n_steps}
 
 
-def adjoint_backward(field, dense: DenseOutput, t1, args, a_end, rule: AdaptiveAdjoint, options: _Options, wrt=None):
+def adjoint_backward(field, dense: DenseOutput, t1, args, a_end, rule: AdaptiveAdjoint, options: SolveOptions, wrt=None):
     """The backward solve of [`AdaptiveAdjoint`][] from `a(t1) = a_end` over `dense`.
 
     Returns `(a(0), (dJ/dargs, dJ/dfield), status, stats)`, `stats` diffrax's
@@ -1189,8 +1236,9 @@ def solve(
     if t1.ndim != 0:
         raise InputError(f"ctmeta.ode.solve: t1 must be a scalar; got shape {t1.shape} (vmap for one per task).")
     field = field.closure_convert(t1, y0, args)
-    options = _Options(steps=int(steps), rtol=rtol, atol=atol, max_steps=max_steps, solver=solver, throw=bool(throw))
-    y1, status = sensitivity._solve(field, y0, t1, args, options)
+    options = SolveOptions(steps=int(steps), rtol=rtol, atol=atol, max_steps=max_steps, solver=solver,
+                           throw=bool(throw))
+    y1, status = sensitivity.solve(field, y0, t1, args, options)
     if throw:
         return raise_if_failed(y1, status, max_steps, steps=int(steps), scheme=getattr(sensitivity, "scheme", None),
                                dense_steps=getattr(sensitivity, "dense_steps", None))

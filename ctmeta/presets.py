@@ -6,7 +6,7 @@ Resolution is pure Python (no JAX work), so the command line can check every
 flag before anything is compiled: [`resolve_config`][] fills in the
 defaults and validates; [`build`][] makes the objects.
 
-Horizon and steps (the papers' convention `T = steps * h`, `h = 0.01`):
+Horizon and steps (the papers' convention $T = K h$, $K$ = `steps`, $h = 0.01$):
 
 - `amaml`: `T` is the horizon of the gradient flow (`T = 2` of A-MAML Sec. 5.1
   for the 50-shot regressions). Without `steps` the adjoint is solved backward
@@ -14,10 +14,10 @@ Horizon and steps (the papers' convention `T = steps * h`, `h = 0.01`):
   selects the paper's sweep over `K` stored states (`h = T / K`); the image
   benchmarks default to it (`K = T / 0.01`), see `resolve_config`.
 - `maml`, `fomaml`, `reptile`, `imaml`, `anil`: `steps` gradient steps with
-  learning rate `h = T / steps`; without `--T`, `T = steps * h` with the
+  learning rate `h = T / steps`; without `T`, `T = steps * h` with the
   benchmark's inner learning rate `h` (0.01).
 - `comln`: `T` is the *initial* horizon, learned as `exp(log_T)`; the head
-  flow uses Dopri5, or Euler with `--steps` fixed steps.
+  flow uses Dopri5, or Euler with `steps` fixed steps.
 
 Outer optimiser (the configuration's `optimizer` entry, see
 [`optimizer_config`][]): each paper's own. A-MAML (Sec. 5) meta-trains every
@@ -25,7 +25,7 @@ method with Adam at learning rate 1e-3; COMLN (Appendix E.5) meta-trains every
 method of its Table 2 with SGD, Nesterov momentum 0.9, learning rate 0.1
 decreased by Lee et al. (2019)'s step schedule. So `comln` and `anil` (the
 methods only COMLN runs) default to COMLN's SGD and the others to Adam;
-`--optimizer` picks either protocol for any method.
+`optimizer` picks either protocol for any method.
 
 Backbone (images only): Conv-4 by default, or ResNet-12 (MetaOptNet's,
 without global pooling: 16,000 features on 84x84 inputs, COMLN's setting).
@@ -203,45 +203,45 @@ def resolve_config(
         raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     p = BENCHMARKS[benchmark]
     if T is not None:
-        T = check_positive("--T", T)
+        T = check_positive("`T`", T)
     if steps is not None:
-        steps = _positive_int("--steps", steps)
-    meta_iterations = _positive_int("--meta-iterations", p.meta_iterations if meta_iterations is None else meta_iterations)
-    meta_batch = _positive_int("--meta-batch", p.meta_batch if meta_batch is None else meta_batch)
+        steps = _positive_int("`steps`", steps)
+    meta_iterations = _positive_int("`meta_iterations`", p.meta_iterations if meta_iterations is None else meta_iterations)
+    meta_batch = _positive_int("`meta_batch`", p.meta_batch if meta_batch is None else meta_batch)
     seed = 0 if seed is None else seed
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InputError(f"--seed must be a non-negative integer, got {seed!r}")
+        raise InputError(f"`seed` must be a non-negative integer, got {seed!r}")
     if checkpoint_every is None:
         checkpoint_every = max(1, meta_iterations // 5)
-    checkpoint_every = _positive_int("--checkpoint-every", checkpoint_every)
+    checkpoint_every = _positive_int("`checkpoint_every`", checkpoint_every)
 
     if method in HEAD_METHODS and p.kind != "images":
         raise InputError(
-            f"--method {method} adapts a linear softmax head on an image embedding (Conv-4, ResNet-12): "
-            "use it with --benchmark omniglot or miniimagenet"
+            f"`method` {method} adapts a linear softmax head on an image embedding (Conv-4, ResNet-12): "
+            "use it with `benchmark` omniglot or miniimagenet"
         )
     if ways is not None:
-        ways = _positive_int("--ways", ways)
+        ways = _positive_int("`ways`", ways)
         if p.kind != "images":
-            raise InputError(f"--ways applies to classification benchmarks (omniglot, miniimagenet), not {benchmark}")
+            raise InputError(f"`ways` applies to classification benchmarks (omniglot, miniimagenet), not {benchmark}")
         if ways < 2:
-            raise InputError(f"--ways must be at least 2, got {ways}")
+            raise InputError(f"`ways` must be at least 2, got {ways}")
     if shots is not None:
-        shots = _positive_int("--shots", shots)
+        shots = _positive_int("`shots`", shots)
     if backbone is not None:
         if backbone not in BACKBONES:
-            raise InputError(f"unknown --backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
+            raise InputError(f"unknown `backbone` {backbone!r}; choose from {', '.join(BACKBONES)}")
         if p.kind != "images":
             raise InputError(
-                f"--backbone applies to the image benchmarks (omniglot, miniimagenet), not {benchmark}"
+                f"`backbone` applies to the image benchmarks (omniglot, miniimagenet), not {benchmark}"
             )
     elif p.kind == "images":
         backbone = "conv4-smooth" if method == "amaml" else "conv4"
     if solver is not None:
         if method != "amaml":
-            raise InputError(f"--solver applies to --method amaml (the gradient flow's forward solver), not {method}")
+            raise InputError(f"`solver` applies to `method` amaml (the gradient flow's forward solver), not {method}")
         if solver not in ("dopri5", "rk4"):
-            raise InputError(f"unknown --solver {solver!r}; choose from dopri5, rk4")
+            raise InputError(f"unknown `solver` {solver!r}; choose from dopri5, rk4")
     opt = optimizer_config(method, optimizer, meta_lr, lr_schedule, meta_iterations, adam_lr=p.outer_lr)
 
     # Task sizes.
@@ -249,7 +249,7 @@ def resolve_config(
         n_shots = p.shots if shots is None else shots
         n_queries = p.queries if shots is None else shots  # 50shot-50val, 100shot-100val
         if meta_batch > 100:
-            raise InputError(f"--meta-batch {meta_batch} exceeds the 100 meta-training tasks of {benchmark}")
+            raise InputError(f"`meta_batch` {meta_batch} exceeds the 100 meta-training tasks of {benchmark}")
     elif p.kind == "ratings":
         n_shots = p.shots if shots is None else shots
         n_queries = p.queries if shots is None else max(1, (3 * shots) // 2)  # 10shot-15val, 20shot-30val
@@ -288,11 +288,11 @@ def resolve_config(
     if p.data_subdir is not None:
         path = pathlib.Path(data_dir).expanduser() if data_dir else default_data_dir(p)
         if not path.exists():
-            hint = "" if data_dir else " (the default; pass --data-dir DIR or set $CTMETA_DATA)"
+            hint = "" if data_dir else " (the default; pass `data_dir` DIR or set $CTMETA_DATA)"
             raise DataError(f"{benchmark} data directory {path} does not exist{hint}")
         resolved_data = str(path.resolve())
     elif data_dir is not None:
-        raise InputError(f"--data-dir is not used by {benchmark} (its tasks are synthetic)")
+        raise InputError(f"`data_dir` is not used by {benchmark} (its tasks are synthetic)")
 
     eval_steps = list(p.eval_steps)
     curve = sorted(set(range(0, max(eval_steps) + 1, p.eval_every)) | set(eval_steps))
@@ -370,12 +370,12 @@ def optimizer_config(
     if name is None:
         name = "sgd" if method in HEAD_METHODS else "adam"
     if name not in OPTIMIZERS:
-        raise InputError(f"unknown --optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+        raise InputError(f"unknown `optimizer` {name!r}; choose from {', '.join(OPTIMIZERS)}")
     if learning_rate is not None:
-        learning_rate = check_positive("--meta-lr", learning_rate)
+        learning_rate = check_positive("`meta_lr`", learning_rate)
     if schedule is not None and schedule not in LR_SCHEDULES:
-        raise InputError(f"unknown --lr-schedule {schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
-    meta_iterations = _positive_int("--meta-iterations", meta_iterations)
+        raise InputError(f"unknown `lr_schedule` {schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
+    meta_iterations = _positive_int("`meta_iterations`", meta_iterations)
     if name == "adam":
         spec: dict[str, Any] = {"name": "adam", "learning_rate": adam_lr, "schedule": None}
     else:
@@ -565,7 +565,7 @@ def build_family(config: dict, *, progress: bool = True, log=print):
 
 def build_method(config: dict):
     from . import methods
-    from .meta import LinearFlow
+    from .methods import LinearFlow
 
     m, K, opts = config["method"], config["steps"], config.get("method_options", {})
     if m == "amaml":
@@ -593,8 +593,7 @@ def build_model(config: dict, family, key):
     import jax
     import jax.numpy as jnp
 
-    from .meta import EmbeddingHead, InputScale
-    from .models import MLP, Conv4, ResNet12, feature_size
+    from .models import MLP, Conv4, EmbeddingHead, InputScale, ResNet12, feature_size
 
     spec = config["model"]
     if spec["name"] == "mlp":
@@ -637,7 +636,8 @@ def build_learner(config: dict, family, model_key):
     """The [`MetaLearner`][ctmeta.meta.MetaLearner] of a resolved
     configuration on `family` (anything with `input_shape`, `output_size`
     and `kind`), its model initialised from `model_key`."""
-    from .meta import MetaLearner, accuracy, cross_entropy, mse, nrmse_metric
+    from .losses import accuracy, cross_entropy, mse, nrmse_metric
+    from .meta import MetaLearner
 
     optimizer = build_optimizer(config["optimizer"])  # checks the entry first
     model = build_model(config, family, model_key)

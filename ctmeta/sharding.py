@@ -89,8 +89,8 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int, *,
             ) from None
         raise InputError(
             f"cannot join the multi-process job at {coordinator_address} as process {process_id} of "
-            f"{num_processes}: {first}. Start every process with the same --coordinator-address (process 0's "
-            "host and a free port) and --num-processes, and distinct --process-id."
+            f"{num_processes}: {first}. Start every process with the same `coordinator_address` (process 0's "
+            "host and a free port) and `num_processes`, and distinct `process_id`."
         ) from None
 
 
@@ -100,20 +100,20 @@ def check_cluster(coordinator_address: str, num_processes: int, process_id: int)
     `process_id` outside `0..num_processes-1`."""
     if not isinstance(coordinator_address, str) or not _ADDRESS.match(coordinator_address):
         raise InputError(
-            f"--coordinator-address must be HOST:PORT (the address process 0 listens on), "
+            f"`coordinator_address` must be HOST:PORT (the address process 0 listens on), "
             f"got {coordinator_address!r}"
         )
     port = int(coordinator_address.rsplit(":", 1)[1])
     if not 0 < port < 65536:
-        raise InputError(f"--coordinator-address {coordinator_address}: port {port} is not in 1..65535")
-    for name, value in (("--num-processes", num_processes), ("--process-id", process_id)):
+        raise InputError(f"`coordinator_address` {coordinator_address}: port {port} is not in 1..65535")
+    for name, value in (("`num_processes`", num_processes), ("`process_id`", process_id)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise InputError(f"{name} must be an integer, got {value!r}")
     if num_processes < 1:
-        raise InputError(f"--num-processes must be a positive integer, got {num_processes}")
+        raise InputError(f"`num_processes` must be a positive integer, got {num_processes}")
     if not 0 <= process_id < num_processes:
         raise InputError(
-            f"--process-id {process_id} is out of range: with --num-processes {num_processes} it must be "
+            f"`process_id` {process_id} is out of range: with `num_processes` {num_processes} it must be "
             f"in 0..{num_processes - 1}"
         )
 
@@ -139,11 +139,11 @@ def task_mesh(devices: Sequence[jax.Device] | None = None, *, per_process: int |
     devices.sort(key=lambda d: (d.process_index, d.id))
     if per_process is not None:
         if isinstance(per_process, bool) or not isinstance(per_process, int) or per_process < 1:
-            raise InputError(f"--devices must be a positive integer, got {per_process!r}")
+            raise InputError(f"`per_process` must be a positive integer, got {per_process!r}")
         local = sum(d.process_index == jax.process_index() for d in devices)
         if per_process > local:
             raise InputError(
-                f"--devices {per_process}: this process has only {local} device{'s' if local > 1 else ''} "
+                f"`per_process` {per_process}: this process has only {local} device{'s' if local > 1 else ''} "
                 f"({devices[0].platform})"
             )
         taken: dict[int, int] = {}
@@ -171,8 +171,8 @@ def tasks_per_device(meta_batch: int, mesh: Mesh) -> int:
         below, above = (meta_batch // devices) * devices, (meta_batch // devices + 1) * devices
         suggest = " or ".join(str(m) for m in (below, above) if m > 0)
         raise InputError(
-            f"--meta-batch {meta_batch} cannot be split evenly over {devices} devices: use a multiple of "
-            f"{devices} (e.g. {suggest}), or fewer devices (--devices, CUDA_VISIBLE_DEVICES)"
+            f"`meta_batch` {meta_batch} cannot be split evenly over {devices} devices: use a multiple of "
+            f"{devices} (e.g. {suggest}), or fewer devices (`per_process`, CUDA_VISIBLE_DEVICES)"
         )
     return meta_batch // devices
 

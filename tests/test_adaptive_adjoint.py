@@ -174,7 +174,7 @@ def test_undifferentiated_solve_is_the_recording_solve(mlp_problem):
 def test_dense_output_interpolates_to_fourth_order():
     # dy/dt = -y^3 + sin t: the interpolant between accepted steps against a tight solve.
     f = lambda t, y, a: -(y ** 3) + jnp.sin(t)
-    opts = ode._Options(steps=1, rtol=1e-6, atol=1e-9, max_steps=4096, solver="dopri5")
+    opts = ode.SolveOptions(steps=1, rtol=1e-6, atol=1e-9, max_steps=4096, solver="dopri5")
     y0 = jnp.array([1.0, -0.5, 2.0])
     _, dense, status, _ = ode._dense_forward(ode.VectorField(f), y0, jnp.asarray(4.0), None, opts, 200, midpoints=True)
     assert int(status) == SolveStatus.SUCCESS and 5 < int(dense.n) < 200

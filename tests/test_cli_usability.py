@@ -19,6 +19,7 @@ import pytest
 
 import ctmeta.presets as presets
 import ctmeta.runs as runs
+import ctmeta.runs.results as run_results
 from ctmeta.cli import main
 from cli_helpers import shorten_evaluation, train_tiny
 
@@ -155,7 +156,7 @@ def test_a_write_that_fails_midway_is_a_user_error_and_the_table_is_printed_firs
     def refuse(path, text):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr(runs, "_atomic_text", refuse)
+    monkeypatch.setattr(run_results, "atomic_write_text", refuse)
     code = main(["evaluate", str(run_copy), "--quiet"])
     captured = capsys.readouterr()
     assert code == 2
@@ -311,7 +312,7 @@ def test_figures_say_what_run_they_show_and_can_use_a_log_scale(run_dir, monkeyp
     def keep(fig, path):
         figures[path.name] = fig
 
-    monkeypatch.setattr(runs, "save_figure", keep)
+    monkeypatch.setattr(run_results, "save_figure", keep)
     monkeypatch.setattr("matplotlib.pyplot.close", lambda fig: None)
     results = json.loads((run_dir / "results.json").read_text())
     runs.write_figures(runs.RunDir(run_dir), results, log_y=True)

@@ -53,13 +53,13 @@ def test_optimizer_flags_override_the_defaults(image_dir):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(optimizer="rmsprop"), "--optimizer"),
-        (dict(meta_lr=0.0), "--meta-lr"),
-        (dict(meta_lr=-1e-3), "--meta-lr"),
-        (dict(meta_lr=float("nan")), "--meta-lr"),
-        (dict(lr_schedule="exponential"), "--lr-schedule"),
-        (dict(backbone="resnet12"), "--backbone"),  # cosmixture has no images
-        (dict(benchmark="omniglot", backbone="vgg"), "--backbone"),
+        (dict(optimizer="rmsprop"), "`optimizer`"),
+        (dict(meta_lr=0.0), "`meta_lr`"),
+        (dict(meta_lr=-1e-3), "`meta_lr`"),
+        (dict(meta_lr=float("nan")), "`meta_lr`"),
+        (dict(lr_schedule="exponential"), "`lr_schedule`"),
+        (dict(backbone="resnet12"), "`backbone`"),  # cosmixture has no images
+        (dict(benchmark="omniglot", backbone="vgg"), "`backbone`"),
     ],
 )
 def test_bad_optimizer_and_backbone_choices_raise_input_error(kwargs, message, image_dir):
@@ -206,9 +206,9 @@ def test_whole_network_image_learners_map_tasks_one_after_the_other(image_dir):
 
 
 def test_solver_applies_to_amaml_only():
-    with pytest.raises(InputError, match="--solver applies to --method amaml"):
+    with pytest.raises(InputError, match="`solver` applies to `method` amaml"):
         presets.resolve_config("cosmixture", "maml", solver="rk4")
-    with pytest.raises(InputError, match="unknown --solver"):
+    with pytest.raises(InputError, match="unknown `solver`"):
         presets.resolve_config("cosmixture", "amaml", solver="euler")
 
 

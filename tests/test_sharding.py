@@ -127,7 +127,7 @@ def test_sharded_meta_gradients_and_steps_equal_one_device(tmp_path):
         assert r["iteration"] == 2 and r["traces"] == 1, (name, r)  # one compilation for the steps
         assert r["params_spec"] in ("P()", "PartitionSpec()")  # replicated: readable everywhere
     assert out["evaluate"] < 1e-12
-    assert out["indivisible"] and "--meta-batch 6" in out["indivisible"] and "4 devices" in out["indivisible"]
+    assert out["indivisible"] and "`meta_batch` 6" in out["indivisible"] and "4 devices" in out["indivisible"]
     assert out["cli_indivisible"] == 2
     assert "--meta-batch 3" in proc.stderr and "4 devices" in proc.stderr
     assert not (tmp_path / "never-written").exists()
@@ -155,13 +155,13 @@ def test_bad_meshes_and_flags_raise_input_error():
     with pytest.raises(InputError, match="tasks"):
         MetaLearner(MLP(1, 1, 4, 1, key=jax.random.PRNGKey(0)), Unrolled(steps=1), optax.sgd(0.1), mse,
                     mesh=jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",)))
-    with pytest.raises(InputError, match=r"--meta-batch 5 .* 2 devices.*4 or 6"):
+    with pytest.raises(InputError, match=r"`meta_batch` 5 .* 2 devices.*4 or 6"):
         tasks_per_device(5, jax.sharding.Mesh(np.asarray(jax.devices() * 2).reshape(2), ("tasks",)))
     with pytest.raises(InputError, match="HOST:PORT"):
         check_cluster("localhost", 2, 0)
     with pytest.raises(InputError, match="out of range"):
         check_cluster("127.0.0.1:1234", 2, 2)
-    with pytest.raises(InputError, match="--devices 2"):
+    with pytest.raises(InputError, match="`per_process` 2"):
         task_mesh(per_process=2)
     with pytest.raises(InputError, match="disagree"):
         place_tasks((np.zeros((2, 1)), np.zeros((3, 1))), task_mesh())

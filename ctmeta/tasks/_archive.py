@@ -1,13 +1,13 @@
 """Reading dataset files from a directory or straight from a zip archive.
 
-A :class:`FileTree` names the files under a root by relative POSIX paths
+A [`FileTree`][] names the files under a root by relative POSIX paths
 (`"Tifinagh/character50/0959_17.png"`), lists them, reads their bytes, and
 gives a *fingerprint* (names, sizes, modification times) that changes when
-the files do, for keying caches. :class:`DirTree` reads a folder,
-:class:`ZipTree` one folder of a zip archive, without extracting anything.
+the files do, for keying caches. [`DirTree`][] reads a folder,
+[`ZipTree`][] one folder of a zip archive, without extracting anything.
 
 Archives are untrusted input. Opening one checks every member, and refuses
-the whole archive (with a :class:`DataError`) if a member could escape a
+the whole archive (with a [`DataError`][]) if a member could escape a
 target folder on extraction ("zip-slip": an absolute name, a drive letter, a
 `..` component) or is a symbolic link. A member larger than `max_member_bytes`
 is refused when read. Nothing from an archive is ever executed or unpickled.
@@ -36,7 +36,7 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 def check_member_name(name: str, archive: str | os.PathLike) -> None:
-    """Raise a :class:`DataError` if the archive member `name` is unsafe.
+    """Raise a [`DataError`][] if the archive member `name` is unsafe.
 
     Unsafe: empty, absolute (`/x`, `\\x`, `C:x`), containing a NUL or a `..`
     component (with `/` or `\\` as separator), i.e. anything that extraction

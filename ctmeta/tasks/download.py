@@ -37,7 +37,7 @@ import zipfile
 from typing import Callable
 
 from .._errors import CtmetaError, DataError
-from ..meta import fsync_dir
+from .._io import fsync_dir
 
 __all__ = ["Source", "SOURCES", "DownloadError", "download"]
 
@@ -83,7 +83,7 @@ _MINIIMAGENET = (
     "miniImageNet cannot be downloaded by ctmeta: its images come from ImageNet, whose terms forbid "
     "redistribution. Build it from ImageNet with the Ravi & Larochelle split (train.csv, val.csv, "
     "test.csv from https://github.com/twitter/meta-learning-lstm, data/miniImagenet/) into "
-    "DIR/images/<file>.jpg or DIR/images/<wnid>/<file>.jpg beside the three CSVs, then pass --data-dir DIR"
+    "DIR/images/<file>.jpg or DIR/images/<wnid>/<file>.jpg beside the three CSVs, then pass `data_dir` DIR"
 )
 
 _CHUNK = 1 << 20
@@ -153,7 +153,7 @@ def download(
     **Arguments:**
 
     - `benchmark`: a key of [`SOURCES`][].
-    - `data_dir`: the folder the benchmark's loader reads (`--data-dir`).
+    - `data_dir`: the folder the benchmark's loader reads.
     - `timeout`: seconds to wait for the server at each read.
     - `log`: where one line per file goes.
     - `progress`: `progress(filename, bytes_done, bytes_total_or_None)`.
@@ -181,7 +181,7 @@ def download(
     except OSError as err:
         raise DataError(f"cannot create the data directory {root}: {err}") from err
     if not root.is_dir():
-        raise DataError(f"{root} is not a directory; pass --data-dir DIR, a folder for the downloaded files")
+        raise DataError(f"{root} is not a directory; pass `data_dir` DIR, a folder for the downloaded files")
     paths = []
     for source in sources:
         target = root / source.filename

@@ -1,7 +1,7 @@
 """Few-shot image classification: the N-way k-shot sampler and the image cache.
 
-:class:`FewShotClassification` is the sampler that :class:`~ctmeta.tasks.omniglot.Omniglot`
-and :class:`~ctmeta.tasks.miniimagenet.MiniImageNet` share. A dataset is
+[`FewShotClassification`][] is the sampler that [`ctmeta.tasks.omniglot.Omniglot`][]
+and [`ctmeta.tasks.miniimagenet.MiniImageNet`][] share. A dataset is
 decoded once into one uint8 array `images (N, H, W, C)` in which every class
 is a contiguous run of rows; a *split* (`"train"`, `"test"`, ...) is a list of
 classes, each a run `start, count` of rows and a rotation `rot` (quarter
@@ -245,9 +245,9 @@ class ClassPool(NamedTuple):
 class FewShotClassification(TaskFamily):
     """N-way k-shot classification tasks over the classes of a dataset's splits.
 
-    Subclasses load their data and call :meth:`_set_pools` with one
-    :class:`ClassPool` per split. See the module docstring for the layout of a
-    :class:`~ctmeta.tasks.base.Batch`.
+    Subclasses load their data and call `_set_pools` with one
+    [`ClassPool`][] per split. See the module docstring for the layout of a
+    [`ctmeta.tasks.base.Batch`][].
 
     **Arguments:**
 
@@ -363,7 +363,7 @@ class FewShotClassification(TaskFamily):
     def sample(self, key: jax.Array, meta_batch: int, split: str = "train") -> Batch:
         """Draw `meta_batch` tasks from `split`, deterministically from `key`.
 
-        Returns a :class:`Batch` of JAX arrays (float32 images, int32 labels);
+        Returns a [`Batch`][] of JAX arrays (float32 images, int32 labels);
         see the module docstring for the layout. Call it outside `jit`.
         """
         pool, classes, rows = self._draw(key, meta_batch, split)

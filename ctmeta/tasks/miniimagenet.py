@@ -182,7 +182,7 @@ class MiniImageNet(FewShotClassification):
       training classes).
     - `split_seed`: the permutation seed of `"train64"`.
     - `image_size`: side of the images (default 84).
-    - `cache_dir`: where decoded images are cached (see :mod:`ctmeta.tasks.images`).
+    - `cache_dir`: where decoded images are cached (see `ctmeta.tasks.images`).
     - `progress`: show a progress bar while decoding.
     """
 

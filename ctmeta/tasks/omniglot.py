@@ -36,7 +36,7 @@ every split: 4800 meta-training classes and 1692 meta-test classes. Class
 names are `<character>/rot<degrees>`, e.g. `.../character01/rot090`.
 
 The decoded images (1623 x 20 x 28 x 28 uint8, 25 MB) are cached, see
-:mod:`ctmeta.tasks.images`; the first load decodes 32,460 PNGs (about ten
+`ctmeta.tasks.images`; the first load decodes 32,460 PNGs (about ten
 seconds on one core).
 """
 
@@ -110,7 +110,7 @@ class Omniglot(FewShotClassification):
     - `rotations`: rotated characters are extra classes (default True).
     - `train_characters`, `val_characters`, `split_seed`: the split rule.
     - `image_size`: side of the resized images (default 28).
-    - `cache_dir`: where decoded images are cached (see :mod:`ctmeta.tasks.images`).
+    - `cache_dir`: where decoded images are cached (see `ctmeta.tasks.images`).
     - `progress`: show a progress bar while decoding.
 
     Splits: `"train"`, `"test"` and, with `val_characters > 0`, `"val"`.

@@ -1,0 +1,81 @@
+"""The checks every command makes of its flags and of a run directory before any work."""
+
+from __future__ import annotations
+
+from .._errors import InputError
+from ..presets import BENCHMARKS
+
+__all__ = ["CONFIG_EXTRA_KEYS", "LIMITS", "PATH_FLAGS", "check_config_origin", "check_limits", "check_paths",
+           "check_run_writable", "existing_data_dir"]
+
+# Upper bounds on numeric flags: beyond them a value is a typo, not a run.
+LIMITS = {"T": 1e6, "steps": 10**6, "meta_iterations": 10**9, "meta_batch": 10**5, "ways": 10**4,
+           "shots": 10**5, "checkpoint_every": 10**9, "seed": 2**32 - 1,
+           "devices": 10**5, "num_processes": 10**5, "meta_lr": 1e2}
+
+
+def check_limits(args) -> None:
+    for name, value in vars(args).items():
+        if isinstance(value, list):  # argparse turns `--flag=--` into [] without checking it
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{flag} needs a value; got {' '.join(map(str, value)) or '--'!r}")
+    for name, limit in LIMITS.items():
+        value = getattr(args, name, None)
+        flag = "--" + name.replace("_", "-")
+        if value is not None and value > limit:
+            raise InputError(f"{flag} {value} is too large (at most {limit:g}); choose a smaller value")
+
+
+def existing_data_dir(data_dir: str, benchmark: str | None = None) -> str:
+    import pathlib
+
+    from .._errors import DataError
+
+    preset = BENCHMARKS.get(benchmark) if benchmark else None
+    if preset is not None and preset.data_subdir is None:
+        raise InputError(f"--data-dir is not used by {benchmark} (its tasks are synthetic)")
+    path = pathlib.Path(data_dir).expanduser()
+    if not path.exists():
+        raise DataError(f"--data-dir {path} does not exist")
+    return str(path.resolve())
+
+
+PATH_FLAGS = (("out", "--out"), ("data_dir", "--data-dir"), ("resume", "--resume"), ("run_dir", "RUN_DIR"),
+               ("checkpoint", "--checkpoint"))
+
+
+def check_paths(args) -> None:
+    """An empty path (`--out ''`) would mean the current directory: refuse it."""
+    for name, flag in PATH_FLAGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not value.strip():
+            raise InputError(f"{flag} is empty ({value!r}); give a path"
+                             + (", or leave --out out for runs/<benchmark>-<method>-<timestamp>" if name == "out" else ""))
+
+
+#: The keys ctmeta writes into config.json (besides those of presets.resolve_config).
+CONFIG_EXTRA_KEYS = {"on_nonfinite", "dtype", "task_family", "versions", "created", "argv", "devices", "processes",
+                      "resumes", "data_options", "reproduce"}
+
+
+def check_config_origin(config: dict, warn) -> None:
+    """Warn about a config.json written by another ctmeta version or holding keys this version does not know."""
+    from .. import __version__
+    from ..presets import resolve_config
+
+    saved = config.get("ctmeta_version")
+    if saved != __version__:
+        warn(f"warning: the run was written by ctmeta {saved or '(unknown version)'}, this is ctmeta {__version__}; "
+             "its configuration is read as this version understands it")
+    known = set(resolve_config()) | CONFIG_EXTRA_KEYS
+    unknown = sorted(k for k in config if k not in known)
+    if unknown:
+        warn(f"warning: config.json holds key{'s' if len(unknown) > 1 else ''} this version does not know, ignored: "
+             + ", ".join(unknown))
+
+
+def check_run_writable(run, what: str, check_writable) -> None:
+    """The run directory and the folders ctmeta writes in it accept new files."""
+    for folder in (run.path, run.checkpoint_dir, run.figure_dir):
+        if folder.exists() or folder == run.path:
+            check_writable(folder, what if folder == run.path else f"{what} ({folder.name}/)")

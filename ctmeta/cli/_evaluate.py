@@ -1,0 +1,54 @@
+"""`ctmeta evaluate RUN_DIR`: re-evaluate a run's checkpoint."""
+
+from __future__ import annotations
+
+from .._errors import InputError
+from ._checks import LIMITS, check_config_origin, check_paths, check_run_writable, existing_data_dir
+from ._messages import print_warning
+
+__all__ = ["cmd_evaluate", "parse_steps"]
+
+
+def parse_steps(text: str) -> list[int]:
+    parts = [x.strip() for x in str(text).split(",")]
+    try:
+        steps = [int(x) for x in parts]
+    except ValueError:
+        raise InputError(f"--steps {text!r}: expected non-negative integers separated by commas, e.g. 0,10,50") from None
+    if not steps or any(x < 0 for x in steps):
+        raise InputError(f"--steps {text!r}: expected non-negative integers separated by commas, e.g. 0,10,50")
+    if max(steps) > LIMITS["steps"]:
+        raise InputError(f"--steps {max(steps)} is too large (at most {LIMITS['steps']:g}); choose a smaller value")
+    return sorted(set(steps))
+
+
+def cmd_evaluate(args) -> int:
+    from .._errors import check_positive
+    from ..presets import build
+    from ..runs import Reporter, RunDir, check_writable, evaluate_run
+
+    check_paths(args)
+    steps = None if args.steps is None else parse_steps(args.steps)
+    if args.tasks is not None and args.tasks < 1:
+        raise InputError(f"--tasks must be a positive integer, got {args.tasks}")
+    if args.lr is not None:
+        check_positive("--lr", args.lr)
+    reporter = Reporter(quiet=args.quiet)
+    run = RunDir.open(args.run_dir)
+    config = run.read_config()
+    check_config_origin(config, print_warning)
+    if args.data_dir is not None:
+        config["data_dir"] = existing_data_dir(args.data_dir, config.get("benchmark"))
+    # Before any work: results are written into the run, which a training run must not be writing.
+    check_run_writable(run, f"run directory {run.path}", check_writable)
+    with run.locked():
+        exp = build(config, progress=not reporter.quiet, log=reporter.log)
+        like = exp.learner.init(exp.run_key)
+        if args.checkpoint is not None:
+            state, _, path = run.load_checkpoint(args.checkpoint, like, config=config)
+        else:
+            state, _, path = run.load_latest(like, warn=print_warning, config=config)
+        reporter.log(f"evaluating {run.path} at {path.name} (iteration {int(state.iteration)})")
+        evaluate_run(exp, run, state, reporter=reporter, steps=steps, tasks=args.tasks, lr=args.lr,
+                     log_y=args.log_y)
+    return 0
