@@ -1,0 +1,238 @@
+"""Evaluating a run: the table (results.md, results.json) and the figures."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+
+from .._errors import CheckpointError, InputError
+from .._io import atomic_write_bytes, atomic_write_text
+from .console import Reporter
+from .rundir import RunDir
+
+__all__ = ["eval_curve", "evaluate_run", "results_markdown", "results_text", "save_figure", "write_figures"]
+
+
+def eval_curve(table_steps, every: int | None = None) -> list[int]:
+    """The steps of the error-vs-steps curve for the table's `table_steps`:
+    every `every` steps from 0 to the largest (default: about 20 points),
+    plus the table's own."""
+    table_steps = sorted({int(x) for x in table_steps})
+    top = table_steps[-1]
+    if every is None:
+        every = max(1, top // 20)
+    return sorted(set(range(0, top + 1, max(1, int(every)))) | set(table_steps) | {0})
+
+
+def evaluate_run(exp, run: RunDir, state, *, reporter: Reporter | None = None, steps=None, tasks: int | None = None,
+                 lr: float | None = None, log_y: bool = False) -> dict:
+    """Evaluate the learned and a random initialisation on the meta-test
+    tasks; print the table, then write results.md, results.json and the
+    figures (process 0 of a multi-process run only; all of them evaluate).
+
+    `steps` (the table's adaptation steps), `tasks` (the first `tasks`
+    meta-test tasks) and `lr` (the GD learning rate) override the run's
+    configuration; `log_y` draws the error-vs-steps figure on a log scale."""
+    from ..sharding import is_main_process
+
+    reporter = reporter or Reporter()
+    cfg = exp.config
+    learner = exp.learner
+    ev = cfg["eval"]
+    if steps is None:
+        table_steps = [int(x) for x in ev["steps"]]
+        curve = [int(x) for x in ev["curve"]]
+    else:
+        table_steps = sorted({int(x) for x in steps})
+        old = [int(x) for x in ev.get("curve") or []]
+        every = old[1] - old[0] if len(old) > 1 else None
+        curve = eval_curve(table_steps, every)
+    lr = float(ev["lr"]) if lr is None else float(lr)
+    batch = exp.eval_batch()
+    import jax
+
+    available = jax.tree.leaves(batch)[0].shape[0]
+    if tasks is not None:
+        if tasks > available:
+            raise InputError(f"`tasks` {tasks} exceeds the {available} meta-test tasks of {cfg['benchmark']}; "
+                             f"the maximum is {available}")
+        batch = type(batch)(*(a[:tasks] for a in batch))
+    n_tasks = jax.tree.leaves(batch)[0].shape[0]
+    evaluations = {}
+    inits = {"learned": state, "random": learner.init(exp.run_key)}
+    for name, st in inits.items():
+        with reporter.progress(f"evaluating {name} init", n_tasks) as bar:
+            evaluations[name] = learner.evaluate(
+                st, batch, curve, lr=lr, chunk_size=exp.eval_chunk, progress=bar.update
+            )
+    T_learned = float(learner.horizon(state))
+    # Ratings: the other scales a reader of "nRMSE" may assume, at the table's steps.
+    other = {}
+    from ..presets import BENCHMARKS
+
+    preset = BENCHMARKS.get(cfg["benchmark"])
+    if preset is not None and preset.kind == "ratings" and hasattr(exp.family, "mean_rating"):
+        from ..tasks.metrics import RelativeSquaredError, rmse
+
+        rse = RelativeSquaredError(exp.family.mean_rating())
+        for metric_name, fn in (("rmse", rmse), ("relative_squared_error", rse)):
+            other[metric_name] = {}
+            for name, st in inits.items():
+                e = learner.evaluate(st, batch, table_steps, lr=lr, chunk_size=exp.eval_chunk, metric=fn)
+                other[metric_name][name] = {"steps": e.steps.tolist(), "mean": e.mean.tolist(),
+                                            "ci95": e.ci95.tolist(),
+                                            "per_task": {str(int(s)): e.per_task[:, i].tolist()
+                                                         for i, s in enumerate(e.steps)}}
+    results = {
+        "benchmark": cfg["benchmark"],
+        "method": cfg["method"],
+        "iteration": int(state.iteration),
+        "metric": exp.metric_name,
+        "lower_is_better": exp.lower_is_better,
+        "tasks": int(n_tasks),
+        "lr": lr,
+        "T": T_learned,
+        "table_steps": table_steps,
+        "curve_steps": curve,
+        **{
+            name: {"mean": e.mean.tolist(), "ci95": e.ci95.tolist(),
+                   # each task's error at the table's steps, for paired tests between methods
+                   "per_task": {str(st): e.per_task[:, curve.index(st)].tolist() for st in table_steps}}
+            for name, e in evaluations.items()
+        },
+    }
+    if other:
+        results["other_metrics"] = other  # {metric: {init: {steps, mean, ci95, per_task}}}
+    # The table first: whatever happens to the files, the numbers are on screen.
+    reporter.log("")
+    reporter.log(results_text(results))
+    if is_main_process():
+        atomic_write_text(run.path / "results.json", json.dumps(results, indent=2) + "\n")
+        atomic_write_text(run.results_path, results_markdown(results))
+        try:
+            write_figures(run, results, log_y=log_y)
+        except Exception as err:  # figures are a convenience; never lose a run over them
+            reporter.warn(f"could not draw the figures: {type(err).__name__}: {err}")
+    reporter.log(f"\nrun directory: {run.path}")
+    return results
+
+
+def _cell(results: dict, name: str, step: int) -> str:
+    i = results["curve_steps"].index(step)
+    mean, ci = results[name]["mean"][i], results[name]["ci95"][i]
+    if results["metric"] == "accuracy":
+        return f"{100 * mean:.2f} ± {100 * ci:.2f}%"
+    return f"{mean:.4f} ± {ci:.4f}"
+
+
+def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    steps = results["table_steps"]
+    header = ["initialisation"] + [f"{s} steps" for s in steps]
+    rows = [
+        [f"learned ({results['method']})"] + [_cell(results, "learned", s) for s in steps],
+        ["random"] + [_cell(results, "random", s) for s in steps],
+    ]
+    return header, rows
+
+
+def _caption(results: dict) -> str:
+    better = "lower" if results["lower_is_better"] else "higher"
+    return (
+        f"Meta-test {results['metric']} ({better} is better) on {results['tasks']} test tasks of "
+        f"{results['benchmark']} after {results['iteration']} meta-iterations of {results['method']} "
+        f"(T = {results['T']:.4g}); gradient descent with learning rate {results['lr']:g} on each "
+        "task's support set; mean ± 95% CI over tasks."
+    )
+
+
+def results_markdown(results: dict) -> str:
+    header, rows = _table_rows(results)
+    lines = [f"# {results['benchmark']} / {results['method']}", "", _caption(results), ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---"] * len(header)) + "|")
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def results_text(results: dict) -> str:
+    header, rows = _table_rows(results)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([_caption(results), "", fmt(header), sep] + [fmt(r) for r in rows])
+
+
+def _run_title(run: RunDir, results: dict | None) -> str:
+    """"<benchmark> / <method>, T = ..." from the results, else config.json."""
+    info = results
+    if info is None:
+        try:
+            info = run.read_config()
+        except CheckpointError:
+            return run.path.name
+    T = info.get("T")
+    horizon = f", T = {T:.4g}" if isinstance(T, (int, float)) else ""
+    return f"{info.get('benchmark', '?')} / {info.get('method', '?')}{horizon}"
+
+
+def write_figures(run: RunDir, results: dict | None, *, log_y: bool = False) -> None:
+    """figures/meta_loss.png (from metrics.csv) and, given `results`,
+    figures/error_vs_steps.png (mean and 95% CI band over the test tasks;
+    `log_y`: a logarithmic error axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    run.figure_dir.mkdir(exist_ok=True)
+    rows = run.read_metrics()
+    title = _run_title(run, results)
+    if rows:
+        it = np.array([r["iteration"] for r in rows])
+        loss = np.array([r["meta_loss"] for r in rows])
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(it, loss, lw=0.6, alpha=0.4, label="per iteration")
+        if len(loss) >= 10:
+            w = max(5, len(loss) // 50)
+            smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+            ax.plot(it[w - 1 :], smooth, lw=1.5, label=f"moving average ({w})")
+        if np.all(loss > 0):
+            ax.set_yscale("log")
+        ax.set_xlabel("meta-iteration")
+        ax.set_ylabel("meta-loss (query loss after adaptation)")
+        ax.set_title(f"meta-training: {title}")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        save_figure(fig, run.figure_dir / "meta_loss.png")
+        plt.close(fig)
+    if results is not None:
+        steps = np.array(results["curve_steps"])
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, label in (("learned", f"learned ({results['method']})"), ("random", "random init")):
+            mean = np.array(results[name]["mean"])
+            ci = np.nan_to_num(np.array(results[name]["ci95"]))  # one task: no interval
+            (line,) = ax.plot(steps, mean, marker="o", ms=3, label=label)
+            ax.fill_between(steps, mean - ci, mean + ci, color=line.get_color(), alpha=0.3, lw=0,
+                            label=f"{label}: 95% CI")
+            for edge in (mean - ci, mean + ci):  # the band's edges, visible even when it is thin
+                ax.plot(steps, edge, color=line.get_color(), lw=0.6, ls="--", alpha=0.8)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel(f"adaptation steps (GD, lr {results['lr']:g})")
+        ax.set_ylabel(f"meta-test {results['metric']}")
+        ax.set_title(f"{title}: {results['tasks']} test tasks, iteration {results['iteration']}")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3, which="both" if log_y else "major")
+        save_figure(fig, run.figure_dir / "error_vs_steps.png")
+        plt.close(fig)
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Write a matplotlib figure as a PNG (120 dpi, tight), atomically: an
+    interrupted write leaves the previous file, never a torn one."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(pathlib.Path(path), buf.getvalue())

@@ -1,0 +1,223 @@
+"""Meta-training a run: one metrics row per meta-iteration, checkpoints, and signals."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import threading
+import time
+
+from .._errors import InputError, NumericalError
+from .console import Reporter, format_duration
+from .rundir import CHECKPOINT_CONFIG_FIELDS, NONFINITE_POLICIES, RunDir
+
+__all__ = ["Interrupted", "train"]
+
+
+class Interrupted(KeyboardInterrupt):
+    """`train` stopped on SIGINT or SIGTERM after saving a checkpoint; `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)
+
+    @property
+    def signal_name(self) -> str:
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
+
+class _Signals:
+    """SIGINT/SIGTERM -> `Interrupted`, deferred while a `critical()` block runs."""
+
+    def __init__(self):
+        self.pending: int | None = None
+        self.depth = 0
+        self.previous: dict = {}
+
+    def _handler(self, signum, frame):
+        if self.depth:
+            self.pending = signum
+            return
+        raise Interrupted(signum)
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except (ValueError, OSError):  # pragma: no cover
+                pass
+
+    def restore(self) -> None:
+        for sig, old in self.previous.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, OSError, TypeError):  # pragma: no cover
+                pass
+        self.previous = {}
+
+    @contextlib.contextmanager
+    def critical(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending is not None:
+                signum, self.pending = self.pending, None
+                raise Interrupted(signum)
+
+
+def _checkpoint_config(cfg: dict) -> dict:
+    return {k: cfg.get(k) for k in CHECKPOINT_CONFIG_FIELDS}
+
+
+def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter: Reporter | None = None):
+    """Meta-train from `state` (default: a fresh one) up to the configured
+    number of meta-iterations, writing one metrics row per iteration and a
+    checkpoint every `checkpoint_every` iterations and at the end. Returns
+    the final state.
+
+    SIGINT and SIGTERM save a checkpoint of the last completed iteration and
+    raise [`Interrupted`][]; a `NumericalError` (a non-finite meta-gradient,
+    or a solve out of steps, under `on_nonfinite="error"`) saves the last
+    good state the same way before propagating. `config["on_nonfinite"]`
+    (`"error"`, default, or `"skip-task"`) sets the learner's policy.
+
+    In a multi-process run (`ctmeta.sharding`) every process calls `train`
+    and computes; process 0 alone writes metrics rows and checkpoints."""
+    from ..sharding import is_main_process
+
+    writes = is_main_process()
+
+    reporter = reporter or Reporter()
+    cfg = exp.config
+    learner, family = exp.learner, exp.family
+    total = int(cfg["meta_iterations"])
+    every = int(cfg["checkpoint_every"])
+    meta_batch = int(cfg["meta_batch"])
+    policy = cfg.get("on_nonfinite") or "error"
+    if policy not in NONFINITE_POLICIES:
+        raise InputError(f"`on_nonfinite` must be one of {', '.join(NONFINITE_POLICIES)}, got {policy!r}")
+    if learner.on_nonfinite != NONFINITE_POLICIES[policy]:
+        if learner.num_traces:
+            raise InputError("train: the learner was already compiled with another on_nonfinite policy")
+        learner.on_nonfinite = NONFINITE_POLICIES[policy]
+    if state is None:
+        state = learner.init(exp.run_key)
+    start = int(state.iteration)
+    log_every = max(1, total // 10)
+    t0 = time.perf_counter()
+    last_saved = start
+    skipped_total = 0
+    skipped_iterations = 0
+    causes_seen: set[str] = set()
+
+    def metadata(elapsed):
+        return {
+            "seconds": elapsed,
+            "benchmark": cfg["benchmark"],
+            "method": cfg["method"],
+            "config": _checkpoint_config(cfg),
+            # The sampler has no state of its own: iteration i's meta-batch is
+            # family.sample(fold_in(state.key, i), meta_batch, "train").
+            "sampler": {"rule": "fold_in(key, iteration)", "meta_batch": meta_batch, "split": "train"},
+            "on_nonfinite": policy,
+        }
+
+    if start >= total:
+        reporter.log(f"already at meta-iteration {start} of {total}; nothing to train")
+        return state
+    reporter.log(
+        f"meta-training {cfg['benchmark']} with {cfg['method']}: iterations {start + 1}..{total}, "
+        f"meta-batch {meta_batch}, T {cfg['T']:g}{' (learned)' if cfg.get('learn_T') else ''}, "
+        f"steps {cfg['steps'] if cfg['steps'] is not None else 'adaptive (dopri5)'}"
+        + (", skipping non-finite tasks" if policy == "skip-task" else "")
+    )
+    signals = _Signals()
+    signals.install()
+    f = open(run.metrics_path if writes else os.devnull, "a", newline="")
+    try:
+        if writes and start == 0 and not run.checkpoints():
+            with signals.critical():  # so that `--resume` works however early the run stops
+                run.save_checkpoint(state, metadata(seconds_offset))
+        with reporter.progress("meta-training", total, start) as bar:
+            for it in range(start, total):
+                key = learner.iteration_key(state, it)
+                batch = family.sample(key, meta_batch, "train")
+                new_state, m = learner.meta_step(state, batch)
+                done = it + 1
+                elapsed = seconds_offset + (time.perf_counter() - t0)
+                skipped = int(m["skipped"])
+                row = (done, float(m["meta_loss"]), float(m["grad_norm"]), float(m["T"]), elapsed)
+                line = ",".join([str(done)] + [repr(x) for x in row[1:4]] + [f"{elapsed:.3f}", str(skipped)])
+                with signals.critical():  # the state, its metrics row and its checkpoint go together
+                    state = new_state
+                    f.write(line + "\n")
+                    f.flush()
+                    if writes and (done % every == 0 or done == total):
+                        run.save_checkpoint(state, metadata(elapsed))
+                        last_saved = done
+                skipped_total += skipped
+                if skipped:
+                    skipped_iterations += 1
+                    why = learner.solve_failures(m["task_status"])  # "" unless an inner solve failed
+                    cause = re.sub(r"tasks? [\d, ]+ of the meta-batch", "", why)
+                    if cause not in causes_seen:  # once per cause: the count goes on in the log lines
+                        causes_seen.add(cause)
+                        reporter.warn(f"meta-iteration {done}: skipped {skipped} of {meta_batch} tasks "
+                                      "with a non-finite loss or meta-gradient" + (f" ({why})" if why else "")
+                                      + "; later skips are counted in the log lines and in metrics.csv "
+                                      "(column skipped)")
+                bar.update(done)
+                if done == start + 1:
+                    t_first = time.perf_counter()  # the rate leaves out the compilation
+                if done == start + 1 + _PROJECTION_AFTER and total - done >= _PROJECTION_AFTER:
+                    per_it = (time.perf_counter() - t_first) / _PROJECTION_AFTER
+                    reporter.log(f"measured {per_it:.3g} s a meta-iteration over iterations {start + 2}..{done} "
+                                 f"(compilation excluded): projected {format_duration(per_it * (total - done))} for the "
+                                 f"remaining {total - done} of {total} meta-iterations, evaluation not included")
+                if done == start + 1:
+                    reporter.log(
+                        f"[iter {done:>{len(str(total))}}/{total}] meta-loss {_fmt(row[1])}  "
+                        f"grad-norm {_fmt(row[2])}  T {row[3]:.4g}  "
+                        f"(compiled and ran in {time.perf_counter() - t0:.1f} s)"
+                    )
+                elif done % log_every == 0 or done == total:
+                    rate = (done - start - 1) / max(time.perf_counter() - t_first, 1e-9)
+                    eta = (total - done) / rate if rate > 0 else float("nan")
+                    reporter.log(
+                        f"[iter {done:>{len(str(total))}}/{total}] meta-loss {_fmt(row[1])}  "
+                        f"grad-norm {_fmt(row[2])}  T {row[3]:.4g}  {rate:.2f} it/s  "
+                        f"ETA {format_duration(eta)}"
+                        + (f"  skipped tasks {skipped_total}" if skipped_total else "")
+                    )
+    except (KeyboardInterrupt, NumericalError):
+        # Keep the last completed iteration: a resumed run continues from it.
+        f.flush()
+        if writes and int(state.iteration) > last_saved:
+            with signals.critical():
+                run.save_checkpoint(state, metadata(seconds_offset + (time.perf_counter() - t0)))
+        raise
+    finally:
+        f.close()
+        signals.restore()
+    if skipped_total:
+        reporter.warn(f"skipped {skipped_total} tasks in {skipped_iterations} of the {total - start} meta-iterations "
+                      "run (--on-nonfinite skip-task; per iteration in metrics.csv, column skipped)")
+    return state
+
+
+# Iterations after the first (compiling) one over which a run's time per
+# meta-iteration is measured for its projected wall time.
+_PROJECTION_AFTER = 10
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4e}" if (x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e4)) else f"{x:.4f}"
