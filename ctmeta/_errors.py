@@ -1,11 +1,14 @@
 """The library's error types.
 
 Every problem a user can cause (bad arguments, bad data, a run that cannot be
-resumed) raises a subclass of [`CtmetaError`][], with a message that says
-what was wrong and what to do. The CLI turns these into one line on stderr and
-exit code 2; anything else is a bug and exits 1.
+resumed) raises a subclass of [`CtmetaError`][ctmeta.CtmetaError], with a message that says
+what was wrong and what to do. The commands turn these into one line on
+stderr and the exit status of [`exit_code`][ctmeta._errors.exit_code]: 2 for
+what the user can fix, 1 for a failure at run time; anything else is a bug and
+exits 1.
 """
 
+import errno
 import math
 import operator
 
@@ -65,3 +68,33 @@ def check_positive(name: str, value) -> float:
     if not (math.isfinite(x) and x > 0):
         raise InputError(f"{name} must be a positive, finite number, got {value!r}")
     return x
+
+
+ENVIRONMENT_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                      errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
+                      errno.EDQUOT: "disk quota exceeded"}
+"""`OSError` numbers that are the user's environment (permissions, a read-only
+or full disk), not a bug, with the words the commands print for them."""
+
+
+def exit_code(err: BaseException) -> int:
+    """The exit status of a command that stopped on `err`, the same for every command.
+
+    - 2: what the user can fix: a [`CtmetaError`][ctmeta.CtmetaError] (a bad
+      argument, missing data, an unusable run directory), or an `OSError` of
+      the environment ([`ENVIRONMENT_ERRNOS`][ctmeta._errors.ENVIRONMENT_ERRNOS]);
+    - 1: a failure at run time that the input did not cause (a
+      [`NumericalError`][ctmeta.NumericalError], a failed download), or a bug;
+    - $128 + s$ for an interruption by signal $s$ (130 for Ctrl-C).
+    """
+    from .tasks.download import DownloadError  # the tasks import this module
+
+    if isinstance(err, KeyboardInterrupt):
+        return 128 + getattr(err, "signum", 2)
+    if isinstance(err, (NumericalError, DownloadError)):
+        return 1
+    if isinstance(err, CtmetaError):
+        return 2
+    if isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS:
+        return 2
+    return 1

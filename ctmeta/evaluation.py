@@ -71,7 +71,7 @@ def gd_scores(model, tasks, segments: tuple[int, ...], lr, metric: Callable, *, 
 
     **Arguments:**
 
-    - `model`: the initialisation (an [`EmbeddingHead`][] for `adapt="head"`).
+    - `model`: the initialisation (an [`EmbeddingHead`][ctmeta.models.EmbeddingHead] for `adapt="head"`).
     - `tasks`: `(support_x, support_y, query_x, query_y[, query_mask])`, each
       with a leading task axis.
     - `segments`: the numbers of steps between two recorded scores.

@@ -24,7 +24,7 @@ Two ways to adapt (the `adapt` argument):
 - `"all"`: the whole model adapts (A-MAML, MAML, FOMAML, Reptile, iMAML).
   The model is applied to a set of inputs with `apply(model, x)`, by default
   `ctmeta.models.apply_to_set` (which vmaps a per-example module).
-- `"head"`: the model is an [`EmbeddingHead`][] and only its linear head
+- `"head"`: the model is an [`EmbeddingHead`][ctmeta.models.EmbeddingHead] and only its linear head
   $W$ `(ways, d)` adapts, on the embedded support set (ANIL with `Unrolled`,
   COMLN with [`LinearFlow`][]); the embedding network is meta-learned
   through the features.
@@ -66,40 +66,15 @@ from .checkpoint import load_state, save_state
 from .evaluation import Evaluation, gd_scores
 from .losses import METRICS, apply_loss, mse, resolve_metric
 from .methods import reptile_direction
-from .models import EmbeddingHead, apply_to_set
+from .models import apply_to_set
 from .ode import SolveStatus
 from .sharding import TASK_AXIS, check_mesh, constrain_replicated, map_over_tasks, place_replicated, place_tasks
 from .state import MetaParams, MetaState, params_of
 
-# Compatibility: these lived here before `ctmeta.losses`, `ctmeta.state`,
-# `ctmeta.checkpoint`, `ctmeta.models` and `ctmeta.methods` held them.
-from ._io import atomic_write_bytes, fsync_dir  # noqa: F401
-from .checkpoint import read_sidecar, sidecar_path  # noqa: F401
-from .losses import METRIC_OF_LOSS, accuracy, cross_entropy, nrmse_metric, summarize  # noqa: F401
-from .methods import LinearFlow  # noqa: F401
-from .models import InputScale  # noqa: F401
 
 PyTree = Any
 
-__all__ = [
-    "EmbeddingHead",
-    "Evaluation",
-    "InputScale",
-    "LinearFlow",
-    "METRICS",
-    "MetaLearner",
-    "MetaParams",
-    "MetaState",
-    "accuracy",
-    "cross_entropy",
-    "load_state",
-    "mse",
-    "nrmse_metric",
-    "SCALAR_METRICS",
-    "TASK_METRICS",
-    "save_state",
-    "summarize",
-]
+__all__ = ["MetaLearner", "SCALAR_METRICS", "TASK_METRICS"]
 
 #: The scalar entries of `MetaLearner.meta_step`'s metrics (shape `()`) ...
 SCALAR_METRICS = ("meta_loss", "grad_norm", "T", "finite", "skipped")
@@ -154,7 +129,7 @@ class MetaLearner:
       which needs a callable model: for a dict or another pytree of arrays,
       pass your own `apply(params, x_set)`).
     - `adapt`: `"all"` (the whole model adapts) or `"head"` (the model is an
-      [`EmbeddingHead`][]; only its head adapts).
+      [`EmbeddingHead`][ctmeta.models.EmbeddingHead]; only its head adapts).
     - `on_nonfinite`: `"raise"` (default): a non-finite meta-gradient leaves
       the state unchanged and raises `NumericalError` naming the iteration.
       `"skip-task"`: tasks whose loss or meta-gradient is not finite are left

@@ -21,7 +21,7 @@ $dJ/dT = -\langle \nabla J(u(T)), \nabla L(u(T)) \rangle$ ([`Adjoint`][]); for
 [`Unrolled`][] it is the exact derivative of the discrete map in $h = T/K$.
 
 **Capabilities.** What a rule can do is said by class attributes (in the
-style of [`AbstractVectorField`][]'s `symmetric_jacobian`), which a
+style of [`AbstractVectorField`][ctmeta.ode.AbstractVectorField]'s `symmetric_jacobian`), which a
 [`MetaLearner`][] reads to check its configuration:
 
 | rule | `differentiates` | `outer_direction` | `head_only` | `adapts_head` |
@@ -460,7 +460,7 @@ class LinearFlow(AbstractMethod):
     $\phi$ ([`linear_flow`][]); the meta-gradients in the head's
     initialisation $W_0$, the embedding (through $\phi$) and $T$ are exact,
     by forward sensitivity, in memory independent of $T$. Use it in a
-    [`MetaLearner`][] with an [`EmbeddingHead`][], `adapt="head"` and the
+    [`MetaLearner`][] with an [`EmbeddingHead`][ctmeta.models.EmbeddingHead], `adapt="head"` and the
     cross-entropy loss (the flow's inner loss is cross-entropy by
     construction): the rule is `head_only`, and its `adapt` refuses a
     general loss.

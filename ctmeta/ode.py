@@ -367,7 +367,7 @@ class AbstractSensitivity(eqx.Module):
 
     **Adding a rule.** Subclass it and implement [`AbstractSensitivity.solve`][]:
     integrate the forward solve (for instance with diffrax, through the
-    solver [`SolveOptions.solver`][] names) and return $y(t_1)$ whose
+    solver [`SolveOptions`][ctmeta.ode.SolveOptions]`.solver` names) and return $y(t_1)$ whose
     derivatives follow the rule, typically through `eqx.filter_custom_vjp`.
     [`solve`][] does the rest: it checks its arguments, closure-converts the
     vector field (so its closed-over arrays are differentiated like `args`)
@@ -424,7 +424,6 @@ class SolveOptions(eqx.Module):
     throw: bool = eqx.field(static=True, default=True)
 
 
-_Options = SolveOptions  # the former private name, still used by ctmeta.bench
 
 
 class RK4(diffrax.AbstractERK):

@@ -34,11 +34,11 @@ without global pooling: 16,000 features on 84x84 inputs, COMLN's setting).
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 from typing import Any
 
 from ._errors import DataError, InputError, check_positive
+from ._paths import dataset_dir
 
 __all__ = ["BACKBONES", "BENCHMARKS", "LR_SCHEDULES", "METHODS", "OPTIMIZERS", "BenchmarkPreset", "Experiment", "build",
            "build_learner", "build_optimizer", "learning_rate_schedule", "optimizer_config", "resolve_config"]
@@ -162,10 +162,8 @@ def _positive_int(name: str, value) -> int:
 
 
 def default_data_dir(preset: BenchmarkPreset) -> pathlib.Path:
-    """`$CTMETA_DATA/<subdir>` if set, else `./data/<subdir>`."""
-    root = os.environ.get("CTMETA_DATA")
-    base = pathlib.Path(root).expanduser() if root else pathlib.Path("data")
-    return base / (preset.data_subdir or preset.name)
+    """`$CTMETA_DATA/<subdir>` if set, else `./data/<subdir>` (see `ctmeta._paths`)."""
+    return dataset_dir(preset.data_subdir or preset.name)
 
 
 def resolve_config(
@@ -286,7 +284,7 @@ def resolve_config(
     # Data.
     resolved_data = None
     if p.data_subdir is not None:
-        path = pathlib.Path(data_dir).expanduser() if data_dir else default_data_dir(p)
+        path = dataset_dir(p.data_subdir, data_dir) if data_dir else default_data_dir(p)
         if not path.exists():
             hint = "" if data_dir else " (the default; pass `data_dir` DIR or set $CTMETA_DATA)"
             raise DataError(f"{benchmark} data directory {path} does not exist{hint}")

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import optax
 
 from ctmeta import Adjoint
-from ctmeta.meta import MetaLearner, mse
+from ctmeta.meta import MetaLearner
+from ctmeta.losses import mse
 from ctmeta.tasks.base import Batch
 
 

@@ -269,7 +269,8 @@ def test_meta_learner_names_a_dense_overflow_and_what_to_raise():
     import optax
 
     from ctmeta import NumericalError
-    from ctmeta.meta import MetaLearner, mse
+    from ctmeta.meta import MetaLearner
+    from ctmeta.losses import mse
     from ctmeta.models import MLP
     from ctmeta.tasks import CosMixture
 

@@ -17,7 +17,8 @@ import scipy.linalg
 
 from ctmeta import ode
 from ctmeta._errors import NumericalError
-from ctmeta.meta import MetaLearner, mse
+from ctmeta.meta import MetaLearner
+from ctmeta.losses import mse
 from ctmeta.methods import Adjoint, GradientField
 from ctmeta.models import MLP
 from ctmeta.ode import SolveStatus

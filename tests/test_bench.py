@@ -7,6 +7,7 @@ import pytest
 
 from ctmeta import bench
 from ctmeta._errors import InputError
+from ctmeta.losses import cross_entropy
 
 REQUIRED = {"method", "benchmark", "steps", "peak_bytes", "seconds", "forward_seconds",
             "device", "dtype", "meta_batch", "repeats", "temp_bytes", "checkpoints", "status"}
@@ -87,12 +88,28 @@ def test_checkpoints_for():
         assert k % bench.checkpoints_for(k) == 0
 
 
+def test_rules_are_the_presets_rules():
+    """Each method name measures the rule `ctmeta train` builds for it (`presets.build_method`)."""
+    from ctmeta.methods import Adjoint, FirstOrder, Implicit, Reptile, Unrolled
+
+    assert bench.problems.rule("maml", 20) == Unrolled(20) == bench.problems.rule("anil", 20)
+    assert bench.problems.rule("fomaml", 20) == FirstOrder(20)
+    assert bench.problems.rule("reptile", 20) == Reptile(20)
+    assert bench.problems.rule("imaml", 20) == Implicit(20, lam=1.0, cg_steps=5)
+    assert bench.problems.rule("amaml", 20) == Adjoint(20)
+    assert bench.problems.rule("amaml-ckpt", 100) == Adjoint(100, checkpoints=10)
+    assert bench.problems.rule("amaml-adaptive", 20, 64) == Adjoint(dense_steps=64)
+    assert bench.problems.rule("amaml-adaptive", 20) == Adjoint()
+    with pytest.raises(InputError):
+        bench.problems.rule("comln", 20)
+
+
 def test_bad_arguments():
     with pytest.raises(InputError):
-        bench._parse_cases(["nosuchbench"])
+        bench.sweep._parse_cases(["nosuchbench"])
     with pytest.raises(InputError):
-        bench._parse_cases(["cosmixture/comln"])
-    assert bench._parse_cases(["omniglot/comln+anil", "cosmixture/maml"]) == [
+        bench.sweep._parse_cases(["cosmixture/comln"])
+    assert bench.sweep._parse_cases(["omniglot/comln+anil", "cosmixture/maml"]) == [
         ("omniglot", "comln"), ("omniglot", "anil"), ("cosmixture", "maml")]
     assert bench.main(["--cases", "nosuchbench", "--out", "unused"]) == 2
 
@@ -108,7 +125,7 @@ def test_conv4_problem_whole_network_and_head_paths_compute_the_same_network(tmp
     task = jax.tree.map(lambda a: a[0], p.batch)
     emb, W = p.params
     whole = float(p.whole_loss(p.params, (task[0], task[1])))
-    via_features = float(bench._cross_entropy(p.head["features"](emb, task[0]) @ W.T, task[1]))
+    via_features = float(cross_entropy(p.head["features"](emb, task[0]) @ W.T, task[1]))
     np.testing.assert_allclose(whole, via_features, rtol=1e-5)
     grads = jax.grad(p.whole_loss)(p.params, (task[0], task[1]))
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))

@@ -181,8 +181,13 @@ def test_the_official_addresses_name_the_files_the_loaders_look_for():
 
 def test_cli_download_and_exit_codes(server, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(dl.SOURCES, "movielens", (dl.Source(f"{server.url}/ml-100k.zip", "ml-100k.zip"),))
+    # --data-dir is the data root (as for train, reproduce and bench): the files go to <root>/movielens ...
     assert main(["download", "movielens", "--data-dir", str(tmp_path / "ml"), "--quiet"]) == 0
-    assert (tmp_path / "ml" / "ml-100k.zip").is_file()
+    assert (tmp_path / "ml" / "movielens" / "ml-100k.zip").is_file()
+    assert not (tmp_path / "ml" / "ml-100k.zip").exists()
+    # ... and a folder named for the data set is that data set's folder.
+    assert main(["download", "movielens", "--data-dir", str(tmp_path / "own" / "movielens"), "--quiet"]) == 0
+    assert (tmp_path / "own" / "movielens" / "ml-100k.zip").is_file()
     # A failed download: runtime failure, status 1, one line naming the address.
     monkeypatch.setitem(dl.SOURCES, "movielens", (dl.Source(f"{server.url}/missing.zip", "ml-100k.zip"),))
     capsys.readouterr()

@@ -12,16 +12,11 @@ import optax
 import pytest
 
 from ctmeta import Adjoint, CheckpointError, FirstOrder, Implicit, InputError, NumericalError, Reptile, Unrolled
-from ctmeta.meta import (
-    EmbeddingHead,
-    LinearFlow,
-    MetaLearner,
-    cross_entropy,
-    load_state,
-    mse,
-    save_state,
-    summarize,
-)
+from ctmeta.models import EmbeddingHead
+from ctmeta.methods import LinearFlow
+from ctmeta.meta import MetaLearner
+from ctmeta.losses import cross_entropy, mse, summarize
+from ctmeta.checkpoint import load_state, save_state
 from ctmeta.models import MLP
 from ctmeta.tasks.base import Batch
 

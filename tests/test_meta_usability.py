@@ -16,15 +16,9 @@ import optax
 import pytest
 
 from ctmeta import CheckpointError, FirstOrder, InputError
-from ctmeta.meta import (
-    SCALAR_METRICS,
-    TASK_METRICS,
-    MetaLearner,
-    accuracy,
-    atomic_write_bytes,
-    cross_entropy,
-    mse,
-)
+from ctmeta.meta import MetaLearner, SCALAR_METRICS, TASK_METRICS
+from ctmeta.losses import accuracy, cross_entropy, mse
+from ctmeta._io import atomic_write_bytes
 from ctmeta.models import MLP
 from ctmeta.tasks.base import Batch
 

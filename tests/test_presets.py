@@ -11,7 +11,7 @@ import pytest
 
 from ctmeta import presets
 from ctmeta._errors import InputError
-from ctmeta.meta import EmbeddingHead
+from ctmeta.models import EmbeddingHead
 from ctmeta.tasks.base import Batch
 
 

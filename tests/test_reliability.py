@@ -28,7 +28,11 @@ import pytest
 from ctmeta import presets
 from ctmeta._errors import CheckpointError, NumericalError
 from ctmeta.cli import main
-from ctmeta.meta import EmbeddingHead, LinearFlow, MetaLearner, cross_entropy, load_state, mse
+from ctmeta.models import EmbeddingHead
+from ctmeta.methods import LinearFlow
+from ctmeta.meta import MetaLearner
+from ctmeta.losses import cross_entropy, mse
+from ctmeta.checkpoint import load_state
 from ctmeta.methods import Adjoint
 from ctmeta.models import MLP
 from ctmeta.ode import SolveStatus

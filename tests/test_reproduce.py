@@ -79,7 +79,7 @@ def _record_runs(monkeypatch) -> list[dict]:
         calls.append(dict(label=label, benchmark=benchmark, method=method, **kwargs))
         return reproduce.RunResult(label, "skipped", "recorded, not run")
 
-    monkeypatch.setattr(reproduce, "run_method", record)
+    monkeypatch.setattr(reproduce.runner, "run_method", record)  # where the experiments look it up
     return calls
 
 
@@ -107,13 +107,19 @@ def test_comln_table2_quick_scale_is_conv4_with_adam(monkeypatch, tmp_path):
 
 
 def test_reproduce_imports_no_private_names_from_other_modules():
-    """reproduce.py uses the public API of ctmeta (presets, runs) only."""
+    """The reproduce package uses the public API of ctmeta (presets, runs) only:
+    no private name from outside the package (its own modules may share theirs)."""
     import ast
     import inspect
+    import pkgutil
 
-    tree = ast.parse(inspect.getsource(reproduce))
-    private = [f"{node.module}.{a.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-               for a in node.names if a.name.startswith("_")]
+    private = []
+    for info in pkgutil.iter_modules(reproduce.__path__):
+        module = __import__(f"{reproduce.__name__}.{info.name}", fromlist=["_"])
+        tree = ast.parse(inspect.getsource(module))
+        private += [f"{info.name}: {node.module}.{a.name}" for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.level != 1
+                    for a in node.names if a.name.startswith("_")]
     assert private == []
     from ctmeta.runs import dtype_name, package_versions, save_figure
 
@@ -219,7 +225,7 @@ def test_cpu_scale_of_the_image_experiments_is_omniglot_with_the_cpu_budgets(mon
     assert {c["benchmark"] for c in calls} == {"omniglot"}
     iters = {c["method"]: c["meta_iterations"] for c in calls}
     # No COMLN row at cpu scale: its 20-way augmented system is too costly here (see the deviation).
-    assert iters == {m: reproduce._CPU_ITERATIONS[m] for m in ("amaml", "maml")}
+    assert iters == {m: reproduce.images._CPU_ITERATIONS[m] for m in ("amaml", "maml")}
     assert "cpu: no COMLN row" in (tmp_path / "amaml-table3" / "results.md").read_text()
     assert {c["eval_tasks"] for c in calls} == {200}  # one test batch for every method: paired tests
     calls.clear()
@@ -283,7 +289,7 @@ def test_paired_table_compares_each_run_at_its_own_step_and_direction():
     assert "tasks where A-MAML (T=0.5) is higher" in md
     # With 4 tasks the Wilcoxon test cannot reach p < 0.05: no verdict either way.
     assert row.rstrip(" |").endswith("no significant difference")
-    assert reproduce._same_test_tasks([ref, maml]) and not reproduce._same_test_tasks([ref, _fake_run("x", {}, 5)])
+    assert reproduce.images._same_test_tasks([ref, maml]) and not reproduce.images._same_test_tasks([ref, _fake_run("x", {}, 5)])
 
 
 def test_table5_compares_stored_sweeps_and_the_adaptive_backward_with_the_reference():

@@ -28,7 +28,9 @@ import pytest
 import ctmeta.presets as presets
 from ctmeta import FirstOrder, InputError, Unrolled
 from ctmeta.cli import main
-from ctmeta.meta import MetaLearner, load_state, mse
+from ctmeta.meta import MetaLearner
+from ctmeta.checkpoint import load_state
+from ctmeta.losses import mse
 from ctmeta.models import MLP
 from ctmeta.sharding import check_cluster, place_tasks, task_mesh, tasks_per_device
 
@@ -53,7 +55,8 @@ FOUR_DEVICES = textwrap.dedent(
     jax.config.update("jax_enable_x64", True)
     from ctmeta import Adjoint, InputError, Unrolled
     from ctmeta.cli import main
-    from ctmeta.meta import MetaLearner, mse
+    from ctmeta.meta import MetaLearner
+    from ctmeta.losses import mse
     from ctmeta.models import MLP
     from ctmeta.sharding import place_tasks, task_mesh
     from test_meta import sine_batch

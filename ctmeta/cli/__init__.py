@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import signal
 import sys
-import traceback
 
-from .._errors import CtmetaError, NumericalError
+from .._errors import NumericalError
 from ..tasks.download import DownloadError
 from ._delegated import run_bench, run_reproduce
 from ._evaluate import cmd_evaluate
-from ._messages import ENVIRONMENT_ERRNOS, internal_error, numerical_message, user_message
+from ._messages import ENVIRONMENT_ERRNOS, numerical_message, report
 from ._parser import build_parser
 from ._train import cmd_download, cmd_train
 
@@ -43,33 +42,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "download":
             return cmd_download(args)
         parser.error(f"unknown command {args.command!r}")
-    except NumericalError as err:  # a runtime failure, not a usage error: status 1
-        if debug:
-            traceback.print_exc()
-        print(f"ctmeta: error: {numerical_message(err, args)}", file=sys.stderr)
-        return 1
-    except DownloadError as err:  # the network or the server, not the user's input: status 1
-        if debug:
-            traceback.print_exc()
-        print(f"ctmeta: error: {user_message(err)}; download the file by hand into the data directory, "
-              "or run again later", file=sys.stderr)
-        return 1
-    except CtmetaError as err:
-        if debug:
-            traceback.print_exc()
-        print(f"ctmeta: error: {user_message(err)}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        if ENVIRONMENT_ERRNOS.get(err.errno) is None:
-            return internal_error(err, debug)
-        # The user's environment (permissions, a read-only or full disk), not a bug: status 2.
-        if debug:
-            traceback.print_exc()
-        where = f" {err.filename}" if err.filename else ""
-        print(f"ctmeta: error: cannot write{where}: {ENVIRONMENT_ERRNOS[err.errno]}; "
-              "choose a location you can write to, or free space", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:
+    except (Exception, KeyboardInterrupt) as err:
+        return report(err, debug, **_words_for(err, args))
+    return 0
+
+
+def _words_for(err: BaseException, args) -> dict:
+    """What `train`, `evaluate` and `download` say of `err` beyond the error
+    itself: the advice that fits the command line (see [`report`][ctmeta.cli._messages.report])."""
+    if isinstance(err, NumericalError):  # a runtime failure, not a usage error: status 1
+        return {"message": numerical_message(err, args)}
+    if isinstance(err, DownloadError):  # the network or the server, not the user's input: status 1
+        return {"advice": "; download the file by hand into the data directory, or run again later"}
+    if isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS:  # permissions, a full disk: status 2
+        return {"advice": "; choose a location you can write to, or free space"}
+    if isinstance(err, KeyboardInterrupt):
         signum = getattr(err, "signum", 2)
         try:
             name = signal.Signals(signum).name
@@ -77,11 +64,6 @@ def main(argv: list[str] | None = None) -> int:
             name = f"signal {signum}"
         where = getattr(args, "run_path", None)
         if where is not None and args.command == "train":
-            print(f"ctmeta: interrupted by {name}; checkpoint saved: continue with: ctmeta train --resume {where}",
-                  file=sys.stderr)
-        else:
-            print(f"ctmeta: interrupted by {name}", file=sys.stderr)
-        return 128 + signum
-    except Exception as err:  # a bug
-        return internal_error(err, debug)
-    return 0
+            return {"message": f"interrupted by {name}; checkpoint saved: continue with: ctmeta train --resume {where}"}
+        return {"message": f"interrupted by {name}"}
+    return {}

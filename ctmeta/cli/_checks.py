@@ -34,9 +34,13 @@ def existing_data_dir(data_dir: str, benchmark: str | None = None) -> str:
     preset = BENCHMARKS.get(benchmark) if benchmark else None
     if preset is not None and preset.data_subdir is None:
         raise InputError(f"--data-dir is not used by {benchmark} (its tasks are synthetic)")
+    from .._paths import dataset_dir
+
     path = pathlib.Path(data_dir).expanduser()
     if not path.exists():
         raise DataError(f"--data-dir {path} does not exist")
+    if preset is not None:
+        path = dataset_dir(preset.data_subdir, data_dir)
     return str(path.resolve())
 
 

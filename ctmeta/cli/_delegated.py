@@ -6,10 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 
-from .._errors import CtmetaError, InputError
-from ._messages import ENVIRONMENT_ERRNOS, internal_error, user_message
+from .._errors import InputError, exit_code
+from ._messages import report
 from ._parser import Parser
 
 __all__ = ["run_bench", "run_reproduce"]
@@ -95,7 +94,7 @@ def run_bench(argv: list[str]) -> int:
         from .. import bench
     except ImportError as err:
         print(f"ctmeta: error: ctmeta bench is not available ({err})", file=sys.stderr)
-        return 2
+        return exit_code(err)
     debug = "--debug" in argv
     try:
         parser = _bench_parser(bench)
@@ -117,16 +116,9 @@ def run_bench(argv: list[str]) -> int:
         return int(bench.main(argv) or 0)
     except SystemExit as exit_:  # argparse inside bench
         return exit_.code if isinstance(exit_.code, int) else 2
-    except CtmetaError as err:
-        if debug:
-            traceback.print_exc()
-        print(f"ctmeta: error: {user_message(err)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("ctmeta: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:
-        return internal_error(err, debug)
+    except (Exception, KeyboardInterrupt) as err:
+        sys.stderr = old_stderr
+        return report(err, debug)
     finally:
         sys.stderr = old_stderr
         if restore_columns:
@@ -160,20 +152,8 @@ def run_reproduce(argv: list[str]) -> int:
             check_writable(args.out, f"--out {args.out}")
         sys.stderr = _RestyledStderr(old_stderr, "reproduce")
         return int(reproduce.main(argv) or 0)
-    except CtmetaError as err:
-        if debug:
-            traceback.print_exc()
-        print(f"ctmeta: error: {user_message(err)}", file=old_stderr)
-        return 2
-    except OSError as err:
+    except (Exception, KeyboardInterrupt) as err:
         sys.stderr = old_stderr
-        if ENVIRONMENT_ERRNOS.get(err.errno) is None:
-            return internal_error(err, debug)
-        where = f" {err.filename}" if err.filename else ""
-        print(f"ctmeta: error: cannot write{where}: {ENVIRONMENT_ERRNOS[err.errno]}", file=old_stderr)
-        return 2
-    except Exception as err:
-        sys.stderr = old_stderr
-        return internal_error(err, debug)
+        return report(err, debug)
     finally:
         sys.stderr = old_stderr

@@ -11,11 +11,11 @@ import re
 import sys
 import traceback
 
-from .._errors import NumericalError
+from .._errors import ENVIRONMENT_ERRNOS, CtmetaError, NumericalError, exit_code
 from ..runs import one_line
 
 __all__ = ["ENVIRONMENT_ERRNOS", "FLAG_OF", "as_flags", "internal_error", "numerical_message", "print_warning",
-           "user_message"]
+           "report", "user_message"]
 
 #: The library's parameters -> the flags that set them.
 FLAG_OF = {name: "--" + name.replace("_", "-") for name in (
@@ -49,15 +49,33 @@ def internal_error(err: BaseException, debug: bool) -> int:
     return 1
 
 
-def _errno_names() -> dict[int, str]:
-    import errno
-
-    return {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-            errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
-            errno.EDQUOT: "disk quota exceeded"}
 
 
-ENVIRONMENT_ERRNOS = _errno_names()
+def report(err: BaseException, debug: bool, *, message: str | None = None, advice: str = "") -> int:
+    """Tell the user why a command stopped, on one line of stderr, and return
+    its exit status ([`exit_code`][ctmeta._errors.exit_code]).
+
+    What the user can act on (a ctmeta error, an `OSError` of the environment,
+    an interruption) is `message` (by default the error in flag words), then
+    `advice`; anything else is a bug: [`internal_error`][]. With `debug` the
+    traceback comes first.
+    """
+    interrupted = isinstance(err, KeyboardInterrupt)
+    environment = isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS
+    if not (interrupted or environment or isinstance(err, CtmetaError)):
+        return internal_error(err, debug)
+    if debug and not interrupted:
+        traceback.print_exception(type(err), err, err.__traceback__)
+    if message is None:
+        if interrupted:
+            message = "interrupted"
+        elif environment:
+            where = f" {err.filename}" if err.filename else ""
+            message = f"cannot write{where}: {ENVIRONMENT_ERRNOS[err.errno]}"
+        else:
+            message = user_message(err)
+    print(f"ctmeta: {'' if interrupted else 'error: '}{message}{advice}", file=sys.stderr)
+    return exit_code(err)
 
 
 def numerical_message(err: NumericalError, args) -> str:

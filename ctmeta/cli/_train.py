@@ -137,8 +137,8 @@ def mesh_for(cluster, devices: int | None, meta_batch: int):
 
 
 def cmd_train(args, argv) -> int:
-    from ..runs import (Reporter, RunDir, check_writable, default_run_dir, dtype_name, evaluate_run, package_versions,
-                       train)
+    from .._record import run_record
+    from ..runs import Reporter, RunDir, check_writable, default_run_dir, dtype_name, evaluate_run, train
 
     check_paths(args)
     check_limits(args)  # before the run directory is touched
@@ -195,11 +195,7 @@ def cmd_train(args, argv) -> int:
         args.run_path = str(run.path)
         reporter.log(f"resuming {run.path} from {path.name} (iteration {it})")
     else:
-        config["dtype"] = dtype_name()
-        config["task_family"] = repr(exp.family)
-        config["versions"] = package_versions()
-        config["created"] = _dt.datetime.now().isoformat(timespec="seconds")
-        config["argv"] = list(argv)
+        config.update(run_record(exp.family, argv))
         config.update(placement)  # the devices the meta-batch was split over, and the processes
         if writes:
             run = RunDir.create(out, config)
@@ -218,13 +214,14 @@ def download_data(benchmark: str, data_dir: str | None, reporter) -> None:
     """Fetch `benchmark`'s files into its data directory (`--download`), with a
     byte-count progress bar. Every process of a multi-process run does it:
     each writes through its own temporary file and an atomic rename."""
+    from .._paths import dataset_dir
     from ..presets import default_data_dir
     from ..tasks.download import download
 
     preset = BENCHMARKS[benchmark]
     if preset.data_subdir is None:
         raise InputError(f"--download: {benchmark} has no data to download (its tasks are synthetic)")
-    target = data_dir if data_dir else default_data_dir(preset)
+    target = dataset_dir(preset.data_subdir, data_dir, for_writing=True) if data_dir else default_data_dir(preset)
     if reporter.quiet:
         download(benchmark, target, log=reporter.log)
         return

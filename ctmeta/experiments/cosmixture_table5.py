@@ -28,7 +28,8 @@ def table5(states=STATES, reference: int = REFERENCE, horizons=HORIZONS, num_ini
     import optax
 
     from .. import methods, presets
-    from ..meta import MetaLearner, mse
+    from ..meta import MetaLearner
+    from ..losses import mse
 
     config = presets.resolve_config("cosmixture", "amaml")
     family = presets.build_family(config, progress=False)

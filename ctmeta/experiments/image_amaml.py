@@ -35,7 +35,8 @@ import jax
 import numpy as np
 
 from .. import methods, ode, presets
-from ..meta import MetaLearner, accuracy, cross_entropy
+from ..meta import MetaLearner
+from ..losses import accuracy, cross_entropy
 
 NETWORKS = {"conv4": "ReLU, max-pool (the benchmarks' Conv-4)", "conv4-smooth": "softplus, average pool"}
 #: (label, steps, method options); steps None is the adaptive rule.

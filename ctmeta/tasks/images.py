@@ -246,7 +246,7 @@ class FewShotClassification(TaskFamily):
     """N-way k-shot classification tasks over the classes of a dataset's splits.
 
     Subclasses load their data and call `_set_pools` with one
-    [`ClassPool`][] per split. See the module docstring for the layout of a
+    `ClassPool` per split. See the module docstring for the layout of a
     [`ctmeta.tasks.base.Batch`][].
 
     **Arguments:**
