@@ -13,7 +13,7 @@ the module, which is what this file does.
 from .linear_flow import _augmented_field as augmented_field
 from .linear_flow import _problem as linear_flow_problem
 from .linear_flow import _zeros_augmented as zeros_augmented
-from .ode import _all_finite as all_finite
-from .ode import _dense_forward as dense_forward
+from .ode._adaptive import dense_forward
+from .ode._status import all_finite
 
 __all__ = ["all_finite", "augmented_field", "dense_forward", "linear_flow_problem", "zeros_augmented"]

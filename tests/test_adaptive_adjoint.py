@@ -12,6 +12,7 @@ import pytest
 from ctmeta import Adjoint, InputError, ode
 from ctmeta.adaptation import gradient_flow
 from ctmeta.methods import GradientField
+from ctmeta._internal import dense_forward
 from ctmeta.ode import SolveStatus
 from quadratic import loss as _loss
 from quadratic import quadratic
@@ -176,7 +177,7 @@ def test_dense_output_interpolates_to_fourth_order():
     f = lambda t, y, a: -(y ** 3) + jnp.sin(t)
     opts = ode.SolveOptions(steps=1, rtol=1e-6, atol=1e-9, max_steps=4096, solver="dopri5")
     y0 = jnp.array([1.0, -0.5, 2.0])
-    _, dense, status, _ = ode._dense_forward(ode.VectorField(f), y0, jnp.asarray(4.0), None, opts, 200, midpoints=True)
+    _, dense, status, _ = dense_forward(ode.VectorField(f), y0, jnp.asarray(4.0), None, opts, 200, midpoints=True)
     assert int(status) == SolveStatus.SUCCESS and 5 < int(dense.n) < 200
     ts = jnp.linspace(0.0, 4.0, 97)
     tight = diffrax.diffeqsolve(diffrax.ODETerm(f), diffrax.Dopri5(), 0.0, 4.0, None, y0,

@@ -276,7 +276,7 @@ def test_float32_tolerance_below_rounding_is_raised_not_chased(monkeypatch):
     assert ode.effective_rtol(1e-8, y0) == 1e-5 and ode.effective_rtol(1e-3, y0) == 1e-3
     assert ode.effective_rtol(1e-8, y0.astype(jnp.float64)) == 1e-8  # float64: as asked
     # Without the floor the same solve chases rounding until its budget is gone.
-    monkeypatch.setattr(ode, "_RTOL_FLOOR", {})
+    monkeypatch.setattr(ode._solvers, "RTOL_FLOOR", {})
     _, status = run()
     assert int(status) == ode.SolveStatus.MAX_STEPS
 
