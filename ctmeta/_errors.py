@@ -59,6 +59,13 @@ def check_int(name: str, value, *, minimum: int = 1) -> int:
     return value
 
 
+def check_positive_int(name: str, value) -> int:
+    """`value` if it is a positive Python int (not a bool), else an `InputError` naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
 def check_positive(name: str, value) -> float:
     """`value` as a positive, finite Python float, or an `InputError` saying what was wrong."""
     try:

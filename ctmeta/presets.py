@@ -37,11 +37,13 @@ import dataclasses
 import pathlib
 from typing import Any
 
-from ._errors import DataError, InputError, check_positive
+from ._errors import DataError, InputError, check_positive, check_positive_int
 from ._paths import dataset_dir
+from .optimizers import LR_SCHEDULES, OPTIMIZERS, build_optimizer, learning_rate_schedule, optimizer_spec
 
-__all__ = ["BACKBONES", "BENCHMARKS", "LR_SCHEDULES", "METHODS", "OPTIMIZERS", "BenchmarkPreset", "Experiment", "build",
-           "build_learner", "build_optimizer", "learning_rate_schedule", "optimizer_config", "resolve_config"]
+__all__ = ["BACKBONES", "BENCHMARKS", "METHODS", "BenchmarkPreset", "Experiment", "build", "build_learner",
+           "optimizer_config", "resolve_config"]
+# The optimiser's names live in ctmeta.optimizers; imported above for the callers of presets.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,38 +131,12 @@ METHODS: dict[str, str] = {
 HEAD_METHODS = ("anil", "comln")
 DISCRETE_METHODS = ("maml", "fomaml", "reptile", "imaml", "anil")
 
-#: Outer optimisers, with each paper's protocol as the defaults of its name.
-OPTIMIZERS: dict[str, str] = {
-    "adam": "Adam, lr 1e-3, constant (A-MAML Sec. 5)",
-    "sgd": "SGD, Nesterov momentum 0.9, lr 0.1, step schedule (COMLN App. E.5)",
-}
-#: Learning-rate schedules over the run's meta-iterations (`none` is constant).
-LR_SCHEDULES: dict[str, str] = {
-    "none": "constant learning rate",
-    "step": "Lee et al. 2019: lr x0.06 from 1/3 of the run, x0.012 from 2/3, x0.0024 from 5/6",
-    "cosine": "cosine decay to 0 over the run",
-}
 #: Embedding networks of the image benchmarks.
 BACKBONES: dict[str, str] = {
     "conv4": "Conv-4: 4 x [conv3x3, batch norm, ReLU, max-pool]",
     "conv4-smooth": "Conv-4 with softplus and average pooling: a smooth gradient flow (A-MAML's default on images)",
     "resnet12": "ResNet-12: 64-160-320-640 channels, no global pooling (16,000 features on 84x84)",
 }
-_SGD_MOMENTUM = 0.9
-_SGD_LEARNING_RATE = 0.1
-# Lee et al. (2019), MetaOptNet's train.py: 60 epochs, the initial learning
-# rate times 1 before epoch 20, 0.06 before 40, 0.012 before 50, then 0.0024.
-# As fractions of the run: (numerator, denominator, factor from there on).
-_STEP_SCHEDULE = ((1, 3, 0.06), (2, 3, 0.012), (5, 6, 0.0024))
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-
 def default_data_dir(preset: BenchmarkPreset) -> pathlib.Path:
     """`$CTMETA_DATA/<subdir>` if set, else `./data/<subdir>` (see `ctmeta._paths`)."""
     return dataset_dir(preset.data_subdir or preset.name)
@@ -203,15 +179,15 @@ def resolve_config(
     if T is not None:
         T = check_positive("`T`", T)
     if steps is not None:
-        steps = _positive_int("`steps`", steps)
-    meta_iterations = _positive_int("`meta_iterations`", p.meta_iterations if meta_iterations is None else meta_iterations)
-    meta_batch = _positive_int("`meta_batch`", p.meta_batch if meta_batch is None else meta_batch)
+        steps = check_positive_int("`steps`", steps)
+    meta_iterations = check_positive_int("`meta_iterations`", p.meta_iterations if meta_iterations is None else meta_iterations)
+    meta_batch = check_positive_int("`meta_batch`", p.meta_batch if meta_batch is None else meta_batch)
     seed = 0 if seed is None else seed
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InputError(f"`seed` must be a non-negative integer, got {seed!r}")
     if checkpoint_every is None:
         checkpoint_every = max(1, meta_iterations // 5)
-    checkpoint_every = _positive_int("`checkpoint_every`", checkpoint_every)
+    checkpoint_every = check_positive_int("`checkpoint_every`", checkpoint_every)
 
     if method in HEAD_METHODS and p.kind != "images":
         raise InputError(
@@ -219,13 +195,13 @@ def resolve_config(
             "use it with `benchmark` omniglot or miniimagenet"
         )
     if ways is not None:
-        ways = _positive_int("`ways`", ways)
+        ways = check_positive_int("`ways`", ways)
         if p.kind != "images":
             raise InputError(f"`ways` applies to classification benchmarks (omniglot, miniimagenet), not {benchmark}")
         if ways < 2:
             raise InputError(f"`ways` must be at least 2, got {ways}")
     if shots is not None:
-        shots = _positive_int("`shots`", shots)
+        shots = check_positive_int("`shots`", shots)
     if backbone is not None:
         if backbone not in BACKBONES:
             raise InputError(f"unknown `backbone` {backbone!r}; choose from {', '.join(BACKBONES)}")
@@ -367,82 +343,7 @@ def optimizer_config(
     """
     if name is None:
         name = "sgd" if method in HEAD_METHODS else "adam"
-    if name not in OPTIMIZERS:
-        raise InputError(f"unknown `optimizer` {name!r}; choose from {', '.join(OPTIMIZERS)}")
-    if learning_rate is not None:
-        learning_rate = check_positive("`meta_lr`", learning_rate)
-    if schedule is not None and schedule not in LR_SCHEDULES:
-        raise InputError(f"unknown `lr_schedule` {schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
-    meta_iterations = _positive_int("`meta_iterations`", meta_iterations)
-    if name == "adam":
-        spec: dict[str, Any] = {"name": "adam", "learning_rate": adam_lr, "schedule": None}
-    else:
-        spec = {"name": "sgd", "learning_rate": _SGD_LEARNING_RATE, "momentum": _SGD_MOMENTUM, "nesterov": True,
-                "schedule": "step"}
-    if learning_rate is not None:
-        spec["learning_rate"] = learning_rate
-    if schedule is not None:
-        spec["schedule"] = None if schedule == "none" else schedule
-    if spec["schedule"] is not None:
-        spec["decay_steps"] = meta_iterations
-    return spec
-
-
-def _check_optimizer_spec(spec) -> None:
-    """Refuse a malformed `optimizer` entry (a hand-edited config.json, say)."""
-    where = "the configuration's optimizer"
-    if not isinstance(spec, dict) or spec.get("name") not in OPTIMIZERS:
-        name = spec.get("name") if isinstance(spec, dict) else spec
-        raise InputError(f"unknown optimizer {name!r} in the configuration; choose from {', '.join(OPTIMIZERS)}")
-    check_positive(f"{where}'s learning_rate", spec.get("learning_rate"))
-    schedule = spec.get("schedule")
-    if schedule is not None and (schedule == "none" or schedule not in LR_SCHEDULES):
-        raise InputError(f"{where}'s schedule must be null, 'step' or 'cosine', got {schedule!r}")
-    if schedule is not None:
-        _positive_int(f"{where}'s decay_steps", spec.get("decay_steps"))
-    if spec["name"] == "sgd":
-        momentum = spec.get("momentum", _SGD_MOMENTUM)
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-            raise InputError(f"{where}'s momentum must be a number in [0, 1), got {momentum!r}")
-        if not isinstance(spec.get("nesterov", True), bool):
-            raise InputError(f"{where}'s nesterov must be true or false, got {spec.get('nesterov')!r}")
-
-
-def learning_rate_schedule(spec: dict):
-    """The learning rate of an `optimizer` entry: a float, or an optax
-    schedule (a function of the number of updates) when it has one."""
-    import jax.numpy as jnp
-    import optax
-
-    _check_optimizer_spec(spec)
-    lr = float(spec["learning_rate"])
-    schedule = spec.get("schedule")
-    if schedule is None:
-        return lr
-    n = int(spec["decay_steps"])
-    if schedule == "cosine":
-        return optax.cosine_decay_schedule(lr, n)
-
-    def step_schedule(count):
-        # Update `count` (0-based) is in the piece from `num / den` of the run
-        # on when `count * den >= num * n`: integers, so no rounding at the
-        # boundaries (a 6-iteration run gets 2, 2, 1, 1 updates per piece).
-        factor = jnp.asarray(1.0)
-        for num, den, f in _STEP_SCHEDULE:
-            factor = jnp.where(count * den >= num * n, f, factor)
-        return lr * factor
-
-    return step_schedule
-
-
-def build_optimizer(spec: dict):
-    """The optax `GradientTransformation` of a configuration's `optimizer` entry."""
-    import optax
-
-    lr = learning_rate_schedule(spec)
-    if spec["name"] == "adam":
-        return optax.adam(lr)
-    return optax.sgd(lr, momentum=float(spec.get("momentum", _SGD_MOMENTUM)), nesterov=bool(spec.get("nesterov", True)))
+    return optimizer_spec(name, learning_rate, schedule, meta_iterations, adam_lr=adam_lr)
 
 
 def _model_config(p: BenchmarkPreset, method: str, backbone: str | None = None) -> dict[str, Any]:

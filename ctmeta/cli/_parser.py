@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..presets import BACKBONES, BENCHMARKS, LR_SCHEDULES, METHODS, OPTIMIZERS
+from ..optimizers import LR_SCHEDULES, OPTIMIZERS
+from ..presets import BACKBONES, BENCHMARKS, METHODS
 
 __all__ = ["Parser", "add_common", "build_parser"]
 
