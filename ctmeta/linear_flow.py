@@ -1,91 +1,105 @@
 r"""COMLN: gradient flow of a linear softmax head, with exact meta-gradients in
-memory that does not grow with the horizon `T`.
+memory that does not grow with the horizon $T$.
 
-The head `W (N, d)` adapts to a support set of `M` embedded examples
-`phi_m = features[m]` with one-hot labels `y_m = labels[m]` by following
+The head $W \in \mathbb{R}^{N \times d}$ adapts to a support set of $M$
+embedded examples $\phi_m$ = `features[m]` with one-hot labels $y_m$ =
+`labels[m]` by following
 
-    dW/dt = -grad L(W),   W(0) = W0,
-    L(W)  = (1/M) sum_m CE(softmax(W phi_m), y_m) + lam/2 ||W - W0||_F^2
+$$\frac{dW}{dt} = -\nabla L(W), \quad W(0) = W_0, \qquad
+  L(W) = \frac{1}{M} \sum_m \mathrm{CE}\big(\mathrm{softmax}(W \phi_m), y_m\big)
+         + \frac{\lambda}{2} \|W - W_0\|_F^2$$
 
-up to the horizon `T` (COMLN, Deleu et al. 2022, Eq. 7 and Appendix B). The
-adapted head `W(T)` is differentiable with respect to `W0`, `features` and
-`T`; `jax.grad` of any outer loss of `W(T)` gives the exact meta-gradients.
+up to the horizon $T$ (COMLN, Deleu et al. 2022, Eq. 7 and Appendix B). The
+adapted head $W(T)$ is differentiable with respect to $W_0$, `features` and
+$T$; `jax.grad` of any outer loss of $W(T)$ gives the exact meta-gradients.
 
-**Maths.** Write `Phi (M, d)` for the features, `Y (M, N)` for the labels,
-`G = Phi Phi^T (M, M)` for the Gram matrix and `L0 = Phi W0^T (M, N)` for the
-initial logits.
+**Maths.** Write $\Phi \in \mathbb{R}^{M \times d}$ for the features,
+$Y \in \mathbb{R}^{M \times N}$ for the labels, $G = \Phi \Phi^\top$ for the
+Gram matrix and $L_0 = \Phi W_0^\top$ for the initial logits.
 
-*State (Proposition 1).* Since `grad L(W) = (1/M) sum_m (p_m - y_m) phi_m^T
-+ lam (W - W0)` and `W - W0` starts at zero, `W(t) - W0` stays in the row
-space of `Phi`:
+*State (Proposition 1).* Since $\nabla L(W) = \frac{1}{M} \sum_m (p_m - y_m)
+\phi_m^\top + \lambda (W - W_0)$ and $W - W_0$ starts at zero, $W(t) - W_0$
+stays in the row space of $\Phi$:
 
-    W(t) = W0 - S(t)^T Phi,    dS/dt = (P(t) - Y)/M - lam S,    S(0) = 0,
+$$W(t) = W_0 - S(t)^\top \Phi, \qquad \frac{dS}{dt} = \frac{P(t) - Y}{M} - \lambda S, \qquad S(0) = 0,$$
 
-with rows `s_m (N,)` of `S (M, N)` and `P = softmax(L0 - G S)` row-wise. (Plug
-`W = W0 - S^T Phi` into the flow: `-(dS/dt)^T Phi = -(1/M)(P - Y)^T Phi
-+ lam S^T Phi`, and the proximal term `lam (W - W0) = -lam S^T Phi` becomes
-the decay `-lam S`.) So `S(T)` is a function of `L0`, `G` (and `Y`, `lam`,
-`T`) alone; `W0` and `Phi` enter only through `L0`, `G` and the final
-`W(T) = W0 - S(T)^T Phi`. In particular the proximal term's dependence on
-the meta-parameter `W0` is carried exactly: it is the `-lam S` decay, and
-no separate `W0` term is needed anywhere (equivalently, the `+lam I` in the
-sensitivity ODE `dS/dt = -H S + lam I` of Appendix B.2 is absorbed).
+with rows $s_m \in \mathbb{R}^N$ of $S \in \mathbb{R}^{M \times N}$ and
+$P = \mathrm{softmax}(L_0 - G S)$ row-wise. (Plug $W = W_0 - S^\top \Phi$ into
+the flow: $-\dot S^\top \Phi = -\frac{1}{M}(P - Y)^\top \Phi + \lambda S^\top
+\Phi$, and the proximal term $\lambda (W - W_0) = -\lambda S^\top \Phi$ becomes
+the decay $-\lambda S$.) So $S(T)$ is a function of $L_0$, $G$ (and $Y$,
+$\lambda$, $T$) alone; $W_0$ and $\Phi$ enter only through $L_0$, $G$ and the
+final $W(T) = W_0 - S(T)^\top \Phi$. In particular the proximal term's
+dependence on the meta-parameter $W_0$ is carried exactly: it is the
+$-\lambda S$ decay, and no separate $W_0$ term is needed anywhere
+(equivalently, the $+\lambda I$ in the sensitivity ODE $\dot S = -H S +
+\lambda I$ of Appendix B.2 is absorbed).
 
-*Sensitivities (Propositions 2 and 3).* With `A_i = (diag(p_i) - p_i
-p_i^T)/M` the (scaled) softmax Jacobians, the forward sensitivities
+*Sensitivities (Propositions 2 and 3).* With $A_i = (\mathrm{diag}(p_i) -
+p_i p_i^\top)/M$ the (scaled) softmax Jacobians, the forward sensitivities
 
-    B[i, j] = d s_i / d L0_j                     (N x N;  B is (M, M, N, N))
-    z[i, j, m] = d s_i / d G_jm + d s_i / d G_mj  (N;      z is (M, M, M, N))
+$$B_{ij} = \frac{\partial s_i}{\partial (L_0)_j} \in \mathbb{R}^{N \times N}, \qquad
+  z_{ijm} = \frac{\partial s_i}{\partial G_{jm}} + \frac{\partial s_i}{\partial G_{mj}} \in \mathbb{R}^N$$
 
-(`G` taken as an unconstrained matrix, then symmetrised) follow, by
-differentiating `dS/dt` above,
+($B$ is $M \times M \times N \times N$, $z$ is $M \times M \times M \times N$;
+$G$ taken as an unconstrained matrix, then symmetrised) follow, by
+differentiating $\dot S$ above,
 
-    dB[i,j]/dt   = 1(i=j) A_i - A_i sum_k G_ik B[k,j] - lam B[i,j],
-    dz[i,j,m]/dt = -A_i [1(i=j) s_m + 1(i=m) s_j + sum_k G_ik z[k,j,m]]
-                   - lam z[i,j,m],
+$$\dot B_{ij} = \mathbb{1}[i = j]\, A_i - A_i \sum_k G_{ik} B_{kj} - \lambda B_{ij}, \qquad
+  \dot z_{ijm} = -A_i \Big[\mathbb{1}[i = j]\, s_m + \mathbb{1}[i = m]\, s_j + \sum_k G_{ik} z_{kjm}\Big]
+                 - \lambda z_{ijm},$$
 
 from zero. These are Propositions 2 and 3, with one correction: the paper's
 statement of Proposition 3 (and the last line of its proof) puts
-`lam z[i,j,m]` inside the bracket multiplied by `A_i`, but the `lam I` block
-of the Hessian in the first line of that proof acts on the `z` term alone,
-giving the decay `-lam z[i,j,m]` outside, as here. (With the paper's form the
-`features` meta-gradient is off by 87% at `lam = 0.3`, `T = 10` in our check;
-with this one it matches autodiff through a direct solve to solver tolerance.)
+$\lambda z_{ijm}$ inside the bracket multiplied by $A_i$, but the $\lambda I$
+block of the Hessian in the first line of that proof acts on the $z$ term
+alone, giving the decay $-\lambda z_{ijm}$ outside, as here. (With the
+paper's form the `features` meta-gradient is off by 87% at $\lambda = 0.3$,
+$T = 10$ in our check; with this one it matches autodiff through a direct
+solve to solver tolerance.)
 
-*Projection (Propositions 4 to 6).* Given the outer cotangent `V = dJ/dW(T)
-(N, d)`, let `U = Phi V^T (M, N)` (row `i` is `V phi_i`). Then
+*Projection (Propositions 4 to 6).* Given the outer cotangent
+$V = \partial J / \partial W(T) \in \mathbb{R}^{N \times d}$, let
+$U = \Phi V^\top \in \mathbb{R}^{M \times N}$ (row $i$ is $V \phi_i$). Then
 
-    C[j]     = sum_i U[i]^T B[i, j]                 (C is (M, N))
-    D[m, j]  = sum_i z[i, j, m] . U[i]              (D is (M, M))
-    dJ/dW0   = V - C^T Phi                          (Proposition 5)
-    dJ/dPhi  = -(S V + C W0 + D Phi)                (Proposition 6)
-    dJ/dT    = <V, dW/dt(T)> = -sum_{m,n} (dS/dt(T))[m,n] U[m,n]
-             = -<V, grad L(W(T))>                   (Proposition 4)
+$$C_j = \sum_i U_i^\top B_{ij}, \qquad D_{mj} = \sum_i z_{ijm} \cdot U_i,$$
 
-(`dJ/dPhi` is the part flowing through `W(T)`; autodiff adds any direct use
-of the features by the outer loss.) Nothing here is of size `d^2` or
-`Nd x Nd`; the largest objects are `B`, `z` and the `(M, d)`/`(N, d)`
-products, and only the final state is kept, so memory is independent of `T`.
-(Algorithm 1 of the paper writes the `T` meta-gradient with a `+` sign; the
-`-` above is Proposition 4's and matches autodiff.)
+$$\frac{dJ}{dW_0} = V - C^\top \Phi \quad \text{(Proposition 5)}, \qquad
+  \frac{dJ}{d\Phi} = -(S V + C W_0 + D \Phi) \quad \text{(Proposition 6)},$$
+
+$$\frac{dJ}{dT} = \langle V, \dot W(T) \rangle = -\sum_{m,n} \dot S(T)_{mn} U_{mn}
+  = -\langle V, \nabla L(W(T)) \rangle \quad \text{(Proposition 4)}.$$
+
+($dJ/d\Phi$ is the part flowing through $W(T)$; autodiff adds any direct use
+of the features by the outer loss.) Nothing here is of size $d^2$ or
+$Nd \times Nd$; the largest objects are $B$, $z$ and the $M \times d$ /
+$N \times d$ products, and only the final state is kept, so memory is
+independent of $T$. (Algorithm 1 of the paper writes the $T$ meta-gradient
+with a $+$ sign; the $-$ above is Proposition 4's and matches autodiff.)
 
 **Solvers.** `"dopri5"` (default) is adaptive (Dormand-Prince 5(4), error
 controlled on the whole augmented state so that the sensitivities are as
-accurate as the state). `"euler"` uses fixed steps: `steps=K` gives `K`
-steps of `h = T/K`; `dt0=h` gives `ceil(T/h)` equal steps of
-`T/ceil(T/h) <= h` (diffrax's constant-step convention). Euler on the head
-is ANIL: `K` steps of gradient descent with learning rate `h` (COMLN Section
-3.3), and Euler applied to the augmented system is exactly the forward-mode
-derivative of that discrete map (explicit Runge-Kutta discretisation commutes
-with forward sensitivity). So with `"euler"`, the meta-gradients with respect
-to `W0` and `features` are the exact gradients of ANIL (up to rounding),
-while the one with respect to `T` is the continuous-time formula
-`-<V, grad L(W_K)>` evaluated at the Euler end point, an `O(h)` approximation
-of the derivative of the discrete map with respect to `T`.
+accurate as the state). `"euler"` uses fixed steps: `steps=K` gives $K$
+steps of $h = T/K$; `dt0=h` gives $\lceil T/h \rceil$ equal steps of
+$T / \lceil T/h \rceil \le h$ (diffrax's constant-step convention). Euler on
+the head is ANIL: $K$ steps of gradient descent with learning rate $h$
+(COMLN Section 3.3), and Euler applied to the augmented system is exactly the
+forward-mode derivative of that discrete map (explicit Runge-Kutta
+discretisation commutes with forward sensitivity). So with `"euler"`, the
+meta-gradients with respect to $W_0$ and `features` are the exact gradients
+of ANIL (up to rounding), while the one with respect to $T$ is the
+continuous-time formula $-\langle V, \nabla L(W_K) \rangle$ evaluated at the
+Euler end point, an $O(h)$ approximation of the derivative of the discrete
+map with respect to $T$.
 
 Only reverse mode is provided (`jax.custom_vjp`): `jax.grad`, `jax.vjp`,
-`jax.jit` and `jax.vmap` (over tasks, including per-task `T`) work;
+`jax.jit` and `jax.vmap` (over tasks, including per-task $T$) work;
 `jax.jvp`/`jax.hessian` through `linear_flow` do not.
+
+**One concept, 600 lines.** The augmented system (state and both
+sensitivities), its custom VJP and the two public entry points share one
+private problem type and field; split, each half would import the other's
+privates.
 """
 
 from __future__ import annotations
@@ -513,13 +527,14 @@ def linear_flow(
 ) -> jax.Array:
     r"""Adapt a linear softmax head by gradient flow up to time `T` (COMLN).
 
-    Solves `dW/dt = -grad L(W)`, `W(0) = W0`, for
+    Solves $\dot W = -\nabla L(W)$, $W(0) = W_0$, for
 
-        L(W) = (1/M) sum_m CE(softmax(W phi_m), y_m) + lam/2 ||W - W0||_F^2,
+    $$L(W) = \frac{1}{M} \sum_m \mathrm{CE}\big(\mathrm{softmax}(W \phi_m), y_m\big)
+             + \frac{\lambda}{2} \|W - W_0\|_F^2,$$
 
-    and returns `W(T)`. Reverse-mode derivatives of `W(T)` with respect to
+    and returns $W(T)$. Reverse-mode derivatives of $W(T)$ with respect to
     `W0`, `features` and `T` are exact (to the solver tolerance): they come
-    from the forward sensitivities `s, B, z` integrated with the state and
+    from the forward sensitivities $s, B, z$ integrated with the state and
     projected onto the outer cotangent (COMLN Propositions 1 to 6; see the
     module docstring), in memory independent of `T`.
 
@@ -590,11 +605,11 @@ def linear_flow_adapt(
     steps: int | None = None,
     max_steps: int = 4096,
 ) -> jax.Array:
-    """Meta-test adaptation: `W(T)` of [`linear_flow`][], integrating `S` alone.
+    r"""Meta-test adaptation: $W(T)$ of [`linear_flow`][], integrating $S$ alone.
 
-    COMLN Algorithms 5 and 6: `dS/dt = (softmax(L0 - G S) - Y)/M - lam S`,
-    `S(0) = 0`, `W(T) = W0 - S(T)^T features`, an `(M, N)` state instead of
-    the augmented `(s, B, z)`. Same arguments and checks as `linear_flow`.
+    COMLN Algorithms 5 and 6: $\dot S = (\mathrm{softmax}(L_0 - G S) - Y)/M - \lambda S$,
+    $S(0) = 0$, $W(T) = W_0 - S(T)^\top \Phi$, an $M \times N$ state instead of
+    the augmented $(s, B, z)$. Same arguments and checks as `linear_flow`.
     With `solver="euler"` the result equals `linear_flow`'s to rounding; with
     `"dopri5"`, to the solver tolerance (the adaptive steps differ because
     `linear_flow` also controls the error of the sensitivities).

@@ -118,7 +118,7 @@ def _call_loss(triple):
 
 
 class AbstractMethod(eqx.Module):
-    """A meta-gradient rule. Static configuration objects: compare and hash by value.
+    r"""A meta-gradient rule. Static configuration objects: compare and hash by value.
 
     A subclass implements `adapt` and says what it can do through class
     attributes (read by [`MetaLearner`][]; defaults in brackets):

@@ -150,14 +150,14 @@ class InputScale(eqx.Module):
 
 
 class MLP(eqx.Module):
-    """A fully connected network, applied to **one example** `(in_size,)`.
+    r"""A fully connected network, applied to **one example** `(in_size,)`.
 
     `depth` hidden layers of `width` units, each followed by `activation`, then
     a linear output layer: `in_size -> width -> ... -> width -> out_size`
     (`depth + 1` linear layers). A-MAML uses `MLP(2, 1, 32, 2)` for the 2-D
     regressions and `MLP(d, 1, 40, 2)` for collaborative filtering, with tanh.
     Weights and biases use equinox's default initialisation,
-    `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`.
+    $U(-1/\sqrt{\text{fan\_in}}, 1/\sqrt{\text{fan\_in}})$.
 
     Use [`apply_to_set`][] (a vmap) to apply it to a set `(K, in_size)`.
     """
@@ -315,10 +315,10 @@ class Conv2d(eqx.Module):
 
 
 class SetBatchNorm(eqx.Module):
-    """Batch norm with the statistics of the set it is applied to (no state).
+    r"""Batch norm with the statistics of the set it is applied to (no state).
 
     For `x (K, C, ...)`, per channel `c`, over the set axis and the trailing
-    (spatial) axes: `y = (x - mean_c) / sqrt(var_c + eps) * weight_c + bias_c`,
+    (spatial) axes: $y = (x - \mu_c) / \sqrt{\sigma_c^2 + \epsilon}\, w_c + b_c$,
     with the biased variance. `weight` starts at 1 and `bias` at 0.
     """
 

@@ -1,14 +1,14 @@
-"""2-D function regression: the CosMixture and Alpine families of A-MAML (Sec. 5.1).
+r"""2-D function regression: the CosMixture and Alpine families of A-MAML (Sec. 5.1).
 
 Each task is one random instance of a test function on a square domain; the
 learner sees `shots` noiseless samples `(x, f(x))` and is scored on others.
 
-- CosMixture (A-MAML eq. 9), `x in [-1, 1]^2`:
-  `f(x) = -0.1 sum_i A cos(omega x_i + phi) - sum_i x_i^2`,
-  with `A ~ U[0.1, 1]`, `omega ~ U[pi/2, 2 pi]`, `phi ~ U[3, 6]` per task.
-- Alpine (A-MAML eq. 10), `x in [-10, 10]^2` (the paper prints `[10, 10]`):
-  `f(x) = sum_i |x_i sin(x_i + phi_i) + 0.1 x_i|`,
-  with `phi_1, phi_2 ~ U[-5 pi / 12, 5 pi / 12]` per task.
+- CosMixture (A-MAML eq. 9), $x \in [-1, 1]^2$:
+  $f(x) = -0.1 \sum_i A \cos(\omega x_i + \varphi) - \sum_i x_i^2$,
+  with $A \sim U[0.1, 1]$, $\omega \sim U[\pi/2, 2\pi]$, $\varphi \sim U[3, 6]$ per task.
+- Alpine (A-MAML eq. 10), $x \in [-10, 10]^2$ (the paper prints $[10, 10]$):
+  $f(x) = \sum_i |x_i \sin(x_i + \varphi_i) + 0.1 x_i|$,
+  with $\varphi_1, \varphi_2 \sim U[-5\pi/12, 5\pi/12]$ per task.
 
 The protocol is the paper's: a *fixed* set of meta-training tasks, each with
 its own fixed support (`shots`) and validation (`queries`) points, and a fixed
@@ -173,7 +173,7 @@ class FunctionRegression(TaskFamily):
 
 
 class CosMixture(FunctionRegression):
-    """`f(x) = -0.1 sum_i A cos(omega x_i + phi) - sum_i x_i^2` on `[-1, 1]^2`.
+    r"""$f(x) = -0.1 \sum_i A \cos(\omega x_i + \varphi) - \sum_i x_i^2$ on $[-1, 1]^2$.
 
     Parameters per task, columns of `params`: `A ~ U[0.1, 1]`,
     `omega ~ U[pi/2, 2 pi]`, `phi ~ U[3, 6]` (shared by both coordinates).
@@ -198,7 +198,7 @@ class CosMixture(FunctionRegression):
 
 
 class Alpine(FunctionRegression):
-    """`f(x) = sum_i |x_i sin(x_i + phi_i) + 0.1 x_i|` on `[-10, 10]^2`.
+    r"""$f(x) = \sum_i |x_i \sin(x_i + \varphi_i) + 0.1 x_i|$ on $[-10, 10]^2$.
 
     Parameters per task, columns of `params`: `phi_1, phi_2 ~ U[-5 pi/12, 5 pi/12]`.
     Values lie in `[0, 22]`.
