@@ -403,6 +403,14 @@ class Experiment:
                 self._eval_batch = fam.sample(key, int(self.config["eval"]["tasks"]), "test")
         return self._eval_batch
 
+    def limit_eval_tasks(self, n: int) -> None:
+        """Keep the first `n` of the fixed meta-test tasks (all of them if there are fewer)."""
+        import jax
+
+        batch = self.eval_batch()
+        if n < jax.tree.leaves(batch)[0].shape[0]:
+            self._eval_batch = type(batch)(*jax.tree.map(lambda a: a[:n], tuple(batch)))
+
 
 def _activation(name: str):
     import jax

@@ -7,10 +7,10 @@ import json
 
 from .context import Context
 from .paper import PAPER_AMAML_TABLE5
-from .report import _plt, _savefig, md_table, write_results
+from .report import pyplot, savefig, md_table, write_results
 
 
-def _amaml_table4(ctx: Context) -> None:
+def amaml_table4(ctx: Context) -> None:
     import jax
 
     from .. import gradient_accuracy as ga
@@ -28,7 +28,7 @@ def _amaml_table4(ctx: Context) -> None:
     body = ["Mean relative error of dL/dy0 against the closed form, for `dy/dt = -2t^3 - 2ty`, L = (y(T)-3)^6, "
             f"over {inits} random y0 in [-1, 1].", ""]
     idx = [ga.STATES.index(k) for k in states]
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for T in horizons:
         body += [f"## T = {T}", "", md_table(
@@ -47,14 +47,14 @@ def _amaml_table4(ctx: Context) -> None:
     ax.set_ylabel("relative error")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    _savefig(fig, ctx.out / "table4.png")
+    savefig(fig, ctx.out / "table4.png")
     body.append("Figure: `table4.png`.")
     (ctx.out / "table4.json").write_text(json.dumps(
         {s: ({str(T): v for T, v in d.items()} if isinstance(d, dict) else d) for s, d in res.items()}, indent=1))
     write_results(ctx, "A-MAML Table 4: gradient accuracy", "A-MAML Table 4 (Appendix A)", body)
 
 
-def _amaml_table5(ctx: Context) -> None:
+def amaml_table5(ctx: Context) -> None:
     from .. import cosmixture_table5 as t5
 
     if ctx.scale == "test":
@@ -85,7 +85,7 @@ def _amaml_table5(ctx: Context) -> None:
              "The last row is ctmeta's default rule (the backward reads u(t) from the forward's dense output, with "
              "its own step control); its error against the same reference is bounded below by the reference's "
              "own discretisation error.", ""]
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for T in horizons:
         line, = ax.loglog(states, [res[T][i][0] for i in range(len(states))], marker="o", label=f"ours, T={T}")
@@ -97,13 +97,13 @@ def _amaml_table5(ctx: Context) -> None:
     ax.set_ylabel(f"relative error vs {ref} states")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    _savefig(fig, ctx.out / "table5.png")
+    savefig(fig, ctx.out / "table5.png")
     body.append("Figure: `table5.png`.")
     write_results(ctx, "A-MAML Table 5: CosMixture meta-gradient vs stored states", "A-MAML Table 5 (Appendix A)",
                   body)
 
 
-def _comln_fig2(ctx: Context) -> None:
+def comln_fig2(ctx: Context) -> None:
     from .. import stability
 
     kw = {}
@@ -128,7 +128,7 @@ def _comln_fig2(ctx: Context) -> None:
                   body)
 
 
-def _bench(ctx: Context, cases: list[str]) -> None:
+def bench_experiment(ctx: Context, cases: list[str]) -> None:
     from ... import bench
 
     quick = ctx.scale != "paper"

@@ -7,7 +7,7 @@ import numpy as np
 from . import runner
 from .context import Context, RunResult
 from .paper import PAPER_AMAML_TABLE3, PAPER_COMLN_TABLE2, PAPER_COMLN_TABLE4
-from .report import _LABEL, _acc, _plt, _savefig, md_table, paired_table, plot_curves, write_results
+from .report import METHOD_LABELS, format_accuracy, pyplot, savefig, md_table, paired_table, plot_curves, write_results
 
 
 _HEAD_ONLY = ("comln", "anil")  # adapt a linear head on a fixed embedding: cheap per meta-iteration
@@ -46,14 +46,14 @@ def _image_budget_note(ctx: Context, methods) -> str:
     parts = []
     for m in dict.fromkeys(methods):
         b = _image_budget(ctx, m)
-        parts.append(f"{_LABEL.get(m, m)} {b['meta_iterations']} meta-iterations, {b['eval_tasks']} meta-test tasks")
+        parts.append(f"{METHOD_LABELS.get(m, m)} {b['meta_iterations']} meta-iterations, {b['eval_tasks']} meta-test tasks")
     return "; ".join(parts)
 
 
 def _acc_table(runs: list[tuple[str, RunResult, int]], paper: dict[str, tuple[float, float]] | None = None):
     rows = []
     for name, r, step in runs:
-        ours = _acc(*r.value(step)) if r.ok else r.status
+        ours = format_accuracy(*r.value(step)) if r.ok else r.status
         T = f"{r.results['T']:.3g}" if r.ok else "-"
         p = (paper or {}).get(name)
         rows.append([name, ours, str(r.nearest_step(step) if r.ok else step), T, f"{p[0]:.2f} ± {p[1]:.2f}" if p else "-"])
@@ -72,7 +72,7 @@ def _eval_step_for(r: RunResult, default: int) -> int:
 _TABLE3_META_BATCH = 4  # the Omniglot preset's
 
 
-def _table3(ctx: Context) -> None:
+def amaml_table3(ctx: Context) -> None:
     scale = ctx.scale
     benches = ["omniglot", "miniimagenet"]
     methods = [("A-MAML (T=0.5)", "amaml", 0.5), ("MAML", "maml", None), ("COMLN", "comln", None)]
@@ -153,8 +153,8 @@ def _table3(ctx: Context) -> None:
             # The horizons differ (MAML 5 steps, A-MAML 50): the same steps for every method as well.
             common = sorted(set.intersection(*(set(r.results["curve_steps"]) for _, r, _ in ok)) & set(steps_eval))
             if common:
-                table = [[n] + [_acc(*r.value(k)) for k in common] for n, r, _ in ok]
-                table.append([f"random init ({ok[0][0]}'s run)"] + [_acc(*ok[0][1].value(k, "random")) for k in common])
+                table = [[n] + [format_accuracy(*r.value(k)) for k in common] for n, r, _ in ok]
+                table.append([f"random init ({ok[0][0]}'s run)"] + [format_accuracy(*ok[0][1].value(k, "random")) for k in common])
                 body += ["Accuracy % after the same number of meta-test GD steps (lr 0.01):", "",
                          md_table(["method"] + [f"{k} steps" for k in common], table), ""]
             if plot_curves(ctx.out / f"table3-{b}.png", [(f"{b} (20-way 1-shot)" if b == "omniglot"
@@ -188,7 +188,7 @@ _LEE_SCHEDULE_NOTE = ("outer optimiser: COMLN's SGD with Nesterov momentum 0.9, 
                       "instead of Lee et al.'s 60 epochs; no weight decay (Lee et al. use 5e-4; COMLN names none)")
 
 
-def _comln_table2(ctx: Context) -> None:
+def comln_table2(ctx: Context) -> None:
     scale = ctx.scale
     benches = [("miniimagenet", 5), ("omniglot", 5)]
     shots = (1, 5)
@@ -240,7 +240,7 @@ def _comln_table2(ctx: Context) -> None:
                 if "comln" in ok and len(ok) > 1 and _same_test_tasks(ok.values()):
                     horizon = {r.label: r.nearest_table_step(s) for _, r, s in rows if r.ok}
                     body += ["COMLN against the others on the same meta-test tasks (per-task accuracy, each at its "
-                             "own horizon's table step: " + ", ".join(f"{_LABEL[m]} {horizon[r.label]}"
+                             "own horizon's table step: " + ", ".join(f"{METHOD_LABELS[m]} {horizon[r.label]}"
                                                                          for m, r in ok.items()) + "):", ""]
                     body += paired_table(ok["comln"], list(ok.values()), lambda r: horizon[r.label],
                                          lower_is_better=False, name="COMLN") + [""]
@@ -255,7 +255,7 @@ def _same_test_tasks(runs) -> bool:
     return len({int(r.results["tasks"]) for r in runs}) == 1
 
 
-def _comln_table4(ctx: Context) -> None:
+def comln_table4(ctx: Context) -> None:
     scale = ctx.scale
     budget = _image_budget(ctx, "comln", whole_network_table=False)
     b = "miniimagenet" if scale == "paper" else "omniglot"
@@ -280,7 +280,7 @@ def _comln_table4(ctx: Context) -> None:
             if r.ok:
                 s = _eval_step_for(r, 10)
                 sec = r.metrics[-1]["seconds"] / max(1, len(r.metrics)) if r.metrics else float("nan")
-                rows.append([f"{solver} {k}-shot", _acc(*r.value(s)), f"{r.results['T']:.3g}", f"{sec:.3f}",
+                rows.append([f"{solver} {k}-shot", format_accuracy(*r.value(s)), f"{r.results['T']:.3g}", f"{sec:.3f}",
                              f"{p[0]:.2f} ± {p[1]:.2f}"])
             else:
                 rows.append([f"{solver} {k}-shot", r.status, "-", "-", f"{p[0]:.2f} ± {p[1]:.2f}"])
@@ -289,7 +289,7 @@ def _comln_table4(ctx: Context) -> None:
     write_results(ctx, "COMLN Table 4: Dopri5 vs Euler", "COMLN Table 4 (Appendix E.1)", body, all_runs)
 
 
-def _comln_fig5(ctx: Context) -> None:
+def comln_fig5(ctx: Context) -> None:
     scale = ctx.scale
     budget = _image_budget(ctx, "comln", whole_network_table=False)
     b, k = {"paper": ("miniimagenet", 5), "cpu": ("omniglot", 1)}.get(scale, ("omniglot", 5))
@@ -319,7 +319,7 @@ def _comln_fig5(ctx: Context) -> None:
         r = runner.run_method(ctx, f"{b}-5w{k}s/{label}", b, "comln", ways=5, shots=k, T=T, learn_T=learn, **budget,
                        eval_steps=eval_steps, eval_every=10, optimizer=opt, lr_schedule=schedule)
         runs.append(r)
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for r in runs:
         if r.ok and r.metrics:
@@ -340,14 +340,14 @@ def _comln_fig5(ctx: Context) -> None:
         if a.get_legend_handles_labels()[0]:
             a.legend()
     fig.tight_layout()
-    _savefig(fig, ctx.out / "fig5.png")
+    savefig(fig, ctx.out / "fig5.png")
     rows = []
     for r in runs:
         if r.ok:
             s = _eval_step_for(r, 10)
             per_it = r.metrics[-1]["seconds"] / len(r.metrics) if r.metrics else float("nan")
             T0 = r.metrics[0]["T"] if r.metrics else float("nan")
-            rows.append([r.label.split("/")[1], f"{T0:.3g}", f"{r.results['T']:.3g}", _acc(*r.value(s)), str(s),
+            rows.append([r.label.split("/")[1], f"{T0:.3g}", f"{r.results['T']:.3g}", format_accuracy(*r.value(s)), str(s),
                          f"{per_it:.3f}"])
         else:
             rows.append([r.label.split("/")[1], "-", "-", r.status, "-", "-"])

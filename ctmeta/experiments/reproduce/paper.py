@@ -5,7 +5,7 @@ from __future__ import annotations
 # A-MAML Table 1 (50 inner GD steps; MAML 5) and Table 2 (100 steps; MAML 10):
 # meta-test nRMSE, mean ± std over 100 test tasks.
 # {table: {dataset: {setting: {method: (mean, std)}}}}
-_T12_METHODS = ("amaml", "imaml", "maml", "fomaml", "reptile")
+T12_METHODS = ("amaml", "imaml", "maml", "fomaml", "reptile")
 _T12_RAW = {
     1: {
         "jester": [(0.074, 0.005, 0.027, 0.002), (0.114, 0.007, 0.050, 0.003), (0.120, 0.001, 0.036, 0.000),
@@ -27,8 +27,8 @@ _T12_RAW = {
 PAPER_AMAML_TABLE12 = {
     table: {
         ds: {
-            "10shot-15val": {m: (r[0], r[1]) for m, r in zip(_T12_METHODS, rows)},
-            "20shot-30val": {m: (r[2], r[3]) for m, r in zip(_T12_METHODS, rows)},
+            "10shot-15val": {m: (r[0], r[1]) for m, r in zip(T12_METHODS, rows)},
+            "20shot-30val": {m: (r[2], r[3]) for m, r in zip(T12_METHODS, rows)},
         }
         for ds, rows in per_ds.items()
     }

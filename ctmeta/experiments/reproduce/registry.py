@@ -7,9 +7,9 @@ from typing import Callable
 
 
 from .context import Context
-from .gradients import _amaml_table4, _amaml_table5, _bench, _comln_fig2
-from .images import _comln_fig5, _comln_table2, _comln_table4, _table3
-from .regression import _fig2, _table12
+from .gradients import amaml_table4, amaml_table5, bench_experiment, comln_fig2
+from .images import comln_fig5, comln_table2, comln_table4, amaml_table3
+from .regression import amaml_fig2, amaml_table12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,31 +28,31 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
     s.name: s
     for s in [
         ExperimentSpec("amaml-fig2-cosmixture", "A-MAML Fig. 2b,c: CosMixture, 6 methods, 50shot-50val and 100shot-100val",
-                       "~10-15 min (12 runs of 150-300 meta-iterations)", lambda c: _fig2(c, "cosmixture")),
+                       "~10-15 min (12 runs of 150-300 meta-iterations)", lambda c: amaml_fig2(c, "cosmixture")),
         ExperimentSpec("amaml-fig2-alpine", "A-MAML Fig. 2e,f: Alpine, 6 methods, 50shot-50val and 100shot-100val",
-                       "~10-15 min (12 runs)", lambda c: _fig2(c, "alpine")),
+                       "~10-15 min (12 runs)", lambda c: amaml_fig2(c, "alpine")),
         ExperimentSpec("amaml-fig2", "A-MAML Fig. 2: both of the above", "~20-30 min",
-                       lambda c: (_fig2(_sub(c, "cosmixture"), "cosmixture"), _fig2(_sub(c, "alpine"), "alpine"))),
+                       lambda c: (amaml_fig2(_sub(c, "cosmixture"), "cosmixture"), amaml_fig2(_sub(c, "alpine"), "alpine"))),
         ExperimentSpec("amaml-table1-2", "A-MAML Tables 1-2: MovieLens-100K/1M, Jester-1, 50 and 100 inner steps",
-                       "~10 min (10shot-15val only; MovieLens-1M skipped without its data)", _table12),
+                       "~10 min (10shot-15val only; MovieLens-1M skipped without its data)", amaml_table12),
         ExperimentSpec("amaml-table3", "A-MAML Table 3: Omniglot 20-way 1-shot, miniImageNet 5-way 1-shot",
-                       "~15-25 min (Omniglot only, 12 meta-iterations of whole-network Conv-4)", _table3, cpu_differs=True),
+                       "~15-25 min (Omniglot only, 12 meta-iterations of whole-network Conv-4)", amaml_table3, cpu_differs=True),
         ExperimentSpec("amaml-table4", "A-MAML Table 4: adjoint gradient error vs closed form", "~1-2 min",
-                       _amaml_table4, meta_trains=False),
+                       amaml_table4, meta_trains=False),
         ExperimentSpec("amaml-table5", "A-MAML Table 5: CosMixture meta-gradient error vs 1000-state reference",
-                       "~2-5 min (5 initialisations)", _amaml_table5, meta_trains=False),
+                       "~2-5 min (5 initialisations)", amaml_table5, meta_trains=False),
         ExperimentSpec("amaml-fig3-4", "A-MAML Figs. 3-4: memory and time vs inner steps (CosMixture)",
-                       "~2-5 min (ctmeta bench --quick)", lambda c: _bench(c, ["cosmixture"]), meta_trains=False),
+                       "~2-5 min (ctmeta bench --quick)", lambda c: bench_experiment(c, ["cosmixture"]), meta_trains=False),
         ExperimentSpec("comln-fig2", "COMLN Fig. 2: adjoint backward instability on a quadratic", "< 1 min",
-                       _comln_fig2, meta_trains=False),
+                       comln_fig2, meta_trains=False),
         ExperimentSpec("comln-fig3", "COMLN Figs. 3-4: memory and time vs inner steps (Conv-4 and ResNet-12, 5-way 5-shot)",
-                       "~8-13 min (ctmeta bench --quick; ResNet-12 compiles ~5 min)", lambda c: _bench(c, ["miniimagenet"] + (["miniimagenet-resnet12"] if c.scale != "test" else [])), meta_trains=False),
+                       "~8-13 min (ctmeta bench --quick; ResNet-12 compiles ~5 min)", lambda c: bench_experiment(c, ["miniimagenet"] + (["miniimagenet-resnet12"] if c.scale != "test" else [])), meta_trains=False),
         ExperimentSpec("comln-table2", "COMLN Table 2: COMLN vs ANIL vs MAML, Conv-4 (+ ResNet-12 at --scale paper) "
                        "(miniImageNet train64, Omniglot)",
-                       "~15-25 min (1-shot only)", _comln_table2, cpu_differs=True),
-        ExperimentSpec("comln-table4", "COMLN Table 4: Dopri5 vs Euler, accuracy and time", "~5 min", _comln_table4, cpu_differs=True),
+                       "~15-25 min (1-shot only)", comln_table2, cpu_differs=True),
+        ExperimentSpec("comln-table4", "COMLN Table 4: Dopri5 vs Euler, accuracy and time", "~5 min", comln_table4, cpu_differs=True),
         ExperimentSpec("comln-fig5", "COMLN Fig. 5: learned T during meta-training; learned vs fixed T",
-                       "~5 min (Omniglot 5-way 5-shot; cpu: 1-shot)", _comln_fig5, cpu_differs=True),
+                       "~5 min (Omniglot 5-way 5-shot; cpu: 1-shot)", comln_fig5, cpu_differs=True),
     ]
 }
 

@@ -6,10 +6,10 @@ import numpy as np
 
 from ..._errors import DataError, InputError
 from . import runner
-from .runner import _data_dir_for
+from .runner import data_dir_for
 from .context import Context, RunResult
-from .paper import PAPER_AMAML_TABLE12, _T12_METHODS
-from .report import _LABEL, _pm, md_table, paired_table, plot_curves, write_results
+from .paper import PAPER_AMAML_TABLE12, T12_METHODS
+from .report import METHOD_LABELS, format_pm, md_table, paired_table, plot_curves, write_results
 
 
 _FIG2_SETTINGS = {
@@ -20,7 +20,7 @@ _FIG2_SETTINGS = {
 _FIG2_METHODS = ("amaml", "maml", "maml-1", "fomaml", "reptile", "imaml")
 
 
-def _fig2(ctx: Context, benchmark: str) -> None:
+def amaml_fig2(ctx: Context, benchmark: str) -> None:
     scale = ctx.scale
     settings = dict(_FIG2_SETTINGS)
     methods = _FIG2_METHODS
@@ -62,7 +62,7 @@ def _fig2(ctx: Context, benchmark: str) -> None:
                 kwargs.update(steps=steps)
             method = "maml" if m == "maml-1" else m
             r = runner.run_method(ctx, f"{setting}/{m}", benchmark, method, **kwargs)
-            r.label = f"{setting}/{_LABEL[m]}"
+            r.label = f"{setting}/{METHOD_LABELS[m]}"
             rs.append(r)
         runs_by_setting[setting] = rs
     fig = ctx.out / f"fig2-{benchmark}.png"
@@ -78,12 +78,12 @@ def _fig2(ctx: Context, benchmark: str) -> None:
         rows = []
         for r in rs:
             if r.ok:
-                rows.append([r.label.split("/")[1]] + [_pm(*r.value(s)) for s in cols])
+                rows.append([r.label.split("/")[1]] + [format_pm(*r.value(s)) for s in cols])
             else:
                 rows.append([r.label.split("/")[1]] + [r.status] * len(cols))
         ok = [r for r in rs if r.ok]
         if ok:
-            rows.append(["random init"] + [_pm(*ok[0].value(s, "random")) for s in cols])
+            rows.append(["random init"] + [format_pm(*ok[0].value(s, "random")) for s in cols])
         body += [md_table(["method"] + [f"{s} steps" for s in cols], rows), ""]
         if ok:
             best = min(ok, key=lambda r: r.value(test_steps)[0])
@@ -110,12 +110,12 @@ def _fig2(ctx: Context, benchmark: str) -> None:
 # --------------------------------------------------------------------------- #
 
 
-def _table12(ctx: Context) -> None:
+def amaml_table12(ctx: Context) -> None:
     scale = ctx.scale
     datasets = ("movielens", "movielens-1m", "jester")
     shot_settings = {"10shot-15val": 10, "20shot-30val": 20}
     tables = {1: (0.5, 50, 5), 2: (1.0, 100, 10)}  # table: (A-MAML T, steps, MAML steps)
-    methods = _T12_METHODS
+    methods = T12_METHODS
     iters = {"paper": 5000, "quick": 150, "test": 2}[scale]
     if scale == "quick":
         shot_settings = {"10shot-15val": 10}
@@ -165,10 +165,10 @@ def _table12(ctx: Context) -> None:
                 cols.append((ds, setting))
         rows = []
         for m in methods:
-            row = [_LABEL[m]]
+            row = [METHOD_LABELS[m]]
             for ds, setting in cols:
                 r, st = results.get((ds, setting, table, m), (None, steps))
-                row.append(_pm(*r.value(st), 3) if r is not None and r.ok else (r.status if r else "not run"))
+                row.append(format_pm(*r.value(st), 3) if r is not None and r.ok else (r.status if r else "not run"))
                 p = PAPER_AMAML_TABLE12.get(table, {}).get(ds, {}).get(setting, {}).get(m)
                 row.append(f"{p[0]:.3f} ± {p[1]:.3f}" if p else "-")
             rows.append(row)
@@ -179,7 +179,7 @@ def _table12(ctx: Context) -> None:
             if "amaml" in ok and len(ok) > 1:
                 best = min(ok, key=lambda m: ok[m].value(steps)[0])
                 if best != "amaml":
-                    body.append(f"- {ds} {setting}: A-MAML is not the best here; {_LABEL[best]} is "
+                    body.append(f"- {ds} {setting}: A-MAML is not the best here; {METHOD_LABELS[best]} is "
                                 f"({ok[best].value(steps)[0]:.3f} vs {ok['amaml'].value(steps)[0]:.3f}).")
                 else:
                     body.append(f"- {ds} {setting}: A-MAML is the best, as in the paper.")
@@ -205,7 +205,7 @@ def _ratings_scales(ctx: Context, results: dict, table: int, steps: int, cols, m
     for ds, setting in cols:
         try:
             shots = int(setting.split("shot")[0])
-            config = presets.resolve_config(ds, "maml", shots=shots, data_dir=_data_dir_for(ctx, ds))
+            config = presets.resolve_config(ds, "maml", shots=shots, data_dir=data_dir_for(ctx, ds))
             fam = presets.build_family(config, progress=False, log=lambda *a: None)
         except (DataError, InputError):
             continue
@@ -216,7 +216,7 @@ def _ratings_scales(ctx: Context, results: dict, table: int, steps: int, cols, m
             scores = [float(np.mean(f(pred, y, mask))) for f in (nrmse, rmse, rse)]
             trivial.setdefault(name, {})[(ds, setting)] = scores
     for m in methods:
-        row = [_LABEL[m]]
+        row = [METHOD_LABELS[m]]
         for ds, setting in cols:
             r = results.get((ds, setting, table, m), (None,))[0]
             other = (r.results or {}).get("other_metrics") if r is not None and r.ok else None

@@ -10,7 +10,7 @@ import numpy as np
 from .context import Context, RunResult
 
 
-_LABEL = {"amaml": "A-MAML", "maml": "MAML", "maml-1": "MAML-1", "fomaml": "FOMAML", "reptile": "Reptile",
+METHOD_LABELS = {"amaml": "A-MAML", "maml": "MAML", "maml-1": "MAML-1", "fomaml": "FOMAML", "reptile": "Reptile",
           "imaml": "iMAML", "comln": "COMLN", "anil": "ANIL"}
 
 
@@ -52,7 +52,7 @@ def paired_table(reference: RunResult, others, step, lower_is_better: bool = Tru
         verdict = f"{name} better" if better else f"{name} worse"
         verdict = verdict if t["wilcoxon_p"] < 0.05 else "no significant difference"
         label = r.label.split("/")[-1]
-        rows.append([_LABEL.get(label, label), f"{t['mean_diff']:+.4f} ± {t['ci95']:.4f}", _p(t["t_p"]),
+        rows.append([METHOD_LABELS.get(label, label), f"{t['mean_diff']:+.4f} ± {t['ci95']:.4f}", _p(t["t_p"]),
                      _p(t["wilcoxon_p"]), f"{wins}/{t['n']}", verdict])
     header = [f"{name} vs", f"mean difference ({name} - it)", "p (paired t)", "p (Wilcoxon)",
               f"tasks where {name} is {'lower' if lower_is_better else 'higher'}", "at p < 0.05"]
@@ -69,11 +69,11 @@ def _f(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}f}"
 
 
-def _pm(mean: float, ci: float, digits: int = 4) -> str:
+def format_pm(mean: float, ci: float, digits: int = 4) -> str:
     return f"{_f(mean, digits)} ± {_f(ci, digits)}"
 
 
-def _acc(mean: float, ci: float) -> str:
+def format_accuracy(mean: float, ci: float) -> str:
     return f"{100 * mean:.2f} ± {100 * ci:.2f}"
 
 
@@ -107,7 +107,7 @@ def write_results(ctx: Context, title: str, reproduces: str, body: list[str], ru
     return path
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,11 +116,11 @@ def _plt():
     return plt
 
 
-def _savefig(fig, path: pathlib.Path) -> None:
+def savefig(fig, path: pathlib.Path) -> None:
     from ...runs import save_figure
 
     save_figure(fig, path)
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def plot_curves(path: pathlib.Path, panels: list[tuple[str, list[RunResult]]], ylabel: str, *, random_from=None,
@@ -130,7 +130,7 @@ def plot_curves(path: pathlib.Path, panels: list[tuple[str, list[RunResult]]], y
     panels = [(t, rs) for t, rs in panels if rs]
     if not panels:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (title, rs) in zip(axes[0], panels):
         for r in rs:
@@ -147,5 +147,5 @@ def plot_curves(path: pathlib.Path, panels: list[tuple[str, list[RunResult]]], y
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _savefig(fig, path)
+    savefig(fig, path)
     return True

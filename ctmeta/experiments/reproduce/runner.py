@@ -16,7 +16,7 @@ from .context import Context, RunResult
 from .report import md_table
 
 
-def _data_dir_for(ctx: Context, benchmark: str) -> str | None:
+def data_dir_for(ctx: Context, benchmark: str) -> str | None:
     from ...presets import BENCHMARKS
 
     sub = BENCHMARKS[benchmark].data_subdir
@@ -41,10 +41,10 @@ def _evaluate_again(ctx: Context, path: pathlib.Path, benchmark: str, label: str
 
     run = RunDir.open(path)
     config = run.read_config()
-    config["data_dir"] = _data_dir_for(ctx, benchmark)
+    config["data_dir"] = data_dir_for(ctx, benchmark)
     ctx.log(f"[{label}] evaluating the final checkpoint again, keeping each task's error")
     exp = presets.build(config, progress=False, log=lambda *a: None)
-    _limit_eval_tasks(exp, tasks)  # the tasks the first evaluation scored
+    exp.limit_eval_tasks(tasks)  # the tasks the first evaluation scored
     state, _, _ = run.load_latest(exp.learner.init(exp.run_key), warn=ctx.log, config=config)
     return evaluate_run(exp, run, state, reporter=ctx.reporter or Reporter(quiet=True))
 
@@ -102,7 +102,7 @@ def run_method(
     try:
         config = presets.resolve_config(
             benchmark, method, T=T, steps=steps, meta_iterations=meta_iterations, meta_batch=meta_batch,
-            ways=ways, shots=shots, data_dir=_data_dir_for(ctx, benchmark), seed=seed,
+            ways=ways, shots=shots, data_dir=data_dir_for(ctx, benchmark), seed=seed,
             optimizer=optimizer, meta_lr=meta_lr, lr_schedule=lr_schedule, backbone=backbone,
         )
     except DataError as err:
@@ -134,7 +134,7 @@ def run_method(
     try:
         exp = presets.build(config, progress=not ctx.quiet, log=reporter.log)
         if ev.get("tasks") is not None and hasattr(exp.family, "test_batch") and eval_tasks is not None:
-            _limit_eval_tasks(exp, int(eval_tasks))
+            exp.limit_eval_tasks(int(eval_tasks))
         if ctx.estimate:
             return _estimate_run(ctx, label, exp)
         state, seconds, run = None, 0.0, _unfinished_run(path, config, exp, ctx)
@@ -223,13 +223,3 @@ def _unfinished_run(path: pathlib.Path, config: dict, exp, ctx: Context):
         return None
     run.remove_temporaries()
     return run
-
-
-def _limit_eval_tasks(exp, n: int) -> None:
-    """Keep the first `n` of a family's fixed meta-test tasks."""
-    import jax
-
-    batch = exp.eval_batch()
-    total = jax.tree.leaves(batch)[0].shape[0]
-    if n < total:
-        exp._eval_batch = type(batch)(*jax.tree.map(lambda a: a[:n], tuple(batch)))
