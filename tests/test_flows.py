@@ -346,3 +346,79 @@ def test_loss_along_flow_reports_a_failed_forward():
     assert int(out.status) == ode.SolveStatus.DENSE_OVERFLOW and np.all(np.isnan(out.support))
     with pytest.raises(InputError, match="Adjoint"):
         ctmeta.loss_along_flow(quad_loss, U0, (A, B), 1.0, jnp.array([1.0]), method=Unrolled())
+
+
+# ---------------------------------------------------------------------------
+# The meta-learner learns the flow
+# ---------------------------------------------------------------------------
+
+
+def _learner(flow, method=None, **kw):
+    import optax
+
+    from ctmeta.meta import MetaLearner
+    from ctmeta.models import MLP
+
+    model = MLP(1, 1, 8, 1, key=jax.random.PRNGKey(0))
+    flow = flow(model) if callable(flow) else flow
+    return MetaLearner(model, method or Unrolled(steps=4), optax.adam(1e-2), ctmeta.mse, T=0.3, flow=flow, **kw)
+
+
+def _sine_batch(key, meta_batch=3, shots=6):
+    from ctmeta.tasks.base import Batch
+
+    ka, kx = jax.random.split(key)
+    a = jax.random.uniform(ka, (meta_batch, 1, 1), minval=0.5, maxval=1.5)
+    x = jax.random.uniform(kx, (meta_batch, 2 * shots, 1), minval=-2.0, maxval=2.0)
+    y = a * jnp.sin(x)
+    return Batch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
+
+
+@pytest.mark.parametrize("make", [lambda m: Preconditioned.like(m, per="layer"), lambda m: HeavyBall.with_gamma(2.0)],
+                         ids=["preconditioned", "heavy-ball"])
+def test_meta_learner_learns_the_flow_and_resumes_exactly(make, tmp_path):
+    learner = _learner(make, learn_T=True)
+    state = learner.init(jax.random.PRNGKey(1))
+    batch = _sine_batch(jax.random.PRNGKey(2))
+    # The flow's meta-gradient is the mean of the tasks' jax.grad.
+    _, grads = learner.meta_gradient(state, batch)
+    one = jax.grad(learner.task_objective)
+    per_task = [one(state.params, jax.tree.map(lambda a: a[i], tuple(batch))) for i in range(3)]
+    for g, *gs in zip(jax.tree.leaves(grads.flow), *[jax.tree.leaves(p.flow) for p in per_task]):
+        np.testing.assert_allclose(g, sum(gs) / 3, rtol=1e-10, atol=1e-14)
+        assert np.all(np.abs(np.asarray(g)) > 0)
+    before = learner.inner_flow(state)
+    for _ in range(2):
+        state, _ = learner.meta_step(state, _sine_batch(learner.iteration_key(state)))
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(learner.inner_flow(state)))]
+    assert all(moved)  # the optimiser updated the flow
+    path = tmp_path / "ckpt-2.eqx"
+    learner.save(path, state)
+    restored, _ = learner.load(path)
+    nxt = _sine_batch(learner.iteration_key(state))
+    s1, _ = learner.meta_step(state, nxt)
+    s2, _ = learner.meta_step(restored, nxt)
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert len(jax.tree.leaves(s1.params.flow)) == len(jax.tree.leaves(before))
+
+
+def test_meta_learner_evaluates_with_the_flows_euler_steps():
+    learner = _learner(lambda m: Preconditioned.like(m, scale=2.0))
+    state = learner.init(jax.random.PRNGKey(1))
+    batch = _sine_batch(jax.random.PRNGKey(5), meta_batch=2)
+    ev = learner.evaluate(state, batch, (0, 3), lr=0.05, metric=lambda p, y, mask=None: jnp.mean((p - y) ** 2))
+    plain = _learner(None).evaluate(_learner(None).init(jax.random.PRNGKey(1)), batch, (0, 3), lr=0.1,
+                                    metric=lambda p, y, mask=None: jnp.mean((p - y) ** 2))
+    # P = 2 I with lr 0.05 is plain GD with lr 0.1.
+    np.testing.assert_allclose(ev.per_task, plain.per_task, rtol=1e-10)
+
+
+def test_meta_learner_refuses_a_flow_it_cannot_learn():
+    with pytest.raises(InputError, match="FirstOrder gives the flow's parameters"):
+        _learner(lambda m: Preconditioned.like(m), FirstOrder(steps=3))
+    with pytest.raises(InputError, match="Implicit cannot run flow=HeavyBall"):
+        _learner(HeavyBall.with_gamma(1.0), Implicit(steps=3))
+    fixed = _learner(lambda m: Preconditioned.like(m), FirstOrder(steps=3), learn_flow=False)
+    assert fixed.init(jax.random.PRNGKey(0)).params.flow is None
+    assert _learner(None).init(jax.random.PRNGKey(0)).params.flow is None  # the gradient flow: as before
