@@ -422,3 +422,48 @@ def test_meta_learner_refuses_a_flow_it_cannot_learn():
     fixed = _learner(lambda m: Preconditioned.like(m), FirstOrder(steps=3), learn_flow=False)
     assert fixed.init(jax.random.PRNGKey(0)).params.flow is None
     assert _learner(None).init(jax.random.PRNGKey(0)).params.flow is None  # the gradient flow: as before
+
+
+# ---------------------------------------------------------------------------
+# Presets and the command line
+# ---------------------------------------------------------------------------
+
+
+def test_presets_resolve_and_build_the_flow():
+    from ctmeta import presets
+    from ctmeta.cli._messages import as_flags
+
+    config = presets.resolve_config("cosmixture", "amaml", flow="heavy-ball")
+    assert config["flow"] == {"name": "heavy-ball", "gamma": 1.0}
+    assert presets.resolve_config("cosmixture", "maml")["flow"] == {"name": "gradient"}
+    with pytest.raises(InputError) as err:
+        presets.resolve_config("cosmixture", "imaml", flow="preconditioned")
+    assert "`flow`" in str(err.value) and as_flags(str(err.value)).startswith("--flow preconditioned")
+    with pytest.raises(InputError, match="unknown `flow`"):
+        presets.resolve_config("cosmixture", "amaml", flow="adam")
+    model = {"w": jnp.ones(3)}
+    old = {k: v for k, v in config.items() if k != "flow"}  # a run written before flows
+    assert isinstance(presets.build_flow(old, model), Gradient)
+    flow = presets.build_flow(dict(config, flow={"name": "preconditioned", "per": "layer", "scale": 2.0}), model)
+    assert flow.per == "layer" and np.allclose(flow.preconditioner["w"], 2.0)
+
+
+def test_cli_train_with_a_flow_saves_it_and_refuses_bad_combinations(tmp_path, capsys):
+    import json
+
+    from cli_helpers import train_tiny
+    from ctmeta.cli import main
+
+    out = tmp_path / "run"
+    assert train_tiny(out, ["--method", "maml", "--steps", "3", "--meta-batch", "2", "--flow", "heavy-ball",
+                            "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["flow"] == {"name": "heavy-ball", "gamma": 1.0}
+    results = json.loads((out / "results.json").read_text())
+    assert results["flow"] == "heavy-ball" and "heavy-ball inner flow" in (out / "results.md").read_text()
+    capsys.readouterr()
+    assert main(["train", "--method", "reptile", "--flow", "preconditioned", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--flow preconditioned" in err and "reptile" in err and len(err.strip().splitlines()) == 1
+    # --resume keeps the flow
+    assert main(["train", "--resume", str(out), "--flow", "gradient"]) == 2
+    assert "--flow gradient differs" in capsys.readouterr().err
