@@ -9,7 +9,8 @@ __version__ = "0.1.0"  # before the imports: modules read it while the package l
 
 from . import ode
 from ._errors import CheckpointError, CtmetaError, DataError, InputError, NumericalError
-from .adaptation import gradient_flow
+from .adaptation import LossAlongFlow, gradient_flow, loss_along_flow
+from .flows import AbstractFlow, Gradient, HeavyBall, Preconditioned
 from .linear_flow import linear_flow, linear_flow_adapt
 from .losses import accuracy, cross_entropy, mse, nrmse_metric
 from .meta import MetaLearner
@@ -28,6 +29,12 @@ from .methods import (
 __all__ = [
     "ode",
     "gradient_flow",
+    "loss_along_flow",
+    "LossAlongFlow",
+    "AbstractFlow",
+    "Gradient",
+    "Preconditioned",
+    "HeavyBall",
     "linear_flow",
     "linear_flow_adapt",
     "AbstractMethod",

@@ -66,7 +66,7 @@ class Evaluation(NamedTuple):
 
 
 def gd_scores(model, tasks, segments: tuple[int, ...], lr, metric: Callable, *, loss: Callable, apply: Callable,
-              adapt: str) -> jax.Array:
+              adapt: str, flow=None) -> jax.Array:
     r"""Per-task query metric after $\sum_{j<i}$ `segments[j]` gradient steps, for each $i$ (incl. 0).
 
     **Arguments:**
@@ -81,6 +81,8 @@ def gd_scores(model, tasks, segments: tuple[int, ...], lr, metric: Callable, *, 
     - `apply`: `apply(model, x_set)` (for `adapt="all"`).
     - `adapt`: `"all"` (the whole model) or `"head"` (the head, on fixed
       support features).
+    - `flow`: an inner flow (`ctmeta.flows`) whose explicit Euler steps of
+      `lr` replace gradient descent (`None`: gradient descent).
 
     **Returns:** `(tasks, 1 + len(segments))`.
     """
@@ -107,6 +109,19 @@ def gd_scores(model, tasks, segments: tuple[int, ...], lr, metric: Callable, *, 
 
             def score(W):
                 return apply_loss(metric, fq @ W.T, qy, mask)
+
+        if flow is not None:  # the flow's Euler steps, on its own state
+            field = flow.field(lambda w, _: support_loss(w))
+
+            def step(y, _):
+                return flow.euler_step(field, y, None, lr), None
+
+            y = flow.init_state(u)
+            out = [score(u)]
+            for k in segments:
+                y, _ = jax.lax.scan(step, y, None, length=k)
+                out.append(score(flow.params_of(y)))
+            return jnp.stack(out)
 
         def gd(u, _):
             g = jax.grad(support_loss)(u)

@@ -64,6 +64,7 @@ from ._learner_checks import (check_arguments, check_batch, describe_solve_failu
 from .adaptation import gradient_flow
 from .checkpoint import load_state, save_state
 from .evaluation import Evaluation, gd_scores
+from .flows import AbstractFlow, check_flow
 from .losses import METRICS, apply_loss, mse, resolve_metric
 from .methods import reptile_direction
 from .models import apply_to_set
@@ -143,6 +144,17 @@ class MetaLearner:
       the slowest one: on Omniglot 5-way 1-shot A-MAML, `"map"` ran a
       meta-gradient of 4 tasks 1.45x faster (docs/bench.md). The two give the
       same numbers up to float rounding.
+    - `flow`: the inner flow (`ctmeta.flows`; default `None`, the gradient
+      flow): e.g. `Preconditioned.like(model)` (for `adapt="head"`,
+      `Preconditioned.like(model.head)`) or `HeavyBall.with_gamma(1.0)`.
+      Its arrays are meta-parameters (`MetaParams.flow`), learned by the
+      optimiser beside the initialisation, saved in checkpoints; the
+      method must take the flow (`method.takes_flow`) and, to learn it,
+      differentiate it (`"flow" in method.differentiates`: [`Adjoint`][],
+      [`Unrolled`][]). [`evaluate`][MetaLearner.evaluate] adapts by the
+      flow's Euler steps.
+    - `learn_flow`: learn the flow's arrays (default True); False keeps
+      them fixed (needed with [`FirstOrder`][], which gives them no gradient).
     - `mesh`: a `jax.sharding.Mesh` with a `"tasks"` axis
       (`ctmeta.sharding.task_mesh()`), or `None` (default: one device). With
       a mesh, `meta_step`, `meta_gradient` and `evaluate` split the tasks of
@@ -168,6 +180,8 @@ class MetaLearner:
         adapt: Literal["all", "head"] = "all",
         on_nonfinite: Literal["raise", "skip-task"] = "raise",
         task_map: Literal["vmap", "map"] = "vmap",
+        flow: AbstractFlow | None = None,
+        learn_flow: bool = True,
         mesh: Mesh | None = None,
     ):
         check_arguments(model, method, optimizer, loss, learn_T=learn_T, apply=apply, adapt=adapt,
@@ -189,6 +203,19 @@ class MetaLearner:
         self._init_params = params
         self._static = static
         self._dtype = jnp.result_type(*jax.tree.leaves(params))
+        flow = method.check_flow(check_flow(flow, "MetaLearner"))
+        if not isinstance(learn_flow, bool):
+            raise InputError(f"MetaLearner: learn_flow must be True or False; got {learn_flow!r}")
+        # The flow's arrays in the parameters' dtype; learned ones live in MetaParams.flow.
+        flow = flow.astype(self._dtype)
+        flow_arrays, self._flow_static = eqx.partition(flow, eqx.is_inexact_array)
+        self.learn_flow = learn_flow and bool(jax.tree.leaves(flow_arrays))
+        if self.learn_flow and "flow" not in method.differentiates:
+            raise InputError(
+                f"MetaLearner: {type(method).__name__} gives the flow's parameters (flow={type(flow).__name__}) no "
+                "gradient: use Adjoint or Unrolled to learn them, or learn_flow=False to keep them fixed.")
+        self._init_flow = flow_arrays
+        self.flow = flow
         #: How many times `meta_step`'s function was traced (compiled); a run
         #: with fixed shapes traces it once.
         self.num_traces = 0
@@ -245,7 +272,8 @@ class MetaLearner:
         T_weights = None
         if self.per_task_T:
             T_weights = jnp.zeros(eqx.combine(params, self._static).head.shape[1], self._dtype)
-        mp = MetaParams(model=params, log_T=log_T, T_weights=T_weights)
+        flow = self._init_flow if self.learn_flow else None
+        mp = MetaParams(model=params, log_T=log_T, T_weights=T_weights, flow=flow)
         key = jnp.asarray(key)
         if not (key.dtype == jnp.uint32 and key.shape == (2,)):
             raise InputError("MetaLearner.init: key must be a raw jax.random.PRNGKey(seed) (uint32[2]).")
@@ -265,6 +293,15 @@ class MetaLearner:
         """The horizon `T` of a state (`exp(log_T)` when learned)."""
         params = params_of(state_or_params)
         return self._horizon(params)
+
+    def inner_flow(self, state_or_params: MetaState | MetaParams) -> AbstractFlow:
+        """The inner flow of a state (with its learned arrays when they are learned)."""
+        return self._flow(params_of(state_or_params))
+
+    def _flow(self, params: MetaParams) -> AbstractFlow:
+        if params.flow is not None:
+            return eqx.combine(params.flow, self._flow_static)
+        return self.flow
 
     def _horizon(self, params: MetaParams):
         if params.log_T is not None:
@@ -294,9 +331,10 @@ class MetaLearner:
         sx, sy, qx = task[0], task[1], task[2]
         model = eqx.combine(params.model, self._static)
         T = self._horizon(params)
+        inner = self._flow(params)
 
         def flow(loss, u, data, T):
-            out = gradient_flow(loss, u, data, T, method=self.method, throw=throw)
+            out = gradient_flow(loss, u, data, T, method=self.method, flow=inner, throw=throw)
             return (out, jnp.asarray(SolveStatus.SUCCESS, jnp.int32)) if throw else out
 
         if self.adapt == "all":
@@ -501,7 +539,9 @@ class MetaLearner:
 
     def _evaluate_tasks(self, params: MetaParams, lr, batch, segments: tuple[int, ...], metric):
         model = eqx.combine(params.model, self._static)
-        return gd_scores(model, batch, segments, lr, metric, loss=self.loss, apply=self.apply, adapt=self.adapt)
+        flow = self._flow(params)
+        return gd_scores(model, batch, segments, lr, metric, loss=self.loss, apply=self.apply, adapt=self.adapt,
+                         flow=None if flow.is_gradient else flow)
 
     def evaluate(
         self,
@@ -516,7 +556,9 @@ class MetaLearner:
     ) -> Evaluation:
         """Adapt on each task's support set from the learned initialisation by
         plain gradient descent with learning rate `lr` (default: the method's
-        `T / K`), recording the query metric after each number of steps in
+        `T / K`), or by the learned inner flow's Euler steps of `lr` (Meta-SGD
+        with the learned preconditioner, momentum GD with the learned
+        friction), recording the query metric after each number of steps in
         `steps_list`.
 
         `batch` holds the evaluation tasks (a `Batch`, or a `MaskedBatch`

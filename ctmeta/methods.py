@@ -24,16 +24,25 @@ $dJ/dT = -\langle \nabla J(u(T)), \nabla L(u(T)) \rangle$ ([`Adjoint`][]); for
 style of [`AbstractVectorField`][ctmeta.ode.AbstractVectorField]'s `symmetric_jacobian`), which a
 [`MetaLearner`][] reads to check its configuration:
 
-| rule | `differentiates` | `outer_direction` | `head_only` | `adapts_head` |
-| --- | --- | --- | --- | --- |
-| [`Adjoint`][], [`Unrolled`][] | params, data, T | no | no | yes |
-| [`FirstOrder`][] | params | no | no | yes |
-| [`Implicit`][] | params, data | no | no | yes |
-| [`Reptile`][] | params | yes | no | no |
-| [`LinearFlow`][] | params, data, T | no | yes | yes |
+| rule | `differentiates` | `outer_direction` | `head_only` | `adapts_head` | `takes_flow` |
+| --- | --- | --- | --- | --- | --- |
+| [`Adjoint`][], [`Unrolled`][] | params, data, T, flow | no | no | yes | yes |
+| [`FirstOrder`][] | params | no | no | yes | yes |
+| [`Implicit`][] | params, data | no | no | yes | no |
+| [`Reptile`][] | params | yes | no | no | no |
+| [`LinearFlow`][] | params, data, T | no | yes | yes | no |
 
 A horizon can be learned (`learn_T`) only with a rule whose
-`differentiates` holds `"T"`.
+`differentiates` holds `"T"`, an inner flow's meta-parameters only with one
+whose `differentiates` holds `"flow"`.
+
+**Inner flows.** `adapt(..., flow=...)` runs another ODE than the gradient
+flow (`ctmeta.flows`: [`Preconditioned`][ctmeta.flows.Preconditioned],
+[`HeavyBall`][ctmeta.flows.HeavyBall]): [`Adjoint`][] solves it and its
+adjoint (the flow's arrays are leaves of its vector field, differentiated
+like the data), [`Unrolled`][] and [`FirstOrder`][] take its explicit Euler
+steps. A rule with `takes_flow` False refuses any flow but the gradient
+flow, in one line saying why.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import jax.numpy as jnp
 
 from . import ode
 from ._errors import InputError
+from .flows import AbstractFlow, Gradient, GradientField, check_flow
 from .linear_flow import linear_flow
 
 PyTree = Any
@@ -70,53 +80,6 @@ def _check_steps(name: str, steps):
         raise InputError(f"{name}(steps={steps!r}): steps must be a positive int (the number of inner steps K).")
 
 
-def _neg(tree):
-    return jax.tree.map(jnp.negative, tree)
-
-
-class GradientField(ode.AbstractVectorField):
-    r"""The gradient flow $f(t, u, \text{data}) = -\nabla_u L(u, \text{data})$ of a loss.
-
-    Its transposed Jacobian needs no reverse-over-reverse: the Hessian is
-    symmetric, so one forward-over-reverse product (a `jvp` of `grad` taken
-    over $(u, \text{data}, \text{loss constants})$ jointly, tangent
-    $(a, 0, 0)$) gives every cotangent at once:
-
-    $$(\partial f/\partial u)^\top a = -H_{uu}\, a, \qquad
-      (\partial f/\partial \text{data})^\top a = -H_{\text{data},u}\, a .$$
-
-    Its Jacobian $-H_{uu}$ is symmetric (`symmetric_jacobian`), so
-    `ctmeta.ode.StoredAdjoint` checks the stability of its backward sweep.
-    """
-
-    symmetric_jacobian: ClassVar[bool] = True
-
-    loss: Callable
-
-    def __call__(self, t, u, data):
-        return _neg(jax.grad(self.loss)(u, data))
-
-    def vjp(self, t, u, data, a, wrt=None):
-        # `wrt` is over (data, self); this field's only leaves are those of `loss`.
-        wrt_data, wrt_self = wrt if wrt is not None else (True, True)
-        wrt_loss = wrt_self.loss if isinstance(wrt_self, GradientField) else wrt_self
-        spec = ode.differentiable((u, data, self.loss), (True, wrt_data, wrt_loss))
-        diff, nondiff = eqx.partition((u, data, self.loss), spec)
-        full_grad = jax.grad(lambda d: _call_loss(eqx.combine(d, nondiff)))
-        tangent = (a,) + jax.tree.map(jnp.zeros_like, diff[1:])
-        _, hvp = jax.jvp(full_grad, (diff,), (tangent,))
-        au, adata, aloss = _neg(hvp)
-        return au, adata, GradientField(aloss)
-
-    def closure_convert(self, t, u, data):
-        return GradientField(ode.closure_convert(self.loss, u, data))
-
-
-def _call_loss(triple):
-    u, data, loss = triple
-    return loss(u, data)
-
-
 class AbstractMethod(eqx.Module):
     r"""A meta-gradient rule. Static configuration objects: compare and hash by value.
 
@@ -133,23 +96,41 @@ class AbstractMethod(eqx.Module):
       a learner must use it with `adapt="head"`.
     - `adapts_head` (`True`): the rule can adapt a linear head on fixed
       features (`adapt="head"`).
+    - `takes_flow` (`True`): the rule runs any inner flow of
+      `ctmeta.flows` (`adapt(..., flow=...)`), not only the gradient flow;
+      `"flow" in differentiates` when it also differentiates the flow's
+      meta-parameters.
     """
 
-    differentiates: ClassVar[frozenset[str]] = frozenset({"params", "data", "T"})
+    differentiates: ClassVar[frozenset[str]] = frozenset({"params", "data", "T", "flow"})
     outer_direction: ClassVar[bool] = False
     head_only: ClassVar[bool] = False
     adapts_head: ClassVar[bool] = True
+    takes_flow: ClassVar[bool] = True
 
     @abc.abstractmethod
-    def adapt(self, loss_fn: LossFn, params: PyTree, data: PyTree, T) -> PyTree:
+    def adapt(self, loss_fn: LossFn, params: PyTree, data: PyTree, T, flow: AbstractFlow | None = None) -> PyTree:
         """Return the adapted differentiable parameters `u(T)` (same structure as `params`).
 
         `params` holds only floating-point arrays (the caller partitions the
-        model); `loss_fn(params, data)` is the scalar training loss.
+        model); `loss_fn(params, data)` is the scalar training loss; `flow`
+        the inner flow (`None`: the gradient flow, [`Gradient`][ctmeta.flows.Gradient]).
         A failed inner solve raises (see `ctmeta.ode.solve`).
         """
 
-    def adapt_with_status(self, loss_fn: LossFn, params: PyTree, data: PyTree, T) -> tuple[PyTree, jax.Array]:
+    def check_flow(self, flow) -> AbstractFlow:
+        """`flow` (`Gradient()` for `None`), or a one-line `InputError` if this rule cannot run it."""
+        flow = check_flow(flow, type(self).__name__)
+        if not flow.is_gradient and not self.takes_flow:
+            raise InputError(
+                f"{type(self).__name__} cannot run flow={type(flow).__name__}: {self._flow_refusal} "
+                "Use Adjoint, Unrolled or FirstOrder for it, or the gradient flow (flow=Gradient()).")
+        return flow
+
+    _flow_refusal: ClassVar[str] = ""
+
+    def adapt_with_status(self, loss_fn: LossFn, params: PyTree, data: PyTree, T,
+                          flow: AbstractFlow | None = None) -> tuple[PyTree, jax.Array]:
         """`(u(T), status)`, never raising for a failed inner solve.
 
         As `adapt`, but a failed solve (step budget exhausted, non-finite
@@ -160,12 +141,25 @@ class AbstractMethod(eqx.Module):
         `UNSTABLE_ADJOINT`. Rules without an ODE solve cannot fail this way:
         their status is always `SUCCESS`.
         """
-        return self.adapt(loss_fn, params, data, T), jnp.asarray(ode.SolveStatus.SUCCESS, jnp.int32)
+        if flow is None or flow.is_gradient:  # a rule written before flows takes no `flow`
+            return self.adapt(loss_fn, params, data, T), jnp.asarray(ode.SolveStatus.SUCCESS, jnp.int32)
+        return self.adapt(loss_fn, params, data, T, flow=flow), jnp.asarray(ode.SolveStatus.SUCCESS, jnp.int32)
 
     @property
     def inner_steps(self) -> int:
         """Number of stored states or gradient steps, `K`."""
         return self.steps  # type: ignore[attr-defined]
+
+
+def _flow_steps(flow, loss_fn, params, data, h, steps, unroll=1):
+    """`steps` explicit Euler steps of size `h` of `flow` from `params`; the parameters they end at."""
+    field = flow.field(loss_fn)
+
+    def step(y, _):
+        return flow.euler_step(field, y, data, h), None
+
+    y, _ = jax.lax.scan(step, flow.init_state(params), None, length=steps, unroll=unroll)
+    return flow.params_of(y)
 
 
 def _gd_steps(loss_fn, u, data, h, steps, *, prox=None, unroll=1):
@@ -278,17 +272,24 @@ class Adjoint(AbstractMethod):
         """`K` for the stored rule; 100 (the default evaluation's `T / h`) for the adaptive one."""
         return self.steps if self.steps is not None else 100
 
-    def adapt(self, loss_fn, params, data, T):
-        return self._solve(loss_fn, params, data, T, throw=True)
+    def adapt(self, loss_fn, params, data, T, flow=None):
+        return self._solve(loss_fn, params, data, T, throw=True, flow=flow)
 
-    def adapt_with_status(self, loss_fn, params, data, T):
-        return self._solve(loss_fn, params, data, T, throw=False)
+    def adapt_with_status(self, loss_fn, params, data, T, flow=None):
+        return self._solve(loss_fn, params, data, T, throw=False, flow=flow)
 
-    def _solve(self, loss_fn, params, data, T, throw):
+    def _solve(self, loss_fn, params, data, T, throw, flow=None):
+        flow = self.check_flow(flow)
+        if not flow.is_gradient:  # the flow's own field and state; its arrays are the field's leaves
+            out = self._ode_solve(flow.field(loss_fn), flow.init_state(params), data, T, throw)
+            return flow.params_of(out) if throw else (flow.params_of(out[0]), out[1])
+        return self._ode_solve(GradientField(loss_fn), params, data, T, throw)
+
+    def _ode_solve(self, field, y0, data, T, throw):
         # Only the array part of the parameters flows; structure is static.
         return ode.solve(
-            GradientField(loss_fn),
-            params,
+            field,
+            y0,
             T,
             data,
             steps=self.steps if self.steps is not None else 100,
@@ -306,7 +307,11 @@ class Unrolled(AbstractMethod):
 
     The meta-gradient is exact for the discrete map; memory grows with
     `steps` (that is the comparison A-MAML and COMLN make). Applied to a
-    linear head alone, this is ANIL.
+    linear head alone, this is ANIL. With an inner flow (`ctmeta.flows`) the
+    steps are the flow's explicit Euler steps of `T / steps` (Meta-SGD for
+    [`Preconditioned`][ctmeta.flows.Preconditioned], momentum GD for
+    [`HeavyBall`][ctmeta.flows.HeavyBall]), differentiated in the
+    initialisation, the data, `T` and the flow's meta-parameters.
     """
 
     steps: int = eqx.field(default=5, static=True)
@@ -315,7 +320,10 @@ class Unrolled(AbstractMethod):
     def __check_init__(self):
         _check_steps("Unrolled", self.steps)
 
-    def adapt(self, loss_fn, params, data, T):
+    def adapt(self, loss_fn, params, data, T, flow=None):
+        flow = self.check_flow(flow)
+        if not flow.is_gradient:  # the flow's explicit Euler steps: its exact discrete reference
+            return _flow_steps(flow, loss_fn, params, data, T / self.steps, self.steps, unroll=self.unroll)
         return _gd_steps(loss_fn, params, data, T / self.steps, self.steps, unroll=self.unroll)
 
 
@@ -323,7 +331,8 @@ class FirstOrder(AbstractMethod):
     r"""FOMAML: gradient steps whose Jacobian is replaced by the identity.
 
     `jax.grad` through the result gives $\nabla J(u_K)$ for $\theta$ and
-    nothing for the data or $T$.
+    nothing for the data, $T$ or an inner flow's meta-parameters (it runs
+    any flow's Euler steps, `ctmeta.flows`, but does not learn the flow).
     """
 
     differentiates: ClassVar[frozenset[str]] = frozenset({"params"})
@@ -333,9 +342,13 @@ class FirstOrder(AbstractMethod):
     def __check_init__(self):
         _check_steps("FirstOrder", self.steps)
 
-    def adapt(self, loss_fn, params, data, T):
-        u = _gd_steps(loss_fn, jax.lax.stop_gradient(params), jax.lax.stop_gradient(data),
-                      jax.lax.stop_gradient(T / self.steps), self.steps)
+    def adapt(self, loss_fn, params, data, T, flow=None):
+        flow = self.check_flow(flow)
+        stop = jax.lax.stop_gradient
+        if not flow.is_gradient:
+            u = _flow_steps(stop(flow), loss_fn, stop(params), stop(data), stop(T / self.steps), self.steps)
+        else:
+            u = _gd_steps(loss_fn, stop(params), stop(data), stop(T / self.steps), self.steps)
         # u = theta + const: the identity Jacobian, without a graph over the steps.
         return jax.tree.map(lambda th, ui: th + jax.lax.stop_gradient(ui - th), params, u)
 
@@ -352,13 +365,16 @@ class Reptile(AbstractMethod):
     differentiates: ClassVar[frozenset[str]] = frozenset({"params"})
     outer_direction: ClassVar[bool] = True
     adapts_head: ClassVar[bool] = False  # its direction is taken in the whole model's parameters
+    takes_flow: ClassVar[bool] = False
+    _flow_refusal: ClassVar[str] = "its outer direction theta - u_K differentiates no inner loop, so a flow's meta-parameters would get no update."
 
     steps: int = eqx.field(default=100, static=True)
 
     def __check_init__(self):
         _check_steps("Reptile", self.steps)
 
-    def adapt(self, loss_fn, params, data, T):
+    def adapt(self, loss_fn, params, data, T, flow=None):
+        self.check_flow(flow)
         return FirstOrder(self.steps).adapt(loss_fn, params, data, T)
 
 
@@ -393,6 +409,8 @@ class Implicit(AbstractMethod):
     """
 
     differentiates: ClassVar[frozenset[str]] = frozenset({"params", "data"})
+    takes_flow: ClassVar[bool] = False
+    _flow_refusal: ClassVar[str] = "its meta-gradient is that of the proximal optimum, not of the path to it, so a flow's meta-parameters get none."
 
     steps: int = eqx.field(default=100, static=True)
     lam: float = eqx.field(default=1.0, static=True)
@@ -405,7 +423,8 @@ class Implicit(AbstractMethod):
         if not isinstance(self.cg_steps, int) or self.cg_steps < 1:
             raise InputError(f"Implicit(cg_steps={self.cg_steps!r}): give a positive int.")
 
-    def adapt(self, loss_fn, params, data, T):
+    def adapt(self, loss_fn, params, data, T, flow=None):
+        self.check_flow(flow)
         loss_fn = ode.closure_convert(loss_fn, params, data)
         return _implicit_adapt((params, data, loss_fn), jax.lax.stop_gradient(T), self)
 
@@ -476,6 +495,9 @@ class LinearFlow(AbstractMethod):
     """
 
     head_only: ClassVar[bool] = True
+    differentiates: ClassVar[frozenset[str]] = frozenset({"params", "data", "T"})
+    takes_flow: ClassVar[bool] = False
+    _flow_refusal: ClassVar[str] = "it runs COMLN's own flow of a softmax head, by forward sensitivity."
 
     lam: float = eqx.field(default=0.0, static=True)
     solver: str = eqx.field(default="dopri5", static=True)
@@ -497,7 +519,8 @@ class LinearFlow(AbstractMethod):
         """`steps` for Euler; 100 (the default evaluation's `T / h`) for Dopri5."""
         return self.steps if self.steps is not None else 100
 
-    def adapt(self, loss_fn, params, data, T):
+    def adapt(self, loss_fn, params, data, T, flow=None):
+        self.check_flow(flow)
         raise InputError(
             "LinearFlow adapts a linear softmax head by the flow of its cross-entropy, not a model on a loss: "
             "use it in a MetaLearner with adapt='head' and an EmbeddingHead, or call adapt_head "

@@ -160,6 +160,7 @@ def resolve_config(
     lr_schedule: str | None = None,
     backbone: str | None = None,
     solver: str | None = None,
+    flow: str | None = None,
 ) -> dict[str, Any]:
     """Validate the user's choices and fill in the benchmark's and method's
     defaults. Returns the run configuration (JSON-able). Pure Python.
@@ -168,7 +169,10 @@ def resolve_config(
     `"step"`, `"cosine"`) choose the outer optimiser (see
     [`optimizer_config`][]); `backbone` (`"conv4"`, `"conv4-smooth"` or `"resnet12"`) the
     embedding network of the image benchmarks; `solver` (`"dopri5"` or
-    `"rk4"`, A-MAML only) the forward solver of the inner flow."""
+    `"rk4"`, A-MAML only) the forward solver of the inner flow; `flow`
+    (`"gradient"`, `"preconditioned"` or `"heavy-ball"`, see `ctmeta.flows`)
+    the inner flow, whose meta-parameters are learned (so only with the
+    methods that differentiate them: amaml, maml, anil)."""
     benchmark = benchmark or "cosmixture"
     method = method or "amaml"
     if benchmark not in BENCHMARKS:
@@ -217,6 +221,7 @@ def resolve_config(
         if solver not in ("dopri5", "rk4"):
             raise InputError(f"unknown `solver` {solver!r}; choose from dopri5, rk4")
     opt = optimizer_config(method, optimizer, meta_lr, lr_schedule, meta_iterations, adam_lr=p.outer_lr)
+    flow_spec = flow_config(method, flow)
 
     # Task sizes.
     if p.kind == "regression":
@@ -307,6 +312,7 @@ def resolve_config(
         "backbone": backbone,
         "model": model,
         "method_options": method_options,
+        "flow": flow_spec,
         "eval": {
             "steps": eval_steps,
             "curve": curve,
@@ -470,6 +476,43 @@ def build_family(config: dict, *, progress: bool = True, log=print):
     raise InputError(f"unknown benchmark {b!r}")
 
 
+#: The inner flows by name, and the methods that learn them (Adjoint, Unrolled).
+FLOW_NAMES = ("gradient", "preconditioned", "heavy-ball")
+FLOW_METHODS = ("amaml", "maml", "anil")
+
+
+def flow_config(method: str, flow: str | None) -> dict[str, Any]:
+    """The `flow` entry of a configuration: its name and initial meta-parameters."""
+    flow = flow or "gradient"
+    if flow not in FLOW_NAMES:
+        raise InputError(f"unknown `flow` {flow!r}; choose from {', '.join(FLOW_NAMES)}")
+    if flow != "gradient" and method not in FLOW_METHODS:
+        raise InputError(f"`flow` {flow} is meta-learned, which needs a `method` that differentiates it "
+                         f"({', '.join(FLOW_METHODS)}); {method} does not")
+    if flow == "preconditioned":  # P = I at first: the run starts as plain A-MAML/MAML
+        return {"name": flow, "per": "parameter", "scale": 1.0}
+    if flow == "heavy-ball":
+        return {"name": flow, "gamma": 1.0}
+    return {"name": flow}
+
+
+def build_flow(config: dict, model):
+    """The inner flow of a configuration (`ctmeta.flows`), for `model` (a head method: its head).
+    Configurations written before flows have none: the gradient flow."""
+    from .flows import Gradient, HeavyBall, Preconditioned
+
+    spec = config.get("flow") or {"name": "gradient"}
+    name = spec.get("name", "gradient")
+    if name == "gradient":
+        return Gradient()
+    if name == "preconditioned":
+        target = model.head if config["method"] in HEAD_METHODS else model
+        return Preconditioned.like(target, per=spec.get("per", "parameter"), scale=float(spec.get("scale", 1.0)))
+    if name == "heavy-ball":
+        return HeavyBall.with_gamma(float(spec.get("gamma", 1.0)))
+    raise InputError(f"unknown flow {name!r} in the configuration; choose from {', '.join(FLOW_NAMES)}")
+
+
 def build_method(config: dict):
     from . import methods
     from .methods import LinearFlow
@@ -562,6 +605,7 @@ def build_learner(config: dict, family, model_key):
         # A whole Conv-4 per task fills a CPU core: batching tasks buys nothing there,
         # and an adaptive solve under vmap runs every task for the slowest one's steps.
         task_map="map" if config["model"]["name"] in _WHOLE_IMAGE_NETWORKS else "vmap",
+        flow=build_flow(config, model),
     )
 
 

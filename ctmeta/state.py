@@ -29,11 +29,16 @@ class MetaParams(eqx.Module):
     - `T_weights`: `(d,)` when each task gets its own horizon
       $T = \exp(\log T + w \cdot \bar\phi)$, $\bar\phi$ the mean of the
       task's support features; else `None`.
+    - `flow`: the inner flow's meta-parameters (its arrays, e.g. the
+      $\rho$ of [`Preconditioned`][ctmeta.flows.Preconditioned]; other
+      leaves `None`) when a flow with arrays is learned; else `None` (the
+      gradient flow has none, so its state and checkpoints are as before).
     """
 
     model: PyTree
     log_T: jax.Array | None = None
     T_weights: jax.Array | None = None
+    flow: PyTree = None
 
 
 class MetaState(eqx.Module):

@@ -19,7 +19,7 @@ __all__ = ["ENVIRONMENT_ERRNOS", "FLAG_OF", "as_flags", "internal_error", "numer
 
 #: The library's parameters -> the flags that set them.
 FLAG_OF = {name: "--" + name.replace("_", "-") for name in (
-    "T", "steps", "solver", "meta_iterations", "meta_batch", "ways", "shots", "data_dir", "backbone", "optimizer",
+    "T", "steps", "solver", "flow", "meta_iterations", "meta_batch", "ways", "shots", "data_dir", "backbone", "optimizer",
     "meta_lr", "lr_schedule", "seed", "out", "checkpoint_every", "resume", "on_nonfinite", "method", "benchmark",
     "checkpoint", "tasks", "coordinator_address", "num_processes", "process_id")}
 FLAG_OF["per_process"] = "--devices"  # ctmeta.sharding.task_mesh(per_process=...)

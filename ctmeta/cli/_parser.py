@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--solver", choices=["dopri5", "rk4"], default=None,
                    help="amaml's forward solver: dopri5 (adaptive; without --steps the backward is adaptive "
                    "too) or rk4 (K = --steps fixed steps of T/K; without --steps K = T/0.01) (default: dopri5)")
+    t.add_argument("--flow", choices=["gradient", "preconditioned", "heavy-ball"], default=None,
+                   help="the inner flow, its meta-parameters learned with the initialisation (amaml, maml, anil): "
+                   "gradient (du/dt = -grad L), preconditioned (du/dt = -P grad L, P = exp(rho) per parameter, "
+                   "Meta-SGD in continuous time) or heavy-ball (u'' + gamma u' = -grad L, gamma learned) "
+                   "(default: gradient)")
     t.add_argument("--meta-iterations", type=int, default=None, metavar="INT",
                    help="outer iterations, > 0 (default: per benchmark, 1000)")
     t.add_argument("--meta-batch", type=int, default=None, metavar="INT",

@@ -41,6 +41,7 @@ def resolve_train_config(args) -> dict:
         lr_schedule=args.lr_schedule,
         backbone=args.backbone,
         solver=args.solver,
+        flow=args.flow,
     )
 
 
@@ -52,8 +53,9 @@ def saved_choices(config: dict) -> dict:
     model = str((config.get("model") or {}).get("name", ""))
     backbone = config.get("backbone") or next((b for b in BACKBONES if model.startswith(b)), None)
     solver = (config.get("method_options") or {}).get("solver", "dopri5") if config.get("method") == "amaml" else None
+    flow = (config.get("flow") or {}).get("name", "gradient")  # runs before flows: the gradient flow
     return {"optimizer": opt.get("name"), "meta_lr": opt.get("learning_rate"),
-            "lr_schedule": opt.get("schedule") or "none", "backbone": backbone, "solver": solver}
+            "lr_schedule": opt.get("schedule") or "none", "backbone": backbone, "solver": solver, "flow": flow}
 
 
 def check_resume_flags(args, config: dict) -> dict:

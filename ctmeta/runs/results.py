@@ -94,6 +94,7 @@ def evaluate_run(exp, run: RunDir, state, *, reporter: Reporter | None = None, s
         "tasks": int(n_tasks),
         "lr": lr,
         "T": T_learned,
+        "flow": (cfg.get("flow") or {}).get("name", "gradient"),
         "table_steps": table_steps,
         "curve_steps": curve,
         **{
@@ -137,12 +138,21 @@ def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _adaptation(results: dict) -> str:
+    """How the test tasks adapt: gradient descent, or the learned inner flow's Euler steps."""
+    flow = results.get("flow", "gradient")
+    if flow == "gradient":
+        return f"gradient descent with learning rate {results['lr']:g}"
+    return (f"Euler steps of h = {results['lr']:g} of the {flow} inner flow (learned; the random "
+            "initialisation with the flow's initial meta-parameters)")
+
+
 def _caption(results: dict) -> str:
     better = "lower" if results["lower_is_better"] else "higher"
     return (
         f"Meta-test {results['metric']} ({better} is better) on {results['tasks']} test tasks of "
         f"{results['benchmark']} after {results['iteration']} meta-iterations of {results['method']} "
-        f"(T = {results['T']:.4g}); gradient descent with learning rate {results['lr']:g} on each "
+        f"(T = {results['T']:.4g}); {_adaptation(results)} on each "
         "task's support set; mean ± 95% CI over tasks."
     )
 
