@@ -59,11 +59,13 @@ def directional_fd(f, args, i, key, eps=1e-5):
     keys = jax.random.split(key, len(leaves))
     d = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
+    f_jit = eqx.filter_jit(f)  # compiled once for the two shifted points
+
     def shifted(s):
         moved = eqx.apply_updates(args[i], jax.tree.map(lambda di: s * di, d))
-        return f(*args[:i], moved, *args[i + 1:])
+        return f_jit(*args[:i], moved, *args[i + 1:])
 
-    g = jax.grad(f, argnums=i)(*args)
+    g = eqx.filter_jit(jax.grad(f, argnums=i))(*args)
     analytic = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(eqx.filter(g, eqx.is_inexact_array)), jax.tree.leaves(d)))
     return float(analytic), float((shifted(eps) - shifted(-eps)) / (2 * eps))
 
@@ -87,8 +89,9 @@ def test_meta_gradients_match_finite_differences(name, rule):
         grad_method, fd_method, rtol = Adjoint(steps=400, rtol=1e-11, atol=1e-13), TIGHT, 1e-4
     for i, what in enumerate(["init", "flow", "T"]):
         args = (PARAMS, flow, T)
-        analytic, _ = directional_fd(outer(grad_method, flow), args, i, jax.random.PRNGKey(i))
-        _, fd = directional_fd(outer(fd_method, flow), args, i, jax.random.PRNGKey(i))
+        analytic, fd = directional_fd(outer(grad_method, flow), args, i, jax.random.PRNGKey(i))
+        if fd_method is not grad_method:
+            _, fd = directional_fd(outer(fd_method, flow), args, i, jax.random.PRNGKey(i))
         assert abs(fd) > 1e-4, (what, fd)  # a derivative that is there to check
         np.testing.assert_allclose(analytic, fd, rtol=rtol, atol=1e-9, err_msg=f"{name} {rule}: d/d{what}")
 
