@@ -179,6 +179,36 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
     assert resumed.results["learned"] == whole.results["learned"]
 
 
+def test_an_unfinished_run_of_another_configuration_is_kept_and_one_from_before_flows_resumes(tmp_path):
+    import json
+
+    from ctmeta.runs import RunDir
+
+    def run(iters):
+        ctx = reproduce.Context(name="x", scale="test", out=tmp_path, data_root=None, quiet=True, argv=[])
+        ctx.reporter = Reporter(quiet=True, silent=True)
+        return reproduce.run_method(ctx, "s/maml", "cosmixture", "maml", meta_iterations=iters, steps=2,
+                                    eval_tasks=4, eval_steps=(0, 2))
+
+    whole = run(4)
+    d = RunDir(tmp_path / "s" / "maml")
+    (d.path / "results.json").unlink()
+    for it, ck in d.checkpoints():
+        if it == 4:
+            ck.unlink()
+            ck.with_suffix(".json").unlink()
+    # Written before inner flows existed: no "flow" entry, which reads as the gradient flow.
+    config = json.loads(d.config_path.read_text())
+    del config["flow"]
+    d.config_path.write_text(json.dumps(config))
+    other = run(5)  # another budget: the unfinished run is not deleted
+    assert other.status == "failed" and "differs in meta_iterations)" in other.message
+    assert d.checkpoints()[-1][0] == 3
+    resumed = run(4)
+    assert resumed.ok
+    assert [r["meta_loss"] for r in resumed.metrics] == [r["meta_loss"] for r in whole.metrics]
+
+
 def test_paired_test_against_the_t_statistic_by_hand():
     from scipy import stats
 

@@ -19,9 +19,13 @@ __all__ = ["CHECKPOINT_CONFIG_FIELDS", "KEEP_CHECKPOINTS", "METRIC_COLUMNS", "NO
 
 METRIC_COLUMNS = ("iteration", "meta_loss", "grad_norm", "T", "seconds", "skipped")
 _OPTIONAL_COLUMNS = {"skipped": 0.0}  # absent from runs written before the column existed
+#: Configuration entries absent from runs written before they existed, read as
+#: the value that run had (so such a run resumes, and compares equal to its
+#: configuration as written today).
+_OPTIONAL_CONFIG = {"flow": {"name": "gradient"}}
 #: The fields of the configuration a checkpoint must agree with to be resumed.
 CHECKPOINT_CONFIG_FIELDS = ("benchmark", "method", "T", "learn_T", "steps", "meta_batch", "ways", "shots",
-                            "queries", "seed", "model", "optimizer", "method_options")
+                            "queries", "seed", "model", "optimizer", "method_options", "flow")
 NONFINITE_POLICIES = {"error": "raise", "skip-task": "skip-task"}
 KEEP_CHECKPOINTS = 2
 _CKPT = re.compile(r"^ckpt-(\d+)\.eqx$")
@@ -129,7 +133,7 @@ class RunDir:
             raise CheckpointError(f"cannot read {self.config_path}: {err}") from None
         if not isinstance(config, dict) or "benchmark" not in config or "method" not in config:
             raise CheckpointError(f"{self.config_path} is not a ctmeta run configuration")
-        return config
+        return {**_OPTIONAL_CONFIG, **config}
 
     def write_config(self, config: dict) -> None:
         atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=False) + "\n")

@@ -15,8 +15,12 @@ _HEAD_ONLY = ("comln", "anil")  # adapt a linear head on a fixed embedding: chea
 # Meta-iterations per method at --scale cpu: what fits a few hours of 2 CPU
 # cores. Measured on Omniglot 5-way 1-shot, meta-batch 4, Conv-4 (float32):
 # COMLN 0.64 s, ANIL 0.59 s, MAML 1.1 s, A-MAML (conv4-smooth, adaptive
-# adjoint) 8 s a meta-iteration; 20-way 1-shot: A-MAML 14 s.
-_CPU_ITERATIONS = {"comln": 2000, "anil": 2000, "maml": 1000, "amaml": 250}
+# adjoint) 8 s a meta-iteration; 20-way 1-shot: A-MAML 14 s at first, but
+# its cost grows as meta-training sharpens the loss and the adaptive solver
+# takes more steps (35 s at iteration 6, 90 s at 21, ~200 s at 50, ~240 s at
+# 84; one core): 150 meta-iterations are ~7 h. The outer rate is constant,
+# so a 150-iteration run is the first 150 iterations of a longer one.
+_CPU_ITERATIONS = {"comln": 2000, "anil": 2000, "maml": 1000, "amaml": 150}
 # The papers' image budget: MAML's and iMAML's protocol (Finn et al. 2017:
 # 60,000 meta-iterations), which A-MAML follows; COMLN follows Lee et al.
 # (60 epochs of 1,000 batches).

@@ -9,7 +9,7 @@ import time
 import traceback
 
 
-from ..._errors import CtmetaError, DataError
+from ..._errors import CtmetaError, DataError, InputError
 from ..._paths import dataset_dir
 from ..._record import RUN_RECORD_KEYS, run_record
 from .context import Context, RunResult
@@ -145,7 +145,7 @@ def run_method(
             ctx.log(f"\n=== {ctx.name} / {label}: resuming {path} from {ckpt.name}")
         else:
             if path.exists():
-                shutil.rmtree(path)  # unfinished with nothing to resume, or of another configuration
+                shutil.rmtree(path)  # unfinished with no checkpoint to resume from
             config.update(run_record(exp.family, ["reproduce", *ctx.argv]))
             run = RunDir.create(path, config)
             ctx.log(f"\n=== {ctx.name} / {label}: {benchmark} {method}, {config['meta_iterations']} "
@@ -207,7 +207,10 @@ def estimate_table(estimates: list[dict]) -> str:
 
 def _unfinished_run(path: pathlib.Path, config: dict, exp, ctx: Context):
     """The run directory at `path` if it holds an unfinished run of this same
-    configuration with a checkpoint to continue from; else None."""
+    configuration with a checkpoint to continue from; None if there is nothing
+    there to continue. An unfinished run of another configuration (another
+    budget, dtype, ...) is hours of meta-training that a rerun must not delete
+    silently: that is an error naming what differs."""
     from ...runs import RunDir, dtype_name
 
     run = RunDir(path)
@@ -218,8 +221,13 @@ def _unfinished_run(path: pathlib.Path, config: dict, exp, ctx: Context):
     except CtmetaError:
         return None
     same = lambda c: {k: v for k, v in c.items() if k not in RUN_RECORD_KEYS}
-    if same(json.loads(json.dumps(config))) != same(saved) or saved.get("dtype") != dtype_name():
-        ctx.log(f"[{path.name}] the unfinished run in {path} has another configuration: starting it again")
-        return None
+    now, then = same(json.loads(json.dumps(config))), same(saved)
+    differ = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+    if saved.get("dtype") != dtype_name():
+        differ.append(f"dtype ({saved.get('dtype')} there, {dtype_name()} now)")
+    if differ:
+        raise InputError(f"the unfinished run in {path} (checkpoint {run.checkpoints()[-1][1].name}) was made with "
+                         f"another configuration (differs in {', '.join(differ)}): remove that directory "
+                         "to start it again, or restore the configuration that made it")
     run.remove_temporaries()
     return run
