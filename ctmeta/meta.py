@@ -61,12 +61,12 @@ from jax.sharding import Mesh
 from ._errors import InputError, NumericalError, check_positive
 from ._learner_checks import (check_arguments, check_batch, describe_solve_failures, nonfinite_error, solve_advice,
                               task_axis_hint)
-from .adaptation import gradient_flow
+from .adaptation import gradient_flow, loss_along_flow
 from .checkpoint import load_state, save_state
 from .evaluation import Evaluation, gd_scores
 from .flows import AbstractFlow, check_flow
 from .losses import METRICS, apply_loss, mse, resolve_metric
-from .methods import reptile_direction
+from .methods import Adjoint, reptile_direction
 from .models import apply_to_set
 from .ode import SolveStatus
 from .sharding import TASK_AXIS, check_mesh, constrain_replicated, map_over_tasks, place_replicated, place_tasks
@@ -604,6 +604,51 @@ class MetaLearner:
         values = np.concatenate(results, axis=0)  # column 0: step 0; then `positive`
         columns = [0 if s == 0 else 1 + positive.index(s) for s in steps]
         return Evaluation.from_per_task(steps, values[:, columns], lr, metric_name)
+
+    def loss_along_flow(self, state_or_params: MetaState | MetaParams, batch, ts) -> tuple[np.ndarray, np.ndarray]:
+        """The support and the query loss of each task of `batch` at times `ts`
+        along its inner flow from the state's initialisation: a look inside the
+        inner loop (see [`ctmeta.loss_along_flow`][]; one adaptive forward
+        solve per task, read at `ts` from its dense output).
+
+        The flow is the learner's own with its learned meta-parameters, in
+        continuous time: the flow A-MAML solves, and the one whose Euler steps
+        of `h` MAML's steps are (step `k` is time `k h`). The forward settings
+        are the method's when it is an [`Adjoint`][] with Dopri5, else
+        `Adjoint()`'s. Returns `(support, query)`, each `(tasks, len(ts))`,
+        NaN for a task whose forward solve failed (e.g. a non-smooth ReLU
+        network that runs out of dense steps). Not for COMLN's own head flow.
+        """
+        if self.method.head_only:
+            raise InputError(f"loss_along_flow: {type(self.method).__name__} adapts its head by its own flow; "
+                             "this reads the gradient flows of `gradient_flow`")
+        params = params_of(state_or_params)
+        check_batch(batch, "loss_along_flow")
+        ts = jnp.asarray(ts, self._dtype)
+        method = self.method if isinstance(self.method, Adjoint) and self.method.solver == "dopri5" else Adjoint()
+        model = eqx.combine(params.model, self._static)
+        T = jnp.maximum(jnp.max(ts), 0)
+        inner = self._flow(params)
+
+        def one(task):
+            sx, sy, qx, qy = task[:4]
+            mask = task[4] if len(task) > 4 else None
+            if self.adapt == "all":
+                u, support, query = model, (sx, sy), (qx, qy, mask)
+
+                def loss(m, data):
+                    return apply_loss(self.loss, self.apply(m, data[0]), data[1], *data[2:])
+            else:
+                u, support, query = model.head, (model.features(sx), sy), (model.features(qx), qy, mask)
+
+                def loss(W, data):
+                    return apply_loss(self.loss, data[0] @ W.T, data[1], *data[2:])
+
+            out = loss_along_flow(loss, u, support, T, ts, flow=inner, query_data=query, method=method, throw=False)
+            return out.support, out.query
+
+        support, query = jax.jit(jax.vmap(one))(tuple(batch))
+        return np.asarray(support), np.asarray(query)
 
     # -- persistence -----------------------------------------------------------
 

@@ -417,6 +417,33 @@ def test_meta_learner_evaluates_with_the_flows_euler_steps():
     np.testing.assert_allclose(ev.per_task, plain.per_task, rtol=1e-10)
 
 
+@pytest.mark.parametrize("make", [lambda m: Preconditioned.like(m, scale=2.0), lambda m: HeavyBall.with_gamma(2.0)],
+                         ids=["preconditioned", "heavy-ball"])
+def test_meta_learner_loss_along_flow_is_the_loss_of_the_flow_solved_to_each_time(make):
+    from ctmeta import gradient_flow
+    from ctmeta.models import apply_to_set
+
+    learner = _learner(make, Adjoint(rtol=1e-10, atol=1e-12))
+    state = learner.init(jax.random.PRNGKey(1))
+    batch = _sine_batch(jax.random.PRNGKey(5), meta_batch=2)
+    ts = jnp.array([0.0, 0.1, 0.25, 0.4])
+    support, query = learner.loss_along_flow(state, batch, ts)
+    assert support.shape == query.shape == (2, 4)
+    model, flow = learner.model(state), learner.inner_flow(state)
+
+    def loss(m, data):
+        return ctmeta.mse(apply_to_set(m, data[0]), data[1])
+
+    for i in range(2):
+        sx, sy, qx, qy = (a[i] for a in batch)
+        for j, t in enumerate(ts):  # an independent solve to each time
+            u = model if t == 0 else gradient_flow(loss, model, (sx, sy), t, flow=flow,
+                                                   method=Adjoint(rtol=1e-10, atol=1e-12))
+            np.testing.assert_allclose(support[i, j], loss(u, (sx, sy)), rtol=1e-6)
+            np.testing.assert_allclose(query[i, j], loss(u, (qx, qy)), rtol=1e-6)
+    assert support[0, -1] < support[0, 0]
+
+
 def test_meta_learner_refuses_a_flow_it_cannot_learn():
     with pytest.raises(InputError, match="FirstOrder gives the flow's parameters"):
         _learner(lambda m: Preconditioned.like(m), FirstOrder(steps=3))

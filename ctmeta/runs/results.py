@@ -12,7 +12,7 @@ from .._io import atomic_write_bytes, atomic_write_text
 from .console import Reporter
 from .rundir import RunDir
 
-__all__ = ["eval_curve", "evaluate_run", "results_markdown", "results_text", "save_figure", "write_figures"]
+__all__ = ["eval_curve", "evaluate_run", "flow_summary", "results_markdown", "results_text", "save_figure", "write_figures"]
 
 
 def eval_curve(table_steps, every: int | None = None) -> list[int]:
@@ -27,14 +27,20 @@ def eval_curve(table_steps, every: int | None = None) -> list[int]:
 
 
 def evaluate_run(exp, run: RunDir, state, *, reporter: Reporter | None = None, steps=None, tasks: int | None = None,
-                 lr: float | None = None, log_y: bool = False) -> dict:
+                 lr: float | None = None, log_y: bool = False, inner_loss_tasks: int | None = None) -> dict:
     """Evaluate the learned and a random initialisation on the meta-test
     tasks; print the table, then write results.md, results.json and the
     figures (process 0 of a multi-process run only; all of them evaluate).
 
     `steps` (the table's adaptation steps), `tasks` (the first `tasks`
     meta-test tasks) and `lr` (the GD learning rate) override the run's
-    configuration; `log_y` draws the error-vs-steps figure on a log scale."""
+    configuration; `log_y` draws the error-vs-steps figure on a log scale.
+    `inner_loss_tasks`: on how many test tasks to look inside the inner loop
+    (`MetaLearner.loss_along_flow`: the support and query loss along the
+    continuous-time inner flow, learned against random initialisation, in
+    results.json and figures/inner_loss.png); default 4, and 0 (none) for
+    images, whose whole-network flows are costly or, with ReLU, not smooth
+    enough for an adaptive solve."""
     from ..sharding import is_main_process
 
     reporter = reporter or Reporter()
@@ -60,6 +66,8 @@ def evaluate_run(exp, run: RunDir, state, *, reporter: Reporter | None = None, s
                              f"the maximum is {available}")
         batch = type(batch)(*(a[:tasks] for a in batch))
     n_tasks = jax.tree.leaves(batch)[0].shape[0]
+    from ..presets import BENCHMARKS
+
     evaluations = {}
     inits = {"learned": state, "random": learner.init(exp.run_key)}
     for name, st in inits.items():
@@ -68,10 +76,16 @@ def evaluate_run(exp, run: RunDir, state, *, reporter: Reporter | None = None, s
                 st, batch, curve, lr=lr, chunk_size=exp.eval_chunk, progress=bar.update
             )
     T_learned = float(learner.horizon(state))
+    learned_flow = flow_summary(learner.inner_flow(state))
+    inner_loss = None
+    if inner_loss_tasks is None:
+        inner_loss_tasks = 0 if getattr(BENCHMARKS.get(cfg["benchmark"]), "kind", None) == "images" else 4
+    if inner_loss_tasks > 0 and not learner.method.head_only:
+        with reporter.progress("loss along the inner flow", len(inits)) as bar:
+            inner_loss = _inner_loss(learner, inits, batch, min(int(inner_loss_tasks), n_tasks), curve[-1] * lr,
+                                     bar.update)
     # Ratings: the other scales a reader of "nRMSE" may assume, at the table's steps.
     other = {}
-    from ..presets import BENCHMARKS
-
     preset = BENCHMARKS.get(cfg["benchmark"])
     if preset is not None and preset.kind == "ratings" and hasattr(exp.family, "mean_rating"):
         from ..tasks.metrics import RelativeSquaredError, rmse
@@ -104,8 +118,12 @@ def evaluate_run(exp, run: RunDir, state, *, reporter: Reporter | None = None, s
             for name, e in evaluations.items()
         },
     }
+    if learned_flow:
+        results["learned_flow"] = learned_flow
     if other:
         results["other_metrics"] = other  # {metric: {init: {steps, mean, ci95, per_task}}}
+    if inner_loss is not None:
+        results["inner_loss"] = inner_loss
     # The table first: whatever happens to the files, the numbers are on screen.
     reporter.log("")
     reporter.log(results_text(results))
@@ -118,6 +136,49 @@ def evaluate_run(exp, run: RunDir, state, *, reporter: Reporter | None = None, s
             reporter.warn(f"could not draw the figures: {type(err).__name__}: {err}")
     reporter.log(f"\nrun directory: {run.path}")
     return results
+
+
+def flow_summary(flow) -> dict:
+    """The meta-parameters of an inner flow in a few numbers: the heavy ball's
+    friction `gamma`, the preconditioner's smallest, median and largest
+    entry; `{}` for the gradient flow."""
+    import jax
+    import numpy as np
+
+    if getattr(flow, "is_gradient", True):
+        return {}
+    if hasattr(flow, "gamma"):
+        return {"gamma": float(flow.gamma)}
+    if hasattr(flow, "preconditioner"):
+        P = np.concatenate([np.ravel(np.asarray(a)) for a in jax.tree.leaves(flow.preconditioner)])
+        return {"P_min": float(P.min()), "P_median": float(np.median(P)), "P_max": float(P.max()),
+                "P_entries": int(P.size)}
+    return {}
+
+
+def _inner_loss(learner, inits: dict, batch, n: int, horizon: float, progress) -> dict:
+    """The support and query losses of the first `n` test tasks at 41 times
+    of [0, `horizon`] along the inner flow from each initialisation."""
+    import numpy as np
+
+    ts = np.linspace(0.0, float(horizon), 41)
+    part = type(batch)(*(a[:n] for a in batch))
+    out = {"ts": ts.tolist(), "tasks": int(n)}
+    for i, (name, st) in enumerate(inits.items()):
+        support, query = learner.loss_along_flow(st, part, ts)
+        out[name] = {"support": support.tolist(), "query": query.tolist()}
+        progress(i + 1)
+    return out
+
+
+def _flow_text(results: dict) -> str:
+    f = results.get("learned_flow") or {}
+    if "gamma" in f:
+        return f"Learned friction of the heavy-ball flow: gamma = {f['gamma']:.4g} (initially 1)."
+    if "P_median" in f:
+        return (f"Learned preconditioner P = exp(rho), {f['P_entries']} entries: min {f['P_min']:.3g}, "
+                f"median {f['P_median']:.3g}, max {f['P_max']:.3g} (initially 1).")
+    return ""
 
 
 def _cell(results: dict, name: str, step: int) -> str:
@@ -163,6 +224,11 @@ def results_markdown(results: dict) -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] * len(header)) + "|")
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if _flow_text(results):
+        lines += ["", _flow_text(results)]
+    if "inner_loss" in results:
+        lines += ["", f"figures/inner_loss.png: the support and query losses of {results['inner_loss']['tasks']} "
+                  "test tasks along the continuous-time inner flow (`MetaLearner.loss_along_flow`)."]
     return "\n".join(lines) + "\n"
 
 
@@ -171,7 +237,8 @@ def results_text(results: dict) -> str:
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     sep = "  ".join("-" * w for w in widths)
-    return "\n".join([_caption(results), "", fmt(header), sep] + [fmt(r) for r in rows])
+    extra = [_flow_text(results)] if _flow_text(results) else []
+    return "\n".join([_caption(results), "", fmt(header), sep] + [fmt(r) for r in rows] + extra)
 
 
 def _run_title(run: RunDir, results: dict | None) -> str:
@@ -238,6 +305,41 @@ def write_figures(run: RunDir, results: dict | None, *, log_y: bool = False) -> 
         ax.grid(alpha=0.3, which="both" if log_y else "major")
         save_figure(fig, run.figure_dir / "error_vs_steps.png")
         plt.close(fig)
+    if results is not None and "inner_loss" in results:
+        _inner_loss_figure(run.figure_dir / "inner_loss.png", results, title)
+
+
+def _inner_loss_figure(path: pathlib.Path, results: dict, title: str) -> None:
+    """Support and query loss against adaptation time: one thin line per test
+    task, the tasks' median thick; learned against random initialisation."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    inner = results["inner_loss"]
+    ts = np.array(inner["ts"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, which in zip(axes, ("support", "query")):
+        for name, color, ls in (("learned", "C0", "-"), ("random", "gray", "--")):
+            losses = np.array(inner[name][which], dtype=float)
+            for row in losses:
+                ax.plot(ts, row, color=color, ls=ls, lw=0.6, alpha=0.4)
+            label = f"learned ({results['method']})" if name == "learned" else "random init"
+            ax.plot(ts, np.nanmedian(losses, axis=0), color=color, ls=ls, lw=2, label=f"{label}: median")
+        both = np.array([inner[n][which] for n in ("learned", "random")], dtype=float)
+        if np.all(np.isfinite(both)) and np.min(both) > 0:
+            ax.set_yscale("log")
+        T = results.get("T")
+        if isinstance(T, (int, float)) and 0 < T <= ts[-1] and results.get("method") == "amaml":
+            ax.axvline(T, color="k", lw=0.8, ls=":", label=f"meta-training horizon T = {T:.3g}")
+        ax.set_xlabel(f"adaptation time t (GD step k is t = {results['lr']:g} k)")
+        ax.set_ylabel(f"{which} loss")
+        ax.set_title(f"{which} loss along the {results.get('flow', 'gradient')} flow")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="small")
+    fig.suptitle(f"{title}: {inner['tasks']} test tasks, iteration {results['iteration']}")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
 
 
 def save_figure(fig, path: str | os.PathLike) -> None:

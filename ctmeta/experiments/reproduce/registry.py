@@ -9,6 +9,7 @@ from typing import Callable
 from .context import Context
 from .gradients import amaml_table4, amaml_table5, bench_experiment, comln_fig2
 from .images import comln_fig5, comln_table2, comln_table4, amaml_table3
+from .flows import inner_flows
 from .regression import amaml_fig2, amaml_table12
 
 
@@ -51,6 +52,9 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
                        "(miniImageNet train64, Omniglot)",
                        "~15-25 min (1-shot only)", comln_table2, cpu_differs=True),
         ExperimentSpec("comln-table4", "COMLN Table 4: Dopri5 vs Euler, accuracy and time", "~5 min", comln_table4, cpu_differs=True),
+        ExperimentSpec("inner-flows", "ctmeta's own: learned preconditioner and heavy-ball inner flows against the "
+                       "gradient flow (A-MAML, MAML; CosMixture and Alpine 100shot-100val)",
+                       "~40 min (10 runs of 300 meta-iterations)", inner_flows),
         ExperimentSpec("comln-fig5", "COMLN Fig. 5: learned T during meta-training; learned vs fixed T",
                        "~5 min (Omniglot 5-way 5-shot; cpu: 1-shot)", comln_fig5, cpu_differs=True),
     ]

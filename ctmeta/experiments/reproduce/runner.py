@@ -72,12 +72,14 @@ def run_method(
     data_options: dict | None = None,
     method_options: dict | None = None,
     seed: int = 0,
+    flow: str | None = None,
 ) -> RunResult:
     """Meta-train and evaluate one configuration in `OUT/<experiment>/<label>/`.
 
     `optimizer`, `meta_lr`, `lr_schedule` and `backbone` are those of
     `presets.resolve_config` (`ctmeta train --optimizer ...`); left out, the
-    presets' defaults (each paper's protocol for the method). `method_options`
+    presets' defaults (each paper's protocol for the method); `flow` the inner
+    flow (`ctmeta train --flow`). `method_options`
     overrides entries of the configuration's `method_options` (e.g. A-MAML's
     `atol`)."""
     from ... import presets
@@ -103,7 +105,7 @@ def run_method(
         config = presets.resolve_config(
             benchmark, method, T=T, steps=steps, meta_iterations=meta_iterations, meta_batch=meta_batch,
             ways=ways, shots=shots, data_dir=data_dir_for(ctx, benchmark), seed=seed,
-            optimizer=optimizer, meta_lr=meta_lr, lr_schedule=lr_schedule, backbone=backbone,
+            optimizer=optimizer, meta_lr=meta_lr, lr_schedule=lr_schedule, backbone=backbone, flow=flow,
         )
     except DataError as err:
         msg = f"skipped {label}: {err}"
