@@ -490,6 +490,24 @@ def test_cli_train_with_a_flow_saves_it_and_refuses_bad_combinations(tmp_path, c
     assert json.loads((out / "config.json").read_text())["flow"] == {"name": "heavy-ball", "gamma": 1.0}
     results = json.loads((out / "results.json").read_text())
     assert results["flow"] == "heavy-ball" and "heavy-ball inner flow" in (out / "results.md").read_text()
+    # the look inside: the learned friction and the loss along the flow of 4 test tasks, learned and random
+    saved = eqx_state_gamma(out)
+    assert results["learned_flow"] == {"gamma": pytest.approx(saved, rel=1e-6)} and saved != 1.0
+    inner = results["inner_loss"]
+    assert inner["tasks"] == 4 and inner["ts"][0] == 0.0 and len(inner["ts"]) == 41
+    assert inner["ts"][-1] == pytest.approx(20 * results["lr"])  # the curve's last step, as a time
+    for name in ("learned", "random"):
+        support = np.array(inner[name]["support"])
+        assert support.shape == (4, 41) and np.isfinite(support).all()
+    assert (out / "figures" / "inner_loss.png").stat().st_size > 0
+    # `ctmeta evaluate` adapts with the learned flow, and --inner-loss-tasks 0 drops the look inside
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--inner-loss-tasks", "0", "--quiet"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["learned"] == results["learned"] and again["learned_flow"] == results["learned_flow"]
+    assert "inner_loss" not in again and not (out / "figures" / "inner_loss.png").exists()
+    assert main(["evaluate", str(out), "--inner-loss-tasks", "-1"]) == 2
+    assert "--inner-loss-tasks must be 0 or a positive integer" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["train", "--method", "reptile", "--flow", "preconditioned", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
@@ -497,3 +515,15 @@ def test_cli_train_with_a_flow_saves_it_and_refuses_bad_combinations(tmp_path, c
     # --resume keeps the flow
     assert main(["train", "--resume", str(out), "--flow", "gradient"]) == 2
     assert "--flow gradient differs" in capsys.readouterr().err
+
+
+def eqx_state_gamma(run_dir) -> float:
+    """The heavy-ball friction in a run's latest checkpoint, read from the file."""
+    from ctmeta.presets import build
+    from ctmeta.runs import RunDir
+
+    run = RunDir.open(run_dir)
+    config = run.read_config()
+    learner = build(config, progress=False).learner
+    state, _, _ = run.load_latest(learner.init(jax.random.PRNGKey(0)), config=config)
+    return float(jnp.exp(state.params.flow.log_gamma))

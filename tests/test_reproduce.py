@@ -20,7 +20,7 @@ def test_list_names_every_experiment(capsys):
         assert name in out
         assert spec.reproduces in out
     for required in ("amaml-fig2", "amaml-table1-2", "amaml-table3", "amaml-table4", "amaml-table5",
-                     "amaml-fig3-4", "comln-fig3", "comln-table2", "comln-table4", "comln-fig5", "comln-fig2"):
+                     "amaml-fig3-4", "comln-fig3", "comln-table2", "comln-table4", "comln-fig5", "comln-fig2", "inner-flows"):
         assert required in reproduce.EXPERIMENTS
     assert "quick scale" in out
 
@@ -142,6 +142,35 @@ def test_committed_paper_scale_runs_are_read_back_and_reused(tmp_path):
     r = reproduce.run_method(ctx, "50shot-50val/maml", "cosmixture", "maml", meta_iterations=5000, steps=20)
     assert r.ok and r.results == json.loads((src / "50shot-50val" / "maml" / "results.json").read_text())
     assert len(r.metrics) == 5000
+
+
+def test_committed_inner_flows_runs_are_reused_and_their_table_rebuilt(tmp_path):
+    # Every run of the committed quick-scale inner-flows experiment matches the
+    # configuration the experiment asks for (its flow included), so nothing trains.
+    import json
+    import pathlib
+    import shutil
+
+    src = pathlib.Path(__file__).resolve().parents[1] / "docs" / "results" / "inner-flows"
+    if not (src / "results.md").is_file():
+        pytest.skip("no committed inner-flows results")
+    out = tmp_path / "inner-flows"
+    shutil.copytree(src, out)
+    (out / "results.md").unlink()
+    ctx = reproduce.Context(name="inner-flows", scale="quick", out=out, data_root=None, quiet=True, argv=[])
+    ctx.reporter = Reporter(quiet=True, silent=True)
+    reproduce.EXPERIMENTS["inner-flows"].runner(ctx)
+    md = (out / "results.md").read_text()
+    for name in ("A-MAML, learned P", "A-MAML, heavy ball", "MAML, learned P (Meta-SGD)"):
+        assert md.count(f"| {name} |") == 4  # two tables and two paired tables
+    for bench in ("cosmixture", "alpine"):
+        for run in ("amaml-heavy-ball", "amaml-preconditioned", "maml-preconditioned"):
+            res = json.loads((src / bench / run / "results.json").read_text())
+            assert res["learned_flow"] and res["flow"] == run.split("-", 1)[1]
+            assert json.loads((out / bench / run / "results.json").read_text()) == res
+        gamma = json.loads((src / bench / "amaml-heavy-ball" / "results.json").read_text())["learned_flow"]["gamma"]
+        assert f"gamma {gamma:.3g}" in md
+    assert "against A-MAML: nRMSE" in md and (out / "inner-flows.png").stat().st_size > 0
 
 
 def test_methods_filter_runs_only_the_named_methods(tmp_path):

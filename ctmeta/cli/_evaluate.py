@@ -33,6 +33,8 @@ def cmd_evaluate(args) -> int:
         raise InputError(f"--tasks must be a positive integer, got {args.tasks}")
     if args.lr is not None:
         check_positive("--lr", args.lr)
+    if args.inner_loss_tasks is not None and args.inner_loss_tasks < 0:
+        raise InputError(f"--inner-loss-tasks must be 0 or a positive integer, got {args.inner_loss_tasks}")
     reporter = Reporter(quiet=args.quiet)
     run = RunDir.open(args.run_dir)
     config = run.read_config()
@@ -50,5 +52,5 @@ def cmd_evaluate(args) -> int:
             state, _, path = run.load_latest(like, warn=print_warning, config=config)
         reporter.log(f"evaluating {run.path} at {path.name} (iteration {int(state.iteration)})")
         evaluate_run(exp, run, state, reporter=reporter, steps=steps, tasks=args.tasks, lr=args.lr,
-                     log_y=args.log_y)
+                     log_y=args.log_y, inner_loss_tasks=args.inner_loss_tasks)
     return 0

@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the benchmark's data are now (default: the run's data directory)")
     e.add_argument("--log-y", action="store_true",
                    help="draw figures/error_vs_steps.png with a logarithmic error axis")
+    e.add_argument("--inner-loss-tasks", type=int, default=None, metavar="INT",
+                   help="on how many meta-test tasks to follow the support and query loss along the inner flow "
+                   "(figures/inner_loss.png), >= 0, 0 for none (default: 4; 0 for images)")
     add_common(e)
 
     dl = sub.add_parser(

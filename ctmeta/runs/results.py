@@ -307,6 +307,8 @@ def write_figures(run: RunDir, results: dict | None, *, log_y: bool = False) -> 
         plt.close(fig)
     if results is not None and "inner_loss" in results:
         _inner_loss_figure(run.figure_dir / "inner_loss.png", results, title)
+    elif results is not None:  # an evaluation without it: no figure of an earlier one beside this table
+        (run.figure_dir / "inner_loss.png").unlink(missing_ok=True)
 
 
 def _inner_loss_figure(path: pathlib.Path, results: dict, title: str) -> None:

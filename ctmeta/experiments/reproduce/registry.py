@@ -54,7 +54,7 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
         ExperimentSpec("comln-table4", "COMLN Table 4: Dopri5 vs Euler, accuracy and time", "~5 min", comln_table4, cpu_differs=True),
         ExperimentSpec("inner-flows", "ctmeta's own: learned preconditioner and heavy-ball inner flows against the "
                        "gradient flow (A-MAML, MAML; CosMixture and Alpine 100shot-100val)",
-                       "~40 min (10 runs of 300 meta-iterations)", inner_flows),
+                       "~25 min (10 runs of 300 meta-iterations; 23 min here)", inner_flows),
         ExperimentSpec("comln-fig5", "COMLN Fig. 5: learned T during meta-training; learned vs fixed T",
                        "~5 min (Omniglot 5-way 5-shot; cpu: 1-shot)", comln_fig5, cpu_differs=True),
     ]
