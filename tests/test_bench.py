@@ -100,6 +100,8 @@ def test_rules_are_the_presets_rules():
     assert bench.problems.rule("amaml-ckpt", 100) == Adjoint(100, checkpoints=10)
     assert bench.problems.rule("amaml-adaptive", 20, 64) == Adjoint(dense_steps=64)
     assert bench.problems.rule("amaml-adaptive", 20) == Adjoint()
+    assert {m: bench.FLOW_CASES[m][0] for m in bench.FLOW_CASES} == {
+        "amaml-preconditioned": "amaml-adaptive", "amaml-heavy-ball": "amaml-adaptive", "maml-preconditioned": "maml"}
     with pytest.raises(InputError):
         bench.problems.rule("comln", 20)
 
@@ -151,3 +153,27 @@ def test_head_memory_grows_with_steps_for_anil_and_not_for_comln(tmp_path):
     # At least one (5, 64) float32 state a step: 1,280 bytes x 990 more steps.
     assert large["anil_head_bytes"] - small["anil_head_bytes"] >= 990 * 5 * 64 * 4
     assert large["comln_over_anil"] < small["comln_over_anil"]
+
+
+def test_flow_cases_differentiate_the_flow_and_keep_a_flat_memory(tmp_path):
+    """The flow cases measure the meta-gradient of (initialisation, flow): A-MAML's
+    adaptive adjoint keeps its memory flat in the steps, Meta-SGD's unrolled graph does not."""
+    import jax
+    import numpy as np
+
+    rows = bench.run(["cosmixture/amaml-heavy-ball+maml-preconditioned"], [8, 64], tmp_path, quick=True, repeats=1,
+                     meta_batch=1, time_budget=0.0, vmap=False, diagnostics=False, progress=False)
+    assert all(r["peak_bytes"] > 0 for r in rows)
+    hb = [_row(rows, "amaml-heavy-ball", k) for k in (8, 64)]
+    sgd = [_row(rows, "maml-preconditioned", k) for k in (8, 64)]
+    assert hb[0]["status"].startswith("ok") and hb[0]["forward_steps"] >= 1 and hb[0]["backward_steps"] >= 1
+    assert sgd[1]["peak_bytes"] > 4 * sgd[0]["peak_bytes"]  # the unrolled graph grows with K
+    assert hb[1]["peak_bytes"] < 1.5 * hb[0]["peak_bytes"] < sgd[1]["peak_bytes"]
+    problem = bench.make_problem("cosmixture", 1)
+    for method, name in (("amaml-heavy-ball", "log_gamma"), ("maml-preconditioned", "rho")):
+        grad_fn, _ = bench.meta_gradient_fn(problem, method, 8)
+        _, (g_init, g_flow) = jax.jit(grad_fn)(problem.meta_params(method), problem.batch)
+        flow_grads = jax.tree.leaves(getattr(g_flow, name))
+        assert flow_grads and all(np.isfinite(g).all() for g in flow_grads)
+        assert max(float(np.abs(g).max()) for g in flow_grads) > 0
+        assert max(float(np.abs(g).max()) for g in jax.tree.leaves(g_init)) > 0

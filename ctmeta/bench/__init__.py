@@ -61,13 +61,14 @@ from .diagnostics import (
 )
 from .measurement import compile_fn, device_description, measure_vmap, meta_gradient_fn, time_call
 from .plots import plot
-from .problems import BENCHMARKS, H, Problem, checkpoints_for, make_problem
+from .problems import BENCHMARKS, FLOW_CASES, H, Problem, checkpoints_for, make_problem
 from .report import read_csv, rows_markdown, table_markdown, write_csv
 from .sweep import COLUMNS, DEFAULT_CASES, DEFAULT_STEPS, QUICK_STEPS, rerun_diagnostics, run
 from .targets import evaluate_targets, limit_notes, print_summary, targets_markdown
 
 __all__ = [
     "BENCHMARKS",
+    "FLOW_CASES",
     "COLUMNS",
     "DEFAULT_CASES",
     "DEFAULT_STEPS",

@@ -6,6 +6,13 @@ $L^s(u) = \ell(f_u(x^s), y^s)$ and the query loss $L^q(u) = \ell(f_u(x^q), y^q)$
 A method adapts $u(T)$ from $\theta$ on $L^s$ (the gradient flow
 $\dot u = -\nabla L^s(u)$ up to $T = K h$, or $K$ steps of it) and the
 benchmark differentiates $L^q(u(T))$ with respect to $\theta$.
+
+The flow cases (`amaml-preconditioned`, `amaml-heavy-ball`,
+`maml-preconditioned`) adapt by another inner flow (`ctmeta.flows`: a learned
+diagonal preconditioner $\dot u = -P \nabla L^s(u)$, $P = e^\rho$, or the
+heavy ball $\dot u = v$, $\dot v = -\gamma v - \nabla L^s(u)$) and
+differentiate with respect to $(\theta, \text{flow})$: $\rho$ or $\log\gamma$
+beside the initialisation, as `ctmeta train --flow` learns them.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from ..losses import cross_entropy, mse
 from ..methods import Adjoint, GradientField
 from ..presets import build_method
 
-__all__ = ["H", "BENCHMARKS", "Problem", "make_problem", "checkpoints_for", "rule", "head_loss"]
+__all__ = ["H", "BENCHMARKS", "FLOW_CASES", "Problem", "make_problem", "checkpoints_for", "rule", "head_loss"]
 
 PyTree = Any
 
@@ -39,13 +46,24 @@ H = 0.01
 
 #: benchmark -> its methods, in plotting order.
 BENCHMARKS: dict[str, tuple[str, ...]] = {
-    "cosmixture": ("maml", "fomaml", "reptile", "imaml", "amaml", "amaml-ckpt", "amaml-adaptive"),
+    "cosmixture": ("maml", "fomaml", "reptile", "imaml", "amaml", "amaml-ckpt", "amaml-adaptive",
+                   "amaml-preconditioned", "amaml-heavy-ball", "maml-preconditioned"),
     "omniglot": ("comln", "comln-euler", "anil", "maml", "amaml", "amaml-ckpt", "amaml-adaptive"),
     "miniimagenet": ("comln", "comln-euler", "anil", "maml", "amaml", "amaml-ckpt", "amaml-adaptive"),
     # COMLN's own embedding (Fig. 4, Appendix E.2): ResNet-12 without global
     # pooling, d = 640 * 5 * 5 = 16,000 features on 84x84 images, where the
     # head's unrolled graph (ANIL) is no longer small beside the embedding's.
     "miniimagenet-resnet12": ("comln", "comln-euler", "anil"),
+}
+
+
+#: A flow case -> (the method name of its rule, its flow's `presets` name): A-MAML's
+#: flows take its default rule, the adaptive backward (`Adjoint()`); Meta-SGD is
+#: MAML's `Unrolled(K)` through the preconditioned flow's Euler steps.
+FLOW_CASES: dict[str, tuple[str, str]] = {
+    "amaml-preconditioned": ("amaml-adaptive", "preconditioned"),
+    "amaml-heavy-ball": ("amaml-adaptive", "heavy-ball"),
+    "maml-preconditioned": ("maml", "preconditioned"),
 }
 
 
@@ -116,48 +134,76 @@ class Problem:
         T = steps * H
         if method in ("comln", "comln-euler", "anil"):
             return self._head_objective(method, steps, T)
-        flow_rule = rule(method, steps, self.dense_steps(T) if method == "amaml-adaptive" else None)
+        base, flow = self.rule_and_flow(method)
+        flow_rule = rule(base, steps, self.dense_steps(T, flow) if base == "amaml-adaptive" else None)
 
-        def adapt(params, task):
-            return gradient_flow(self.whole_loss, params, (task[0], task[1]), T, method=flow_rule)
+        def adapt(meta_params, task):
+            params, flow_ = meta_params if flow is not None else (meta_params, None)
+            return gradient_flow(self.whole_loss, params, (task[0], task[1]), T, method=flow_rule, flow=flow_)
 
-        def loss(params, task):
-            return self.whole_outer(adapt(params, task), task)
+        def loss(meta_params, task):
+            return self.whole_outer(adapt(meta_params, task), task)
 
         return loss, loss, adapt
 
-    def forward_steps(self, T) -> int:
+    def rule_and_flow(self, method: str):
+        """`(method name of the rule, inner flow or None)`: the flow of a flow case
+        starts where `ctmeta train --flow` starts it (P = I, gamma = 1)."""
+        if method not in FLOW_CASES:
+            return method, None
+        from ..presets import build_flow
+
+        base, name = FLOW_CASES[method]
+        flow = build_flow({"method": _PRESET_METHOD[base], "flow": {"name": name}}, self.params)
+        return base, flow.astype(jnp.float32)  # the problems are float32, whatever `jax_enable_x64`
+
+    def meta_params(self, method: str):
+        """What `method`'s meta-gradient differentiates: the initialisation, and
+        for a flow case `(initialisation, flow)`."""
+        flow = self.rule_and_flow(method)[1]
+        return self.params if flow is None else (self.params, flow)
+
+    def forward_steps(self, T, flow=None) -> int:
         """The most accepted steps the adaptive forward (Dopri5, `Adjoint()`'s
-        tolerances) takes over the meta-batch up to `T`."""
-        field, adjoint = GradientField(self.whole_loss), Adjoint()
+        tolerances) of the gradient flow (or `flow`) takes over the meta-batch up to `T`."""
+        field, y0 = self._field_and_start(flow)
+        adjoint = Adjoint()
         opts = SolveOptions(steps=1, rtol=adjoint.rtol, atol=adjoint.atol, max_steps=adjoint.max_steps, solver="dopri5")
 
         def one(task):
-            return dense_forward(field, self.params, jnp.asarray(T, jnp.float32), (task[0], task[1]), opts,
+            return dense_forward(field, y0, jnp.asarray(T, jnp.float32), (task[0], task[1]), opts,
                                  None)[3]["accepted_steps"]
 
         return int(np.max(jax.jit(jax.vmap(one))(self.batch)))
 
-    def adaptive_steps(self, T) -> tuple[int, int]:
-        """`(forward, backward)` accepted steps of `amaml-adaptive` at `T`, the most over the meta-batch."""
-        field, adjoint = GradientField(self.whole_loss), Adjoint()
-        sens = ode.AdaptiveAdjoint(self.dense_steps(T), adjoint.adjoint_rtol, adjoint.adjoint_atol)
+    def adaptive_steps(self, T, flow=None) -> tuple[int, int]:
+        """`(forward, backward)` accepted steps of `amaml-adaptive` (with `flow`) at `T`,
+        the most over the meta-batch."""
+        field, y0 = self._field_and_start(flow)
+        adjoint = Adjoint()
+        sens = ode.AdaptiveAdjoint(self.dense_steps(T, flow), adjoint.adjoint_rtol, adjoint.adjoint_atol)
         opts = SolveOptions(steps=1, rtol=adjoint.rtol, atol=adjoint.atol, max_steps=adjoint.max_steps, solver="dopri5")
+        params_of = flow.params_of if flow is not None else (lambda y: y)
 
         def one(task):
             data = (task[0], task[1])
             Tj = jnp.asarray(T, jnp.float32)
-            y1, dense, _, fstats = dense_forward(field, self.params, Tj, data, opts, sens.dense_steps, True)
-            a_end = jax.grad(self.whole_outer)(y1, task)
+            y1, dense, _, fstats = dense_forward(field, y0, Tj, data, opts, sens.dense_steps, True)
+            a_end = jax.grad(lambda y: self.whole_outer(params_of(y), task))(y1)
             _, _, _, bstats = ode.adjoint_backward(field, dense, Tj, data, a_end, sens, opts, (False, False))
             return fstats["accepted_steps"], bstats["num_accepted_steps"]
 
         f, b = jax.jit(jax.vmap(one))(self.batch)
         return int(np.max(f)), int(np.max(b))
 
-    def dense_steps(self, T) -> int:
+    def dense_steps(self, T, flow=None) -> int:
         """A dense-output size for `amaml-adaptive`: the forward's steps plus a quarter, rounded up to 16."""
-        return 16 * math.ceil(1.25 * self.forward_steps(T) / 16)
+        return 16 * math.ceil(1.25 * self.forward_steps(T, flow) / 16)
+
+    def _field_and_start(self, flow):
+        if flow is None:
+            return GradientField(self.whole_loss), self.params
+        return flow.field(self.whole_loss), flow.init_state(self.params)
 
     def _head_objective(self, method, steps, T):
         features, split = self.head["features"], self.head["split"]

@@ -102,7 +102,7 @@ def _measure_case(problem, method, steps, settings, history, repeats, device):
         checkpoints=checkpoints_for(steps) if method == "amaml-ckpt" else "",
         repeats=0, forward_repeats=0, seconds=None, forward_seconds=None,
     )
-    args = (problem.params, problem.batch)
+    args = (problem.meta_params(method), problem.batch)
     grad_fn, fwd_fn = meta_gradient_fn(problem, method, steps)
     try:
         compiled, mem, csec = compile_fn(grad_fn, *args)
@@ -138,8 +138,9 @@ def _measure_case(problem, method, steps, settings, history, repeats, device):
         msg = next((m for m in msg if "ctmeta" in m or "max_steps" in m), msg[0] if msg else "")
         row["status"] = f"error running: {type(err).__name__}: {msg[:200]}"
         return row
-    if method == "amaml-adaptive":
-        row["forward_steps"], row["backward_steps"] = problem.adaptive_steps(steps * H)
+    base, flow = problem.rule_and_flow(method)
+    if base == "amaml-adaptive":
+        row["forward_steps"], row["backward_steps"] = problem.adaptive_steps(steps * H, flow)
     history[(problem.name, method)] = (steps, row["seconds"], row["forward_seconds"])
     row["status"] = "ok" if row["repeats"] > 0 else "ok (warm-up call only: over the time budget)"
     return row
