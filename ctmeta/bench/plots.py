@@ -36,8 +36,9 @@ def plot(rows, out_dir, limit_bytes: float = 8e9) -> list[pathlib.Path]:
         top = max((r["peak_bytes"] for r in rows if r["benchmark"] == bench and r.get("peak_bytes")), default=0)
         if top > limit_bytes / 10:
             ax_m.axhline(limit_bytes / 1e6, color="grey", ls="--", lw=1)
-            ax_m.text(ax_m.get_xlim()[0], limit_bytes / 1e6, f" run limit {fmt_bytes(limit_bytes)}",
-                      va="bottom", fontsize=8, color="grey")
+            # x in axes coordinates: data coordinates taken before the log scale is set put the label off the axes
+            ax_m.text(0.01, limit_bytes / 1e6, f" run limit {fmt_bytes(limit_bytes)}", va="bottom", fontsize=8,
+                      color="grey", transform=ax_m.get_yaxis_transform())
         for ax, ylabel in ((ax_m, "peak memory of the meta-gradient (MB)"), (ax_t, "seconds per meta-gradient")):
             ax.set_xscale("log")
             ax.set_yscale("log")
