@@ -338,12 +338,7 @@ class MetaLearner:
             return (out, jnp.asarray(SolveStatus.SUCCESS, jnp.int32)) if throw else out
 
         if self.adapt == "all":
-
-            def inner_loss(m, data):
-                x, y = data
-                return self.loss(self.apply(m, x), y)
-
-            adapted, status = flow(inner_loss, model, (sx, sy), T)
+            adapted, status = flow(self._inner_loss(), model, (sx, sy), T)
             return self.apply(adapted, qx), eqx.filter(adapted, eqx.is_inexact_array), status
         # Head only: the embedding is meta-learned through the features.
         fs = model.features(sx)
@@ -355,13 +350,15 @@ class MetaLearner:
             W = self.method.adapt_head(model.head, fs, labels, T.astype(fs.dtype), throw=throw)
             W, status = (W, jnp.asarray(SolveStatus.SUCCESS, jnp.int32)) if throw else W
         else:
-
-            def head_loss(W, data):
-                f, y = data
-                return self.loss(f @ W.T, y)
-
-            W, status = flow(head_loss, model.head, (fs, sy), T)
+            W, status = flow(self._inner_loss(), model.head, (fs, sy), T)
         return fq @ W.T, W, status
+
+    def _inner_loss(self):
+        """The inner loss `L(u, (x, y[, mask]))` of what adapts: the whole model
+        on inputs, or (head only) the linear head `W` on features `x`."""
+        if self.adapt == "all":
+            return lambda m, data: apply_loss(self.loss, self.apply(m, data[0]), data[1], *data[2:])
+        return lambda W, data: apply_loss(self.loss, data[0] @ W.T, data[1], *data[2:])
 
     def _task_objective(self, params: MetaParams, task, throw: bool = True):
         """`(query loss, adapted arrays, inner solve status)` of one task."""
@@ -635,16 +632,10 @@ class MetaLearner:
             mask = task[4] if len(task) > 4 else None
             if self.adapt == "all":
                 u, support, query = model, (sx, sy), (qx, qy, mask)
-
-                def loss(m, data):
-                    return apply_loss(self.loss, self.apply(m, data[0]), data[1], *data[2:])
             else:
                 u, support, query = model.head, (model.features(sx), sy), (model.features(qx), qy, mask)
-
-                def loss(W, data):
-                    return apply_loss(self.loss, data[0] @ W.T, data[1], *data[2:])
-
-            out = loss_along_flow(loss, u, support, T, ts, flow=inner, query_data=query, method=method, throw=False)
+            out = loss_along_flow(self._inner_loss(), u, support, T, ts, flow=inner, query_data=query,
+                                  method=method, throw=False)
             return out.support, out.query
 
         support, query = jax.jit(jax.vmap(one))(tuple(batch))
