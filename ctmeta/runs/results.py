@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pathlib
+import time
 
 from .._errors import CheckpointError, InputError
 from .._io import atomic_write_bytes, atomic_write_text
@@ -44,6 +45,7 @@ def evaluate_run(exp, run: RunDir, state, *, reporter: Reporter | None = None, s
     from ..sharding import is_main_process
 
     reporter = reporter or Reporter()
+    started = time.perf_counter()
     cfg = exp.config
     learner = exp.learner
     ev = cfg["eval"]
@@ -124,6 +126,7 @@ def evaluate_run(exp, run: RunDir, state, *, reporter: Reporter | None = None, s
         results["other_metrics"] = other  # {metric: {init: {steps, mean, ci95, per_task}}}
     if inner_loss is not None:
         results["inner_loss"] = inner_loss
+    results["eval_seconds"] = round(time.perf_counter() - started, 1)  # this evaluation's wall time
     # The table first: whatever happens to the files, the numbers are on screen.
     reporter.log("")
     reporter.log(results_text(results))

@@ -53,8 +53,14 @@ class RunResult:
     message: str = ""
     results: dict | None = None
     metrics: list | None = None
-    seconds: float = float("nan")
+    train_seconds: float = float("nan")  # the run's meta-training, every session of it (metrics.csv)
+    eval_seconds: float | None = None  # its meta-test evaluation (results.json); None: not recorded
     run_dir: str = ""
+
+    @property
+    def seconds(self) -> float:
+        """Meta-training plus evaluation (training alone where the evaluation's time was not recorded)."""
+        return self.train_seconds + (self.eval_seconds or 0.0)
 
     @property
     def ok(self) -> bool:

@@ -93,12 +93,12 @@ def run_method(
         try:
             results = json.loads(done.read_text())
             metrics = RunDir(path).read_metrics()
-            secs = metrics[-1]["seconds"] if metrics else float("nan")
             ctx.log(f"[{label}] reusing the finished run in {path}")
             ratings = presets_kind(benchmark) == "ratings"
             if "per_task" not in results.get("learned", {}) or (ratings and "other_metrics" not in results):
                 results = _evaluate_again(ctx, path, benchmark, label, int(results["tasks"]))
-            return RunResult(label, "ok", results=results, metrics=metrics, seconds=secs, run_dir=str(path))
+            return RunResult(label, "ok", results=results, metrics=metrics, train_seconds=_train_seconds(metrics),
+                             eval_seconds=results.get("eval_seconds"), run_dir=str(path))
         except (OSError, ValueError):
             pass
     try:
@@ -132,7 +132,6 @@ def run_method(
     from ...runs import Reporter
 
     reporter = ctx.reporter or Reporter(quiet=ctx.quiet)
-    t0 = time.perf_counter()
     try:
         exp = presets.build(config, progress=not ctx.quiet, log=reporter.log)
         if ev.get("tasks") is not None and hasattr(exp.family, "test_batch") and eval_tasks is not None:
@@ -166,8 +165,13 @@ def run_method(
             traceback.print_exc()
         return RunResult(label, "failed", msg, run_dir=str(path))
     metrics = RunDir(path).read_metrics()
-    return RunResult(label, "ok", results=results, metrics=metrics, seconds=time.perf_counter() - t0,
-                     run_dir=str(path))
+    return RunResult(label, "ok", results=results, metrics=metrics, train_seconds=_train_seconds(metrics),
+                     eval_seconds=results.get("eval_seconds"), run_dir=str(path))
+
+
+def _train_seconds(metrics: list) -> float:
+    """A run's meta-training wall time over all its sessions (metrics.csv's cumulative `seconds`)."""
+    return float(metrics[-1]["seconds"]) if metrics else float("nan")
 
 
 def _estimate_run(ctx: Context, label: str, exp) -> RunResult:
