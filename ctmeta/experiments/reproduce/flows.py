@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from . import runner
 from .context import Context
-from .report import format_pm, md_table, paired_table, paired_test, plot_curves, write_results
+from .report import format_pm, md_table, paired_table, paired_test, plot_curves, run_seconds, write_results
 
 #: method key: (ctmeta method, flow, label)
 _FLOW_METHODS = {
@@ -78,11 +78,11 @@ def _table(rs, cols) -> str:
         if not r.ok:
             rows.append([name] + [r.status] * len(cols) + ["", ""])
             continue
-        rows.append([name] + [format_pm(*r.value(s)) for s in cols] + [_flow_cell(r), f"{r.seconds:,.0f}"])
+        rows.append([name] + [format_pm(*r.value(s)) for s in cols] + [_flow_cell(r), run_seconds(r, 0)])
     ok = [r for r in rs if r.ok]
     if ok:
         rows.append(["random init"] + [format_pm(*ok[0].value(s, "random")) for s in cols] + ["", ""])
-    return md_table(["method"] + [f"{s} steps" for s in cols] + ["learned flow", "seconds (train + eval)"], rows)
+    return md_table(["method"] + [f"{s} steps" for s in cols] + ["learned flow", "seconds: train + eval"], rows)
 
 
 def _flow_cell(r) -> str:

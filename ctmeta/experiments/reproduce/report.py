@@ -99,7 +99,7 @@ def write_results(ctx: Context, title: str, reproduces: str, body: list[str], ru
         lines += ["", "## Runs", "", md_table(
             ["run", "status", "meta-iterations", "seconds: train + eval", "directory"],
             [[r.label, r.status if r.ok else f"{r.status}: {r.message[:120]}",
-              str(r.results["iteration"]) if r.ok else "-", _run_seconds(r) if r.ok else "-",
+              str(r.results["iteration"]) if r.ok else "-", run_seconds(r) if r.ok else "-",
               f"`{pathlib.Path(r.run_dir).name}/`" if r.run_dir else "-"] for r in runs])]
     path = ctx.out / "results.md"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
@@ -107,9 +107,9 @@ def write_results(ctx: Context, title: str, reproduces: str, body: list[str], ru
     return path
 
 
-def _run_seconds(r) -> str:
+def run_seconds(r, digits: int = 1) -> str:
     """`train + eval` seconds of a run (`?` for an evaluation whose time was not recorded)."""
-    return f"{_f(r.train_seconds, 1)} + {'?' if r.eval_seconds is None else _f(r.eval_seconds, 1)}"
+    return f"{_f(r.train_seconds, digits)} + {'?' if r.eval_seconds is None else _f(r.eval_seconds, digits)}"
 
 
 def pyplot():
