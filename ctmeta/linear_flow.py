@@ -573,8 +573,11 @@ def linear_flow(
     )
     _check_arrays(W0, features, labels, T)
     W0, features, labels, T, dynamic = _as_arrays(W0, features, labels, T, numbers)
+    # Blocking inside the handler: with asynchronous dispatch a failed check
+    # would otherwise surface later, wherever the result is first read, as
+    # JAX's runtime error (or never, if it is not read).
     with _numerical_errors_as_numerical_error():
-        W_T, status = _flow_jit(config, W0, features, labels, T, dynamic)
+        W_T, status = jax.block_until_ready(_flow_jit(config, W0, features, labels, T, dynamic))
     return W_T if throw else (W_T, status)
 
 
@@ -623,4 +626,4 @@ def linear_flow_adapt(
     _check_arrays(W0, features, labels, T)
     W0, features, labels, T, dynamic = _as_arrays(W0, features, labels, T, numbers)
     with _numerical_errors_as_numerical_error():
-        return _adapt(config, W0, features, labels, T, dynamic)
+        return jax.block_until_ready(_adapt(config, W0, features, labels, T, dynamic))
