@@ -2,6 +2,7 @@
 
 import csv
 import math
+import re
 
 import pytest
 
@@ -45,6 +46,49 @@ def test_files_and_columns(tiny_run):
     # read_csv parses the numbers back
     parsed = bench.read_csv(out / "bench.csv")
     assert parsed[0]["peak_bytes"] == rows[0]["peak_bytes"]
+
+
+def test_an_interrupted_sweep_resumes_and_ends_as_the_uninterrupted_one(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    from ctmeta.bench import sweep
+
+    done, rows = tiny_run
+    out = tmp_path / "bench"
+    shutil.copytree(done, out)
+    # Killed after its third case: bench.csv holds maml K=8, 64 and amaml K=8.
+    kept = bench.read_csv(out / "bench.csv")[:3]
+    bench.write_csv(out / "bench.csv", kept, bench.COLUMNS)
+    measured = []
+    measure = sweep._measure_case
+    monkeypatch.setattr(sweep, "_measure_case",
+                        lambda problem, method, steps, *a: measured.append((method, steps)) or measure(problem, method, steps, *a))
+    again = bench.run(["cosmixture/maml+amaml+amaml-ckpt"], [8, 64], out, quick=True, repeats=1, meta_batch=1,
+                      time_budget=0.0, vmap=False, diagnostics=False, progress=False, resume=True)
+    assert measured == [("amaml", 64), ("amaml-ckpt", 8), ("amaml-ckpt", 64)]
+    assert [r["seconds"] for r in again[:3]] == [r["seconds"] for r in kept]
+    for first, resumed in zip(rows, again):
+        assert (resumed["method"], resumed["steps"], resumed["peak_bytes"]) == (first["method"], first["steps"], first["peak_bytes"])
+        # (A case measured again has a time of its own, and so its own estimates.)
+        assert re.sub(r"est\. [\d.,]+ m?s", "est.", resumed["status"]) == re.sub(r"est\. [\d.,]+ m?s", "est.", first["status"])
+    # amaml K=64 is memory only in both, its time extrapolated from the kept K=8 row: the same estimate.
+    assert again[3]["status"] == rows[3]["status"] and "est." in rows[3]["status"]
+    assert bench.read_csv(out / "bench.csv")[:3] == kept and len(bench.read_csv(out / "bench.csv")) == 6
+    assert "3 of 6 cases kept" in (out / "bench.md").read_text()
+
+
+def test_resume_refuses_a_sweep_of_other_settings(tiny_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "bench"
+    shutil.copytree(tiny_run[0], out)
+    with pytest.raises(InputError, match=r"other settings: repeats 1 \(now 2\)"):
+        bench.run(["cosmixture/maml"], [8], out, quick=True, repeats=2, meta_batch=1, time_budget=0.0,
+                  vmap=False, diagnostics=False, progress=False, resume=True)
+    (out / "sweep.json").unlink()
+    with pytest.raises(InputError, match="no sweep.json"):
+        bench.run(["cosmixture/maml"], [8], out, quick=True, repeats=1, meta_batch=1, time_budget=0.0,
+                  vmap=False, diagnostics=False, progress=False, resume=True)
 
 
 def test_values_positive_finite(tiny_run):
@@ -177,3 +221,23 @@ def test_flow_cases_differentiate_the_flow_and_keep_a_flat_memory(tmp_path):
         assert flow_grads and all(np.isfinite(g).all() for g in flow_grads)
         assert max(float(np.abs(g).max()) for g in flow_grads) > 0
         assert max(float(np.abs(g).max()) for g in jax.tree.leaves(g_init)) > 0
+
+
+def test_time_extrapolation_is_affine_through_the_last_two_points():
+    from ctmeta.bench.sweep import _time_skipped
+
+    # Nothing timed yet: time it.
+    assert _time_skipped([], 10, 120.0) is None
+    # One point (K = 10, 50 s, timed once): through the origin K = 100 would be 500 s, but the
+    # second point is timed so that the affine model has two; not above ten budgets, nor after a
+    # point that was over the budget alone (warm-up only).
+    assert _time_skipped([(10, 50.0, 1)], 100, 120.0) is None
+    assert "est. 5,000.00 s" in _time_skipped([(10, 50.0, 1)], 1000, 120.0)
+    assert "est. 500.00 s" in _time_skipped([(10, 50.0, 0)], 100, 120.0)
+    # Two points: a fixed 50 s plus 0.01 s a step -> 50.9 + 0.01 * 9900 = 149.9 s at K = 10,000.
+    points = [(10, 50.0, 1), (100, 50.9, 1)]
+    assert _time_skipped(points, 1000, 120.0) is None  # 59.9 s
+    assert "est. 149.90 s per call > budget 120 s" in _time_skipped(points, 10000, 120.0)
+    # A noisy decrease is not extrapolated below the last time.
+    assert _time_skipped([(10, 50.0, 1), (100, 49.0, 1)], 10**6, 50.0) is None
+    assert _time_skipped([(10, 50.0, 1), (100, 49.0, 1)], 10**6, 48.9) is not None

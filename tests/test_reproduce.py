@@ -409,3 +409,38 @@ def test_every_committed_experiment_is_rebuilt_from_its_runs_without_training(na
                 if line.startswith("| ") and "failed" not in line and "| skipped: " not in line]
 
     assert rows(md) and rows(md) == rows(committed)
+
+
+def test_a_committed_bench_experiment_is_rebuilt_without_measuring(tmp_path, monkeypatch, data_dir):
+    # `ctmeta reproduce amaml-fig3-4 --scale paper --out docs/results` again: the sweep resumes
+    # from the committed bench.csv, vmap.csv and diagnostics.csv, so nothing is compiled or timed,
+    # and the table is the committed one.
+    import json
+    import pathlib
+    import shutil
+
+    from ctmeta.bench import sweep
+
+    src = pathlib.Path(__file__).resolve().parents[1] / "docs" / "results" / "amaml-fig3-4"
+    if not (src / "sweep.json").is_file():
+        pytest.skip("no committed amaml-fig3-4 sweep")
+    out = tmp_path / "amaml-fig3-4"
+    shutil.copytree(src, out)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a committed bench case was measured again")
+
+    for name in ("_measure_case", "measure_vmap", "run_diagnostics"):
+        monkeypatch.setattr(sweep, name, refuse)
+    # The committed sweep's machine (a sweep from another device is refused, not mixed).
+    monkeypatch.setattr(sweep, "device_description", lambda: json.loads((src / "sweep.json").read_text())["device"])
+    ctx = reproduce.Context(name="amaml-fig3-4", scale="paper", out=out, data_root=data_dir, quiet=True, argv=[])
+    ctx.reporter = Reporter(quiet=True, silent=True)
+    reproduce.EXPERIMENTS["amaml-fig3-4"].runner(ctx)
+
+    def table(text):
+        part = text.split("## bench.csv")[1].split("\n## ")[0]
+        return [line for line in part.splitlines() if line.startswith("| ")]
+
+    assert len(table((out / "bench.md").read_text())) == 2 + 90
+    assert table((out / "bench.md").read_text()) == table((src / "bench.md").read_text())

@@ -29,15 +29,18 @@ The benchmark of A-MAML Sec. 5.2 (Figs. 3-4, CosMixture) and COMLN Sec. 5.2
 
 **Budgets.** A case whose compiled memory exceeds `max_bytes` (default 8 GB)
 is not run (its `peak_bytes` is still reported, `status` says why), and a
-case whose time, extrapolated linearly in the steps from the method's last
-timed step count, would exceed `time_budget` seconds (warm-up plus one call)
-is not timed either. The number of timed calls is cut so that one point stays
+case whose time, extrapolated from the method's timed step counts (affinely
+through the last two; see `sweep._time_skipped`), would exceed `time_budget`
+seconds for one call is not timed either. The number of timed calls is cut so that one point stays
 within `time_budget`; `repeats` says how many were made (0: the warm-up call
 is the only one, for points that alone exceed the budget).
 
 **Outputs** in `out_dir`: `bench.csv`, `vmap.csv`, `diagnostics.csv`,
 `bench-<benchmark>.png` (memory and time against steps, log scales, one line
-per method), `targets.md` and `bench.md` (the tables as markdown).
+per method), `targets.md` and `bench.md` (the tables as markdown), and
+`sweep.json` (the settings). `bench.csv` is rewritten after every case, so
+`resume=True` (`ctmeta bench --resume`) continues an interrupted sweep from
+its rows; `ctmeta reproduce` always resumes.
 
 Run it as `ctmeta bench [--quick] --out DIR`, or `python -m ctmeta.bench`.
 
@@ -63,7 +66,7 @@ from .measurement import compile_fn, device_description, measure_vmap, meta_grad
 from .plots import plot
 from .problems import BENCHMARKS, FLOW_CASES, H, Problem, checkpoints_for, make_problem
 from .report import read_csv, rows_markdown, table_markdown, write_csv
-from .sweep import COLUMNS, DEFAULT_CASES, DEFAULT_STEPS, QUICK_STEPS, rerun_diagnostics, run
+from .sweep import COLUMNS, DEFAULT_CASES, DEFAULT_STEPS, QUICK_STEPS, SLOW_STEPS, rerun_diagnostics, run
 from .targets import evaluate_targets, limit_notes, print_summary, targets_markdown
 
 __all__ = [
@@ -75,6 +78,7 @@ __all__ = [
     "H",
     "Problem",
     "QUICK_STEPS",
+    "SLOW_STEPS",
     "amaml_breakdown",
     "amaml_solver_steps",
     "build_parser",

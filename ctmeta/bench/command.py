@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .._errors import CtmetaError, exit_code
-from .sweep import DEFAULT_CASES, DEFAULT_STEPS, QUICK_STEPS, rerun_diagnostics, run
+from .sweep import DEFAULT_CASES, DEFAULT_STEPS, QUICK_STEPS, SLOW_STEPS, rerun_diagnostics, run
 
 __all__ = ["build_parser", "main"]
 
@@ -23,7 +23,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="benchmarks or benchmark/method items, e.g. cosmixture omniglot/comln+anil "
                         f"(default: {' '.join(DEFAULT_CASES)}; also miniimagenet, miniimagenet-resnet12)")
     p.add_argument("--steps", nargs="+", type=int, default=None,
-                   help=f"inner step counts (default {' '.join(map(str, DEFAULT_STEPS))}; quick {' '.join(map(str, QUICK_STEPS))})")
+                   help=f"inner step counts (default {' '.join(map(str, DEFAULT_STEPS))}, ResNet-12 "
+                        f"{' '.join(map(str, SLOW_STEPS))}; quick {' '.join(map(str, QUICK_STEPS))})")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per point (default 5, quick 2)")
     p.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-batch (default 5 cosmixture, 1 Conv-4)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds one point may take (default 120, quick 40)")
@@ -32,6 +33,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--no-vmap", action="store_true", help="skip the vmap-vs-loop measurement")
     p.add_argument("--no-diagnostics", action="store_true", help="skip the time breakdowns")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of an interrupted sweep in OUT (same settings and machine) and "
+                        "measure only the missing cases")
     p.add_argument("--diagnostics-only", action="store_true",
                    help="read OUT/bench.csv (and vmap.csv) of an earlier run, measure the diagnostics again, "
                         "rewrite diagnostics.csv, targets.md and the figures")
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             args.cases, args.steps, args.out, args.quick, args.repeats,
             meta_batch=args.meta_batch, time_budget=args.time_budget, max_bytes=args.max_bytes,
             vmap=not args.no_vmap, diagnostics=not args.no_diagnostics, data_dir=args.data_dir,
-            progress=not args.no_progress,
+            progress=not args.no_progress, resume=args.resume,
         )
     except CtmetaError as err:
         print(f"ctmeta bench: {err}", file=sys.stderr)

@@ -2,14 +2,20 @@ r"""The sweep: every (benchmark, method, inner steps) case compiled, measured wi
 
 For each case the meta-gradient of one meta-batch is compiled ahead of time
 (its memory from XLA's buffer assignment), then timed, unless its memory
-exceeds `max_bytes` or its time, extrapolated linearly in $K$ from the
-method's last timed step count, would exceed `time_budget`.
+exceeds `max_bytes` or its time, extrapolated in $K$ from the method's
+timed step counts (`_time_skipped`), would exceed `time_budget`.
+
+`bench.csv` is rewritten after every case, and `sweep.json` records the
+settings the rows were measured under, so an interrupted sweep resumes
+(`resume=True`): rows measured under the same settings on the same device
+are kept, and only the missing cases are measured.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import pathlib
 import time
@@ -30,8 +36,10 @@ __all__ = ["COLUMNS", "DEFAULT_CASES", "DEFAULT_STEPS", "QUICK_STEPS", "Settings
 DEFAULT_STEPS = (10, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 QUICK_STEPS = (10, 100)
 DEFAULT_CASES = ("cosmixture", "omniglot")
-#: Benchmarks whose every call takes tens of seconds on a CPU: memory only under `quick`.
+#: Benchmarks whose every call takes tens of seconds on a CPU: memory only under
+#: `quick`, and by default one step count a decade (a point is ~2.5 min on one core).
 _SLOW_BENCHMARKS = ("miniimagenet-resnet12",)
+SLOW_STEPS = (10, 100, 1000, 10000)
 
 #: Columns of `bench.csv`, in order.
 COLUMNS = (
@@ -94,6 +102,82 @@ def _parse_cases(cases) -> list[tuple[str, str]]:
     return out
 
 
+def _sweep_settings(settings: "Settings", repeats: int, device: str) -> dict:
+    """What a measured row depends on besides its case: `sweep.json`."""
+    return dict(quick=settings.quick, repeats=repeats, time_budget=settings.time_budget,
+                max_bytes=settings.max_bytes, device=device)
+
+
+def _resumed_rows(out: pathlib.Path, recorded: dict) -> dict:
+    """`(benchmark, method, steps) -> row` of an earlier sweep in `out` under the same settings.
+
+    Rows that failed with an error are measured again. An earlier sweep under
+    other settings is an error rather than silently mixed or overwritten.
+    """
+    csv_path, json_path = out / "bench.csv", out / "sweep.json"
+    if not csv_path.is_file():
+        return {}
+    if not json_path.is_file():
+        raise InputError(f"{csv_path} has no sweep.json beside it, so the settings it was measured under are "
+                         "unknown: use another --out, or remove it to start again")
+    earlier = json.loads(json_path.read_text())
+    differ = sorted(k for k in recorded if earlier.get(k) != recorded[k])
+    if differ:
+        what = ", ".join(f"{k} {earlier.get(k)!r} (now {recorded[k]!r})" for k in differ)
+        raise InputError(f"{out} holds a sweep measured under other settings: {what}; "
+                         "use another --out, or remove it to start again")
+    kept = {}
+    for r in read_csv(csv_path):
+        if str(r.get("status") or "").startswith("error"):
+            continue
+        r["checkpoints"] = "" if r.get("checkpoints") is None else r["checkpoints"]
+        kept[(r["benchmark"], r["method"], int(r["steps"]))] = r
+    return kept
+
+
+def _remember_timing(history: dict, row: dict) -> None:
+    """The method's timed points `(steps, seconds, repeats)`, from which later cases' times are extrapolated."""
+    if row.get("seconds") is not None and str(row.get("status", "")).startswith("ok"):
+        history.setdefault((row["benchmark"], row["method"]), []).append(
+            (row["steps"], row["seconds"], row["repeats"]))
+
+
+def _time_skipped(points: list, steps: int, budget: float) -> str | None:
+    r"""Why the case at `steps` is not timed, from the method's timed `points`; `None` to time it.
+
+    From two points the time per call is extrapolated affinely through the last
+    two, $t_2 + \max(0, (t_2 - t_1)/(K_2 - K_1))(K - K_2)$: a head-only rule
+    is a fixed embedding cost plus a head cost linear in $K$, and through the
+    origin would overestimate it by orders of magnitude (ResNet-12: ~50 s a
+    call at any K). From one point it is $t_1 K / K_1$, an upper bound; the
+    second point is timed anyway unless the first was over the budget alone
+    or that bound exceeds ten budgets, so the affine model gets its points.
+    The case is skipped when one call would exceed `budget` (a case timed
+    near it may come out as its warm-up call alone, `repeats` 0).
+    """
+    if not points:
+        return None
+    k2, t2, repeats = points[-1]
+    if len(points) == 1:
+        est = t2 * steps / k2
+        if repeats > 0 and est <= 10 * budget:
+            return None
+    else:
+        k1, t1, _ = points[-2]
+        est = t2 + max(0.0, (t2 - t1) / (k2 - k1)) * (steps - k2)
+    if est <= budget:
+        return None
+    return f"memory only: time skipped, est. {fmt_seconds(est)} per call > budget {budget:g} s"
+
+
+def _steps_text(pairs, steps_of) -> str:
+    """`[10, 100]` if every benchmark has the same step counts, else one list a benchmark."""
+    per = {b: steps_of(b) for b, _ in pairs}
+    if len({tuple(v) for v in per.values()}) == 1:
+        return str(next(iter(per.values())))
+    return "; ".join(f"{b} {v}" for b, v in per.items())
+
+
 def _measure_case(problem, method, steps, settings, history, repeats, device):
     """One row of bench.csv."""
     row = dict(
@@ -120,13 +204,10 @@ def _measure_case(problem, method, steps, settings, history, repeats, device):
     if mem["peak_bytes"] > settings.max_bytes:
         row["status"] = f"memory only: needs {fmt_bytes(mem['peak_bytes'])} > limit {fmt_bytes(settings.max_bytes)}"
         return row
-    last = history.get((problem.name, method))
-    if last is not None:
-        est = last[1] * steps / last[0]
-        if 2 * est > settings.time_budget:
-            row["status"] = (f"memory only: time skipped, est. {fmt_seconds(est)} per call "
-                             f"(x2 with warm-up) > budget {settings.time_budget:g} s")
-            return row
+    skipped = _time_skipped(history.get((problem.name, method), []), steps, settings.time_budget)
+    if skipped:
+        row["status"] = skipped
+        return row
     try:
         row["seconds"], row["repeats"], _ = time_call(compiled, args, repeats, settings.time_budget)
         del compiled
@@ -141,8 +222,8 @@ def _measure_case(problem, method, steps, settings, history, repeats, device):
     base, flow = problem.rule_and_flow(method)
     if base == "amaml-adaptive":
         row["forward_steps"], row["backward_steps"] = problem.adaptive_steps(steps * H, flow)
-    history[(problem.name, method)] = (steps, row["seconds"], row["forward_seconds"])
     row["status"] = "ok" if row["repeats"] > 0 else "ok (warm-up call only: over the time budget)"
+    _remember_timing(history, row)
     return row
 
 
@@ -160,6 +241,7 @@ def run(
     diagnostics: bool = True,
     data_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    resume: bool = False,
     console=None,
 ) -> list[dict]:
     """Run the benchmark; write `bench.csv`, figures, `vmap.csv`, `targets.md` in `out_dir`.
@@ -170,7 +252,8 @@ def run(
       `"miniimagenet-resnet12"`)
       or `"benchmark/method"` items (`"cosmixture/maml+amaml"`); default
       cosmixture and omniglot with all their methods.
-    - `steps`: inner step counts (default `DEFAULT_STEPS`, quick `QUICK_STEPS`).
+    - `steps`: inner step counts (default `DEFAULT_STEPS`, for ResNet-12
+      `SLOW_STEPS`; quick `QUICK_STEPS`).
     - `quick`: two step counts, 2 repeats, a 40 s budget per point.
     - `repeats`: timed calls per point (default 5, quick 2).
     - `meta_batch`: tasks per meta-batch (default 5 for cosmixture, 1 for the
@@ -179,6 +262,10 @@ def run(
     - `max_bytes`: compiled memory above which a case is not run (8 GB).
     - `vmap`, `diagnostics`: also measure vmap-vs-loop and the A-MAML and COMLN
       time breakdowns.
+    - `resume`: keep the rows of an earlier, interrupted sweep in `out_dir`
+      (same settings and device, else `InputError`) and measure only the
+      missing cases; its `vmap.csv` and `diagnostics.csv` too when it wrote
+      them and no case is measured anew.
 
     **Returns:** the rows of `bench.csv` as dicts.
     """
@@ -187,9 +274,15 @@ def run(
 
     console = console or Console(stderr=True)
     pairs = _parse_cases(cases)
-    steps = sorted({int(s) for s in (steps or (QUICK_STEPS if quick else DEFAULT_STEPS))})
-    if not steps or steps[0] < 1:
+    given = sorted({int(s) for s in steps}) if steps else None
+    if given is not None and given[0] < 1:
         raise InputError("steps must be positive integers")
+
+    def steps_of(bench: str) -> list[int]:
+        if given is not None:
+            return given
+        return list(QUICK_STEPS if quick else SLOW_STEPS if bench in _SLOW_BENCHMARKS else DEFAULT_STEPS)
+
     repeats = int(repeats if repeats is not None else (2 if quick else 5))
     if repeats < 1:
         raise InputError("repeats must be >= 1")
@@ -201,41 +294,59 @@ def run(
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = device_description()
+    recorded = _sweep_settings(settings, repeats, device)
+    earlier = _resumed_rows(out, recorded) if resume else {}
+    (out / "sweep.json").write_text(json.dumps(recorded, indent=1) + "\n")
     started = time.perf_counter()
 
     problems: dict[str, Problem] = {}
     rows: list[dict] = []
     history: dict = {}
-    items = [(b, m, k) for b, m in pairs for k in steps]
+    items = [(b, m, k) for b, m in pairs for k in steps_of(b)]
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=not progress) as bar:
         task = bar.add_task("bench", total=len(items) + int(vmap) + int(diagnostics))
+        measured_anew, kept_count = False, 0
         for bench, method, k in items:
             bar.update(task, description=f"{bench} {method} K={k}")
             if bench not in problems:
                 problems[bench] = make_problem(bench, mb[bench], data_dir=data_dir)
                 console.print(f"[bold]{bench}[/]: {problems[bench].data}, meta-batch {mb[bench]}", soft_wrap=True)
-            row = _measure_case(problems[bench], method, k, settings, history, repeats, device)
+            row = earlier.get((bench, method, k))
+            if row is not None and row.get("meta_batch") == mb[bench]:
+                _remember_timing(history, row)
+                kept, kept_count = " (kept from the earlier sweep)", kept_count + 1
+            else:
+                row = _measure_case(problems[bench], method, k, settings, history, repeats, device)
+                measured_anew, kept = True, ""
             rows.append(row)
             console.print(
                 f"  {bench:<12} {method:<12} K={k:<6} mem {fmt_bytes(row.get('peak_bytes')):>11}  "
-                f"grad {fmt_seconds(row['seconds']):>10}  fwd {fmt_seconds(row['forward_seconds']):>10}  {row['status']}",
+                f"grad {fmt_seconds(row['seconds']):>10}  fwd {fmt_seconds(row['forward_seconds']):>10}  "
+                f"{row['status']}{kept}",
                 soft_wrap=True,
             )
             write_csv(out / "bench.csv", rows, COLUMNS)
             bar.advance(task)
+        reuse = resume and not measured_anew
         vmap_rows, diag_rows = [], []
         if vmap:
             bar.update(task, description="vmap vs loop")
-            vmap_rows = measure_vmap(steps=100, repeats=max(repeats, 3), device=device)
-            write_csv(out / "vmap.csv", vmap_rows, list(vmap_rows[0]))
+            if reuse and (out / "vmap.csv").is_file():
+                vmap_rows = read_csv(out / "vmap.csv")
+            else:
+                vmap_rows = measure_vmap(steps=100, repeats=max(repeats, 3), device=device)
+                write_csv(out / "vmap.csv", vmap_rows, list(vmap_rows[0]))
             bar.advance(task)
         if diagnostics:
             bar.update(task, description="diagnostics")
-            diag_rows = run_diagnostics(rows, problems, repeats=max(repeats, 3), quick=quick,
-                                        data_dir=data_dir, budget=budget)
-            if diag_rows:
-                write_csv(out / "diagnostics.csv", diag_rows, union_keys(diag_rows))
+            if reuse and (out / "diagnostics.csv").is_file():
+                diag_rows = read_csv(out / "diagnostics.csv")
+            else:
+                diag_rows = run_diagnostics(rows, problems, repeats=max(repeats, 3), quick=quick,
+                                            data_dir=data_dir, budget=budget)
+                if diag_rows:
+                    write_csv(out / "diagnostics.csv", diag_rows, union_keys(diag_rows))
             bar.advance(task)
 
     figures = plot(rows, out, max_bytes)
@@ -244,10 +355,12 @@ def run(
     header = (
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}\n"
         f"- device: {device}; jax {jax.__version__}; dtype float32\n"
-        f"- settings: quick={quick}, steps={steps}, repeats={repeats}, time budget {budget:g} s/point, "
+        f"- settings: quick={quick}, steps {_steps_text(pairs, steps_of)}, repeats={repeats}, time budget {budget:g} s/point, "
         f"max bytes {max_bytes:g}, meta-batch {mb}\n"
         f"- data: " + "; ".join(f"{p.name}: {p.data}" for p in problems.values()) + "\n"
-        f"- wall time of the run: {elapsed / 60:.1f} min\n"
+        f"- wall time of the run: {elapsed / 60:.1f} min"
+        + (f" (resumed: {kept_count} of {len(items)} cases kept from the earlier sweep)" if kept_count else "")
+        + "\n"
     )
     (out / "targets.md").write_text("# ctmeta bench: targets\n\n" + header + "\n" + targets_markdown(targets, diag_rows))
     (out / "bench.md").write_text(
@@ -276,7 +389,8 @@ def rerun_diagnostics(out_dir, *, repeats: int = 3, data_dir=None, console=None)
     for bench in dict.fromkeys(r["benchmark"] for r in rows):
         mb = next(r["meta_batch"] for r in rows if r["benchmark"] == bench)
         problems[bench] = make_problem(bench, mb, data_dir=data_dir)
-    quick = len({r["steps"] for r in rows}) <= 2
+    sweep = out / "sweep.json"
+    quick = json.loads(sweep.read_text())["quick"] if sweep.is_file() else len({r["steps"] for r in rows}) <= 2
     diag = run_diagnostics(rows, problems, repeats=repeats, quick=quick, data_dir=data_dir)
     write_csv(out / "diagnostics.csv", diag, union_keys(diag))
     plot(rows, out)

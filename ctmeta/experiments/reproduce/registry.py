@@ -7,7 +7,7 @@ from typing import Callable
 
 
 from .context import Context
-from .gradients import amaml_table4, amaml_table5, bench_experiment, comln_fig2
+from .gradients import amaml_table4, amaml_table5, bench_experiment, comln_fig2, comln_fig3
 from .images import comln_fig5, comln_table2, comln_table4, amaml_table3
 from .flows import inner_flows
 from .regression import amaml_fig2, amaml_table12
@@ -47,7 +47,7 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
         ExperimentSpec("comln-fig2", "COMLN Fig. 2: adjoint backward instability on a quadratic", "< 1 min",
                        comln_fig2, meta_trains=False),
         ExperimentSpec("comln-fig3", "COMLN Figs. 3-4: memory and time vs inner steps (Conv-4 and ResNet-12, 5-way 5-shot)",
-                       "~8-13 min (ctmeta bench --quick; ResNet-12 compiles ~5 min)", lambda c: bench_experiment(c, ["miniimagenet"] + (["miniimagenet-resnet12"] if c.scale != "test" else [])), meta_trains=False),
+                       "~8-13 min (ctmeta bench --quick; ResNet-12 compiles ~5 min)", comln_fig3, meta_trains=False),
         ExperimentSpec("comln-table2", "COMLN Table 2: COMLN vs ANIL vs MAML, Conv-4 (+ ResNet-12 at --scale paper) "
                        "(miniImageNet train64, Omniglot)",
                        "~15-25 min (1-shot only)", comln_table2, cpu_differs=True),
