@@ -238,6 +238,40 @@ def test_an_unfinished_run_of_another_configuration_is_kept_and_one_from_before_
     assert [r["meta_loss"] for r in resumed.metrics] == [r["meta_loss"] for r in whole.metrics]
 
 
+def test_a_run_that_failed_numerically_is_not_attempted_again_unless_asked(tmp_path, monkeypatch):
+    import ctmeta.runs
+    from ctmeta._errors import NumericalError
+
+    real_train = ctmeta.runs.train
+
+    def run(**options):
+        ctx = reproduce.Context(name="x", scale="test", out=tmp_path, data_root=None, quiet=True, argv=[], **options)
+        ctx.reporter = Reporter(quiet=True, silent=True)
+        return reproduce.run_method(ctx, "s/maml", "cosmixture", "maml", meta_iterations=3, steps=2,
+                                    eval_tasks=4, eval_steps=(0, 2))
+
+    def diverge(*args, **kwargs):
+        raise NumericalError("meta-iteration 2: the inner solve produced a non-finite state")
+
+    monkeypatch.setattr(ctmeta.runs, "train", diverge)
+    first = run()
+    assert first.status == "failed" and "non-finite" in first.message
+    marker = tmp_path / "s" / "maml" / "failed.json"
+    assert marker.is_file()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a run that failed numerically was attempted again")
+
+    monkeypatch.setattr(ctmeta.runs, "train", refuse)
+    again = run()
+    assert again.status == "failed" and again.message == first.message
+    # --retry-failed: attempted again; it succeeds this time, and the marker goes.
+    monkeypatch.setattr(ctmeta.runs, "train", real_train)
+    retried = run(retry_failed=True)
+    assert retried.ok and not marker.exists()
+    assert [r["iteration"] for r in retried.metrics] == [1, 2, 3]
+
+
 def test_paired_test_against_the_t_statistic_by_hand():
     from scipy import stats
 

@@ -19,7 +19,7 @@ from .runner import estimate_table
 def run_experiment(name: str, *, scale: str = "quick", out: str = "reproduce-out", data_dir: str | None = None,
                    quiet: bool = False, argv: list[str] | None = None,
                    methods: tuple[str, ...] | None = None, estimate: int = 0,
-                   debug: bool = False) -> pathlib.Path | list[dict]:
+                   debug: bool = False, retry_failed: bool = False) -> pathlib.Path | list[dict]:
     """Run one experiment; returns its output directory.
 
     `methods` (e.g. `("maml", "reptile")`) runs only the runs whose label ends
@@ -30,7 +30,11 @@ def run_experiment(name: str, *, scale: str = "quick", out: str = "reproduce-out
     returns one dict a run (`label`, `meta_iterations`, `compile_s`,
     `s_per_iteration`, `projected_s`).
 
-    `debug` prints the traceback of a run that fails (the others go on)."""
+    `debug` prints the traceback of a run that fails (the others go on).
+
+    A run that failed numerically (`NumericalError`: a diverged inner solve is
+    deterministic) leaves `failed.json` in its directory and is not attempted
+    again; `retry_failed` attempts it again (from its last checkpoint)."""
     import tempfile
 
     if name not in EXPERIMENTS:
@@ -44,12 +48,13 @@ def run_experiment(name: str, *, scale: str = "quick", out: str = "reproduce-out
         raise InputError(f"{name} does not meta-train: there is nothing to estimate (it runs in minutes)")
     if estimate:
         with tempfile.TemporaryDirectory(prefix="ctmeta-estimate-") as tmp:
-            ctx = _run(name, scale, pathlib.Path(tmp), data_dir, quiet, argv, methods, estimate, debug)
+            ctx = _run(name, scale, pathlib.Path(tmp), data_dir, quiet, argv, methods, estimate, debug, retry_failed)
         return ctx.estimates
-    return _run(name, scale, pathlib.Path(out).expanduser(), data_dir, quiet, argv, methods, 0, debug).out
+    return _run(name, scale, pathlib.Path(out).expanduser(), data_dir, quiet, argv, methods, 0, debug,
+                retry_failed).out
 
 
-def _run(name, scale, out, data_dir, quiet, argv, methods, estimate, debug) -> Context:
+def _run(name, scale, out, data_dir, quiet, argv, methods, estimate, debug, retry_failed) -> Context:
     from ...runs import Reporter
 
     root = None
@@ -63,7 +68,7 @@ def _run(name, scale, out, data_dir, quiet, argv, methods, estimate, debug) -> C
     ctx = Context(name=name, scale=scale, out=path, data_root=root, quiet=quiet,
                   argv=list(argv) if argv is not None else [name, "--scale", scale],
                   reporter=Reporter(quiet=quiet), methods=frozenset(methods) if methods else None,
-                  estimate=estimate, debug=debug)
+                  estimate=estimate, debug=debug, retry_failed=retry_failed)
     if scale == "cpu" and not EXPERIMENTS[name].cpu_differs:
         ctx.log(f"{name}: its cpu scale is its paper scale (it fits this machine)")
         ctx.scale = "paper"
@@ -100,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run nothing: time N (default 3) meta-iterations of each run after one that compiles, and "
                    "print each run's and the experiment's projected meta-training wall time")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="attempt again the runs that failed numerically before (their failed.json; by default "
+                   "they are listed as failed and not run again)")
     p.add_argument("--debug", action="store_true", help="print tracebacks")
     return p
 
@@ -125,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
         run_experiment(args.experiment, scale=args.scale, out=args.out, data_dir=args.data_dir, quiet=args.quiet,
-                       argv=argv, methods=methods, estimate=args.estimate, debug=args.debug)
+                       argv=argv, methods=methods, estimate=args.estimate, debug=args.debug,
+                       retry_failed=args.retry_failed)
     except CtmetaError as err:
         if args.debug:
             traceback.print_exc()

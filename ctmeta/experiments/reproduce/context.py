@@ -29,6 +29,8 @@ class Context:
     estimate: int = 0
     #: Print the traceback of a run that fails (the others still go on).
     debug: bool = False
+    #: Attempt again the runs that failed numerically before (their `failed.json`).
+    retry_failed: bool = False
     estimates: list[dict] = dataclasses.field(default_factory=list)
     deviations: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)

@@ -9,11 +9,15 @@ import time
 import traceback
 
 
-from ..._errors import CtmetaError, DataError, InputError
+from ..._errors import CtmetaError, DataError, InputError, NumericalError
 from ..._paths import dataset_dir
 from ..._record import RUN_RECORD_KEYS, run_record
 from .context import Context, RunResult
 from .report import md_table
+
+#: Left in a run's directory when it failed numerically: a later call lists it as failed
+#: without attempting it again (`--retry-failed` does).
+FAILED_MARKER = "failed.json"
 
 
 def data_dir_for(ctx: Context, benchmark: str) -> str | None:
@@ -101,6 +105,15 @@ def run_method(
                              eval_seconds=results.get("eval_seconds"), run_dir=str(path))
         except (OSError, ValueError):
             pass
+    failed = path / FAILED_MARKER
+    if failed.is_file() and not ctx.retry_failed and not ctx.estimate:
+        try:
+            msg = json.loads(failed.read_text())["error"]
+        except (OSError, ValueError, KeyError):
+            msg = None
+        if msg is not None:
+            ctx.note(f"FAILED {label} (an earlier attempt; --retry-failed attempts it again): {msg}")
+            return RunResult(label, "failed", msg, run_dir=str(path))
     try:
         config = presets.resolve_config(
             benchmark, method, T=T, steps=steps, meta_iterations=meta_iterations, meta_batch=meta_batch,
@@ -161,9 +174,13 @@ def run_method(
     except Exception as err:  # noqa: BLE001 -- one failed run must not lose the others
         msg = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
         ctx.note(f"FAILED {label}: {msg}")
+        if isinstance(err, NumericalError) and path.is_dir():
+            # Deterministic from the same checkpoint: not attempted again unless asked.
+            failed.write_text(json.dumps({"error": msg}, indent=1) + "\n")
         if ctx.debug:
             traceback.print_exc()
         return RunResult(label, "failed", msg, run_dir=str(path))
+    failed.unlink(missing_ok=True)  # a retry that succeeded
     metrics = RunDir(path).read_metrics()
     return RunResult(label, "ok", results=results, metrics=metrics, train_seconds=_train_seconds(metrics),
                      eval_seconds=results.get("eval_seconds"), run_dir=str(path))
