@@ -1,6 +1,7 @@
 """`ctmeta bench` on a tiny run: files, columns, and the memory trends (no wall-clock assertions)."""
 
 import csv
+import json
 import math
 import re
 
@@ -75,6 +76,9 @@ def test_an_interrupted_sweep_resumes_and_ends_as_the_uninterrupted_one(tiny_run
     assert again[3]["status"] == rows[3]["status"] and "est." in rows[3]["status"]
     assert bench.read_csv(out / "bench.csv")[:3] == kept and len(bench.read_csv(out / "bench.csv")) == 6
     assert "3 of 6 cases kept" in (out / "bench.md").read_text()
+    # The measuring time adds up over the sessions: the first one's, plus the three cases measured now.
+    before, after = (json.loads((d / "sweep.json").read_text()) for d in (done, out))
+    assert after["seconds"] > before["seconds"] > 0 and after["date"] == before["date"]
 
 
 def test_resume_refuses_a_sweep_of_other_settings(tiny_run, tmp_path):

@@ -477,4 +477,7 @@ def test_a_committed_bench_experiment_is_rebuilt_without_measuring(tmp_path, mon
         return [line for line in part.splitlines() if line.startswith("| ")]
 
     assert len(table((out / "bench.md").read_text())) == 2 + 90
+    # Nothing was measured, so the sweep's measuring time is the committed one.
+    assert json.loads((out / "sweep.json").read_text()) == json.loads((src / "sweep.json").read_text())
+    assert "33.7 min measuring" in (out / "bench.md").read_text()
     assert table((out / "bench.md").read_text()) == table((src / "bench.md").read_text())

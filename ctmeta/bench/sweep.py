@@ -108,15 +108,16 @@ def _sweep_settings(settings: "Settings", repeats: int, device: str) -> dict:
                 max_bytes=settings.max_bytes, device=device)
 
 
-def _resumed_rows(out: pathlib.Path, recorded: dict) -> dict:
-    """`(benchmark, method, steps) -> row` of an earlier sweep in `out` under the same settings.
+def _resumed_rows(out: pathlib.Path, recorded: dict) -> tuple[dict, dict]:
+    """`(benchmark, method, steps) -> row` of an earlier sweep in `out` under the same settings,
+    and its `sweep.json` (with the `seconds` and `date` of its sessions so far).
 
     Rows that failed with an error are measured again. An earlier sweep under
     other settings is an error rather than silently mixed or overwritten.
     """
     csv_path, json_path = out / "bench.csv", out / "sweep.json"
     if not csv_path.is_file():
-        return {}
+        return {}, {}
     if not json_path.is_file():
         raise InputError(f"{csv_path} has no sweep.json beside it, so the settings it was measured under are "
                          "unknown: use another --out, or remove it to start again")
@@ -132,7 +133,7 @@ def _resumed_rows(out: pathlib.Path, recorded: dict) -> dict:
             continue
         r["checkpoints"] = "" if r.get("checkpoints") is None else r["checkpoints"]
         kept[(r["benchmark"], r["method"], int(r["steps"]))] = r
-    return kept
+    return kept, earlier
 
 
 def _remember_timing(history: dict, row: dict) -> None:
@@ -295,9 +296,21 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     device = device_description()
     recorded = _sweep_settings(settings, repeats, device)
-    earlier = _resumed_rows(out, recorded) if resume else {}
-    (out / "sweep.json").write_text(json.dumps(recorded, indent=1) + "\n")
+    earlier, record = _resumed_rows(out, recorded) if resume else ({}, {})
+    # The time spent measuring, over all the sweep's sessions, kept in sweep.json after every
+    # case (a resumed sweep that measures nothing adds nothing).
+    record = dict(recorded, date=record.get("date") or datetime.datetime.now().isoformat(timespec="seconds"),
+                  seconds=float(record.get("seconds") or 0.0))
+    (out / "sweep.json").write_text(json.dumps(record, indent=1) + "\n")
     started = time.perf_counter()
+
+    def measured(fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            record["seconds"] = round(record["seconds"] + time.perf_counter() - t0, 1)
+            (out / "sweep.json").write_text(json.dumps(record, indent=1) + "\n")
 
     problems: dict[str, Problem] = {}
     rows: list[dict] = []
@@ -317,7 +330,7 @@ def run(
                 _remember_timing(history, row)
                 kept, kept_count = " (kept from the earlier sweep)", kept_count + 1
             else:
-                row = _measure_case(problems[bench], method, k, settings, history, repeats, device)
+                row = measured(_measure_case, problems[bench], method, k, settings, history, repeats, device)
                 measured_anew, kept = True, ""
             rows.append(row)
             console.print(
@@ -335,7 +348,7 @@ def run(
             if reuse and (out / "vmap.csv").is_file():
                 vmap_rows = read_csv(out / "vmap.csv")
             else:
-                vmap_rows = measure_vmap(steps=100, repeats=max(repeats, 3), device=device)
+                vmap_rows = measured(measure_vmap, steps=100, repeats=max(repeats, 3), device=device)
                 write_csv(out / "vmap.csv", vmap_rows, list(vmap_rows[0]))
             bar.advance(task)
         if diagnostics:
@@ -343,8 +356,8 @@ def run(
             if reuse and (out / "diagnostics.csv").is_file():
                 diag_rows = read_csv(out / "diagnostics.csv")
             else:
-                diag_rows = run_diagnostics(rows, problems, repeats=max(repeats, 3), quick=quick,
-                                            data_dir=data_dir, budget=budget)
+                diag_rows = measured(run_diagnostics, rows, problems, repeats=max(repeats, 3), quick=quick,
+                                     data_dir=data_dir, budget=budget)
                 if diag_rows:
                     write_csv(out / "diagnostics.csv", diag_rows, union_keys(diag_rows))
             bar.advance(task)
@@ -353,13 +366,14 @@ def run(
     targets = evaluate_targets(rows, vmap_rows, diag_rows)
     elapsed = time.perf_counter() - started
     header = (
-        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}\n"
+        f"- date: {record['date']}" + (f" (resumed {datetime.datetime.now().isoformat(timespec='seconds')})"
+                                       if kept_count else "") + "\n"
         f"- device: {device}; jax {jax.__version__}; dtype float32\n"
         f"- settings: quick={quick}, steps {_steps_text(pairs, steps_of)}, repeats={repeats}, time budget {budget:g} s/point, "
         f"max bytes {max_bytes:g}, meta-batch {mb}\n"
         f"- data: " + "; ".join(f"{p.name}: {p.data}" for p in problems.values()) + "\n"
-        f"- wall time of the run: {elapsed / 60:.1f} min"
-        + (f" (resumed: {kept_count} of {len(items)} cases kept from the earlier sweep)" if kept_count else "")
+        f"- wall time of the run: {record['seconds'] / 60:.1f} min measuring"
+        + (f", over its sessions ({kept_count} of {len(items)} cases kept from the earlier ones)" if kept_count else "")
         + "\n"
     )
     (out / "targets.md").write_text("# ctmeta bench: targets\n\n" + header + "\n" + targets_markdown(targets, diag_rows))
