@@ -289,7 +289,7 @@ def run(
         raise InputError("repeats must be >= 1")
     budget = float(time_budget if time_budget is not None else (40.0 if quick else 120.0))
     mb = {}
-    for bench in {b for b, _ in pairs}:
+    for bench in dict.fromkeys(b for b, _ in pairs):
         mb[bench] = int(meta_batch) if meta_batch else (5 if bench == "cosmixture" else 1)
     settings = Settings(quick, budget, float(max_bytes), mb, vmap, diagnostics, data_dir, progress)
     out = pathlib.Path(out_dir)
