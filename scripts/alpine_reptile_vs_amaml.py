@@ -2,7 +2,7 @@
 its outer optimisation?
 
     python scripts/alpine_reptile_vs_amaml.py [RESULTS_DIR] [--setting 100shot-100val]
-        [--iterations 300] [--tasks 200] [--path 11] [--out FILE.json]
+        [--iterations 300] [--tasks 200] [--path 11] [--seed 0] [--out FILE.json]
     python scripts/alpine_reptile_vs_amaml.py --figure PNG JSON...   # draw committed measurements
 
 Reads the committed paper-scale runs (`RESULTS_DIR/amaml-fig2-alpine/SETTING/{amaml,reptile}`)
@@ -92,6 +92,8 @@ def main() -> None:
     p.add_argument("--tasks", type=int, default=200)
     p.add_argument("--path", type=int, default=0, help="points on the segment (0: none)")
     p.add_argument("--skip-ends", action="store_true", help="skip (1), the two initialisations alone")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the warm start's task sequence (0: the run's own key; another seed: another sequence)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.figure:
@@ -124,7 +126,8 @@ def main() -> None:
         per_task = np.asarray(ev.per_task)[:, -1]
         return float(per_task.mean()), per_task
 
-    out = {"setting": args.setting, "T": T, "test_steps": steps, "probe_tasks": len(probe) * meta_batch}
+    out = {"setting": args.setting, "T": T, "test_steps": steps, "probe_tasks": len(probe) * meta_batch,
+           "seed": args.seed}
     t0 = time.time()
     per_task = {}
     for name, state in () if args.skip_ends else (("amaml", amaml_state), ("reptile", reptile_state)):
@@ -148,7 +151,7 @@ def main() -> None:
                   f"meta-gradient norm {gnorm:.4f} ({time.time() - t0:.0f} s)", flush=True)
 
     if args.iterations > 0:
-        out["warm_start"] = warm_start(learner, family, cfg, reptile_state, args.iterations, objective, t0)
+        out["warm_start"] = warm_start(learner, family, cfg, reptile_state, args.iterations, objective, t0, args.seed)
         err, warm = test_error(out["warm_start"].pop("state"))
         out["warm_start"]["test_nrmse"] = err
         line = f"warm start after {args.iterations}: test nRMSE after {steps} steps {err:.4f}"
@@ -164,11 +167,13 @@ def main() -> None:
         pathlib.Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 
 
-def warm_start(learner, family, cfg, reptile_state, iterations, objective, t0) -> dict:
+def warm_start(learner, family, cfg, reptile_state, iterations, objective, t0, seed: int = 0) -> dict:
     """A-MAML's meta-training from Reptile's initialisation (fresh optimiser state, the runs'
-    sampler rule), the objective every 50 iterations; the final state under "state"."""
+    sampler rule), the objective every 50 iterations; the final state under "state".
+    `seed` > 0 draws another sequence of meta-training tasks."""
     meta_batch = int(cfg["meta_batch"])
-    state = learner.init(jax.random.PRNGKey(int(cfg["seed"])), model=learner.model(reptile_state))
+    key = jax.random.PRNGKey(int(cfg["seed"]))
+    state = learner.init(jax.random.fold_in(key, seed) if seed else key, model=learner.model(reptile_state))
     trace = []
     for i in range(1, iterations + 1):
         batch = family.sample(jax.random.fold_in(state.key, i), meta_batch, "train")
