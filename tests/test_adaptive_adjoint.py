@@ -60,7 +60,7 @@ def test_stiff_quadratic_matches_the_closed_form_where_the_paper_step_is_unstabl
     # The stored sweep at the paper's h = 0.01 is past its stability limit here.
     stored = _J(Adjoint(steps=100, rtol=1e-10, atol=1e-12), c)
     with pytest.raises(Exception, match="unstable backward adjoint"):
-        jax.grad(stored)(u0, b, T, A)
+        jax.block_until_ready(jax.grad(stored)(u0, b, T, A))
 
 
 def test_default_tolerances_are_as_accurate_as_the_paper_grid_is_on_a_stable_problem():

@@ -244,7 +244,7 @@ def test_solver_failure_raises_numerical_error():
     # checked at the boundary, and the solver check fires when the compiled
     # function runs, as JAX's runtime error with the same message.
     with pytest.raises(Exception, match="max_steps") as raised:
-        jax.jit(lambda labels: linear_flow(W0, features, labels, 50.0, max_steps=3))(labels)
+        jax.block_until_ready(jax.jit(lambda labels: linear_flow(W0, features, labels, 50.0, max_steps=3))(labels))
     assert not isinstance(raised.value, InputError)
 
 
