@@ -51,7 +51,7 @@ def test_help_lists_commands_and_flags(capsys):
     for flag in ("--benchmark", "--method", "--T", "--steps", "--meta-iterations", "--meta-batch", "--ways",
                  "--shots", "--data-dir", "--seed", "--out", "--checkpoint-every", "--resume", "--quiet",
                  "--debug", "cosmixture", "miniimagenet", "amaml", "comln", "--optimizer", "--meta-lr",
-                 "--lr-schedule", "--backbone", "resnet12", "conv4-smooth", "--solver", "rk4", "Nesterov"):
+                 "--lr-schedule", "--backbone", "resnet12", "conv4-smooth", "--solver", "rk4", "Nesterov", "--init-from"):
         assert flag in out, flag
     assert main(["bench", "--help"]) == 0  # handed to ctmeta.bench
     assert "ctmeta bench" in capsys.readouterr().out
@@ -223,3 +223,35 @@ def test_a_long_enough_run_logs_its_measured_rate_and_projected_wall_time(tmp_pa
     # Too short a run (fewer iterations left than measured) prints no projection.
     assert main(["train", *TINY, "--meta-iterations", "15", "--out", str(tmp_path / "s")]) == 0
     assert "projected" not in capsys.readouterr().out
+
+
+def test_init_from_starts_a_new_run_from_another_runs_model(finished_run, tmp_path, capsys):
+    import numpy as np
+
+    from ctmeta._errors import InputError
+    from ctmeta.runs import init_from_run
+
+    out = tmp_path / "warm"
+    # MAML from FOMAML's meta-learned initialisation, with a meta-learning rate too small to move it.
+    assert main(["train", "--method", "maml", "--steps", "3", "--meta-batch", "3", "--meta-lr", "1e-30",
+                 "--meta-iterations", "2", "--init-from", str(finished_run), "--out", str(out), "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["init_from"] == {"run": str(finished_run), "checkpoint": "ckpt-4.eqx", "iteration": 4,
+                                   "method": "fomaml"}
+    # So its error before adaptation is the source's learned one, on the same test tasks, and not
+    # that of a fresh initialisation.
+    source, warm = (json.loads((d / "results.json").read_text()) for d in (finished_run, out))
+    assert source["curve_steps"][0] == warm["curve_steps"][0] == 0
+    np.testing.assert_allclose(warm["learned"]["per_task"]["0"], source["learned"]["per_task"]["0"], rtol=1e-9)
+    assert len(source["learned"]["per_task"]["0"]) == 100
+    assert abs(warm["learned"]["mean"][0] - warm["random"]["mean"][0]) > 1e-3
+    # Not with --resume; not from a run of another model.
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--init-from", str(finished_run), "--quiet"]) == 2
+    assert "--init-from starts a new run" in capsys.readouterr().err
+    assert main(["train", *TINY, "--init-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    wide = presets.resolve_config("cosmixture", "fomaml", steps=3, meta_batch=3)
+    wide["model"] = dict(wide["model"], width=16)
+    with pytest.raises(InputError, match=r"its model \(mlp on cosmixture\) differs from this run's"):
+        init_from_run(presets.build(wide, progress=False, log=lambda *_: None), finished_run)

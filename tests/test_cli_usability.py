@@ -91,6 +91,7 @@ def _console(*args, **kw):
     (["train", "--out", ""], "--out"),
     (["train", "--out", " "], "--out"),
     (["train", "--resume", ""], "--resume"),
+    (["train", "--init-from", ""], "--init-from"),
     (["evaluate", ""], "RUN_DIR"),
     (["train", "--benchmark", "movielens", "--data-dir", ""], "--data-dir"),
     (["download", "omniglot", "--data-dir", ""], "--data-dir"),

@@ -45,7 +45,7 @@ def existing_data_dir(data_dir: str, benchmark: str | None = None) -> str:
 
 
 PATH_FLAGS = (("out", "--out"), ("data_dir", "--data-dir"), ("resume", "--resume"), ("run_dir", "RUN_DIR"),
-               ("checkpoint", "--checkpoint"))
+               ("checkpoint", "--checkpoint"), ("init_from", "--init-from"))
 
 
 def check_paths(args) -> None:
@@ -59,7 +59,7 @@ def check_paths(args) -> None:
 
 #: The keys ctmeta writes into config.json (besides those of presets.resolve_config).
 CONFIG_EXTRA_KEYS = {"on_nonfinite", "dtype", "task_family", "versions", "created", "argv", "devices", "processes",
-                      "resumes", "data_options", "reproduce"}
+                      "resumes", "data_options", "reproduce", "init_from"}
 
 
 def check_config_origin(config: dict, warn) -> None:

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run in DIR from its last checkpoint with its saved configuration "
                    "(only --meta-iterations, --checkpoint-every and --on-nonfinite may change)")
+    t.add_argument("--init-from", default=None, metavar="RUN_DIR",
+                   help="a new run that starts from the model of another run's last checkpoint (a warm start: "
+                   "e.g. Reptile's initialisation meta-trained further by A-MAML); same model, fresh optimiser")
     t.add_argument("--log-y", action="store_true",
                    help="draw figures/error_vs_steps.png with a logarithmic error axis")
     t.add_argument("--on-nonfinite", choices=["error", "skip-task"], default=None,

@@ -144,6 +144,9 @@ def cmd_train(args, argv) -> int:
 
     check_paths(args)
     check_limits(args)  # before the run directory is touched
+    if args.resume is not None and args.init_from is not None:
+        raise InputError("--init-from starts a new run; a resumed run continues from its own checkpoints "
+                         "(give one of --resume and --init-from)")
     cluster = cluster_flags(args)
     # Several processes: all compute, process 0 alone writes (and prints).
     writes = cluster is None or cluster[2] == 0
@@ -197,6 +200,13 @@ def cmd_train(args, argv) -> int:
         args.run_path = str(run.path)
         reporter.log(f"resuming {run.path} from {path.name} (iteration {it})")
     else:
+        state, seconds = None, 0.0
+        if args.init_from is not None:
+            from ..runs import init_from_run
+
+            state, config["init_from"] = init_from_run(exp, args.init_from, warn=print_warning)
+            reporter.log(f"starting from the model of {config['init_from']['run']} "
+                         f"({config['init_from']['method']}, {config['init_from']['checkpoint']})")
         config.update(run_record(exp.family, argv))
         config.update(placement)  # the devices the meta-batch was split over, and the processes
         if writes:
@@ -204,7 +214,6 @@ def cmd_train(args, argv) -> int:
             run.lock()
         else:
             run = RunDir(out)
-        state, seconds = None, 0.0
         reporter.log(f"run directory: {run.path}")
     args.run_path = str(run.path)
     state = train(exp, run, state=state, seconds_offset=seconds, reporter=reporter)

@@ -37,9 +37,9 @@ from .console import Reporter, format_duration, one_line
 from .results import eval_curve, evaluate_run, flow_summary, results_markdown, results_text, save_figure, write_figures
 from .rundir import (CHECKPOINT_CONFIG_FIELDS, KEEP_CHECKPOINTS, METRIC_COLUMNS, NONFINITE_POLICIES, RunDir,
                      check_writable, default_run_dir, dtype_name, package_versions)
-from .training import Interrupted, train
+from .training import Interrupted, init_from_run, train
 
-__all__ = ["Interrupted", "RunDir", "default_run_dir", "dtype_name", "evaluate_run", "package_versions", "save_figure",
+__all__ = ["Interrupted", "RunDir", "init_from_run", "default_run_dir", "dtype_name", "evaluate_run", "package_versions", "save_figure",
            "train", "CHECKPOINT_CONFIG_FIELDS", "KEEP_CHECKPOINTS", "METRIC_COLUMNS", "NONFINITE_POLICIES", "Reporter",
            "check_writable", "eval_curve", "flow_summary", "format_duration", "one_line", "results_markdown", "results_text",
            "write_figures"]

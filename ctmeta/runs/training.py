@@ -13,7 +13,7 @@ from .._errors import InputError, NumericalError
 from .console import Reporter, format_duration
 from .rundir import CHECKPOINT_CONFIG_FIELDS, NONFINITE_POLICIES, RunDir
 
-__all__ = ["Interrupted", "train"]
+__all__ = ["Interrupted", "init_from_run", "train"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -72,6 +72,48 @@ class _Signals:
             if not self.depth and self.pending is not None:
                 signum, self.pending = self.pending, None
                 raise Interrupted(signum)
+
+
+def init_from_run(exp, source, *, warn=print):
+    """A fresh state of `exp`'s learner that starts from the model of run `source`.
+
+    The warm start of a meta-training: another run's meta-learned
+    initialisation (say Reptile's) meta-trained further by `exp`'s rule. The
+    model's arrays come from `source`'s newest loadable checkpoint; the rest is
+    `exp`'s own fresh state (its optimiser state, key, iteration 0, and its
+    `T` and flow if it learns them). The two models must match in structure,
+    shapes and dtypes, else `InputError`.
+
+    **Arguments:** `exp` from `presets.build`; `source` a run directory (path
+    or [`RunDir`][]) written by `ctmeta train` or `ctmeta reproduce`.
+
+    **Returns:** `(state, record)`, `record` the run, checkpoint and
+    iteration it came from (kept in the new run's `config.json`).
+    """
+    import equinox as eqx
+    import jax
+
+    from ..presets import build
+
+    run = source if isinstance(source, RunDir) else RunDir.open(source)
+    config = run.read_config()
+    src = build(config, progress=False, log=lambda *_: None)
+    state, _, path = run.load_latest(src.learner.init(src.run_key), warn=warn, config=config)
+    model = src.learner.model(state)
+    mine = exp.learner.model(exp.learner.init(exp.run_key))
+
+    def layout(m):
+        params, static = eqx.partition(m, eqx.is_inexact_array)
+        return jax.tree.structure(static), jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), params)
+
+    if layout(model) != layout(mine):
+        def name(cfg):
+            return f"{(cfg.get('model') or {}).get('name', '?')} on {cfg.get('benchmark', '?')}"
+        raise InputError(f"cannot start from {run.path}: its model ({name(config)}) differs from this run's "
+                         f"({name(exp.config)}) in its layers, shapes or dtypes")
+    record = {"run": str(run.path), "checkpoint": path.name, "iteration": int(state.iteration),
+              "method": config.get("method")}
+    return exp.learner.init(exp.run_key, model=model), record
 
 
 def _checkpoint_config(cfg: dict) -> dict:
