@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
+
+from .._io import atomic_write_text
 
 __all__ = ["write_csv", "read_csv", "union_keys", "table_markdown", "rows_markdown", "fmt_bytes", "fmt_seconds"]
 
@@ -33,12 +36,17 @@ def union_keys(rows) -> list:
 
 
 def write_csv(path, rows, columns) -> None:
-    """`rows` (dicts) as a CSV of `columns`; `None` as an empty cell."""
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    """`rows` (dicts) as a CSV of `columns`; `None` as an empty cell.
+
+    Replaced atomically: a sweep killed mid-write leaves the previous file,
+    whose rows `run(resume=True)` keeps, never a torn last row.
+    """
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    atomic_write_text(path, buf.getvalue())
 
 
 def read_csv(path) -> list[dict]:

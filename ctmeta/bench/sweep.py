@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import jax
 
 from .._errors import InputError
+from .._io import atomic_write_text
 from .diagnostics import run_diagnostics
 from .measurement import compile_fn, device_description, measure_vmap, meta_gradient_fn, time_call
 from .plots import plot
@@ -127,13 +128,21 @@ def _resumed_rows(out: pathlib.Path, recorded: dict) -> tuple[dict, dict]:
         what = ", ".join(f"{k} {earlier.get(k)!r} (now {recorded[k]!r})" for k in differ)
         raise InputError(f"{out} holds a sweep measured under other settings: {what}; "
                          "use another --out, or remove it to start again")
-    kept = {}
-    for r in read_csv(csv_path):
-        if str(r.get("status") or "").startswith("error"):
-            continue
-        r["checkpoints"] = "" if r.get("checkpoints") is None else r["checkpoints"]
-        kept[(r["benchmark"], r["method"], int(r["steps"]))] = r
+    kept = {(r["benchmark"], r["method"], int(r["steps"])): r for r in _read_rows(csv_path)
+            if not str(r.get("status") or "").startswith("error")}
     return kept, earlier
+
+
+def _read_rows(path: pathlib.Path) -> list[dict]:
+    """The rows of a written `bench.csv`, as `_measure_case` makes them (no checkpoints: `""`)."""
+    rows = read_csv(path)
+    for r in rows:
+        r["checkpoints"] = "" if r.get("checkpoints") is None else r["checkpoints"]
+    return rows
+
+
+def _write_record(out: pathlib.Path, record: dict) -> None:
+    atomic_write_text(out / "sweep.json", json.dumps(record, indent=1) + "\n")
 
 
 def _remember_timing(history: dict, row: dict) -> None:
@@ -301,7 +310,7 @@ def run(
     # case (a resumed sweep that measures nothing adds nothing).
     record = dict(recorded, date=record.get("date") or datetime.datetime.now().isoformat(timespec="seconds"),
                   seconds=float(record.get("seconds") or 0.0))
-    (out / "sweep.json").write_text(json.dumps(record, indent=1) + "\n")
+    _write_record(out, record)
     started = time.perf_counter()
 
     def measured(fn, *args, **kwargs):
@@ -310,7 +319,7 @@ def run(
             return fn(*args, **kwargs)
         finally:
             record["seconds"] = round(record["seconds"] + time.perf_counter() - t0, 1)
-            (out / "sweep.json").write_text(json.dumps(record, indent=1) + "\n")
+            _write_record(out, record)
 
     problems: dict[str, Problem] = {}
     rows: list[dict] = []
@@ -395,9 +404,7 @@ def rerun_diagnostics(out_dir, *, repeats: int = 3, data_dir=None, console=None)
 
     console = console or Console(stderr=True)
     out = pathlib.Path(out_dir)
-    rows = read_csv(out / "bench.csv")
-    for r in rows:
-        r["checkpoints"] = "" if r.get("checkpoints") is None else r["checkpoints"]
+    rows = _read_rows(out / "bench.csv")
     vmap_rows = read_csv(out / "vmap.csv") if (out / "vmap.csv").is_file() else []
     problems = {}
     for bench in dict.fromkeys(r["benchmark"] for r in rows):

@@ -10,6 +10,7 @@ import traceback
 
 
 from ..._errors import CtmetaError, DataError, InputError, NumericalError
+from ..._io import atomic_write_text
 from ..._paths import dataset_dir
 from ..._record import RUN_RECORD_KEYS, run_record
 from .context import Context, RunResult
@@ -176,7 +177,7 @@ def run_method(
         ctx.note(f"FAILED {label}: {msg}")
         if isinstance(err, NumericalError) and path.is_dir():
             # Deterministic from the same checkpoint: not attempted again unless asked.
-            failed.write_text(json.dumps({"error": msg}, indent=1) + "\n")
+            atomic_write_text(failed, json.dumps({"error": msg}, indent=1) + "\n")
         if ctx.debug:
             traceback.print_exc()
         return RunResult(label, "failed", msg, run_dir=str(path))
