@@ -203,8 +203,18 @@ class Adjoint(AbstractMethod):
       of the stored grid, $h = T/K$.
     - `rtol`, `atol`: tolerances of the adaptive forward solve (`rtol` at
       least `1e-5` for float32 parameters: `ctmeta.ode.effective_rtol`).
-    - `solver`: the forward solver, `"dopri5"` (adaptive, default) or
-      `"rk4"` (fixed steps of $T/K$; needs `steps`).
+    - `solver`: the forward solver, `"dopri5"` (adaptive, default),
+      `"rkc2"` (adaptive Runge-Kutta-Chebyshev, `ctmeta.ode._rkc`: its
+      stages grow like $\sqrt{h\lambda_{\max}}$, so a stiff flow costs
+      far fewer gradients than Dopri5's $h\lambda_{\max} < 3.3$ allows;
+      the adaptive rule only, gradient and preconditioned flows) or `"rk4"`
+      (fixed steps of $T/K$; needs `steps`).
+    - `error_scale` (adaptive rule): the forward's tolerances relative to
+      the state (`"state"`) or to the displacement $u(t) - u_0$
+      (`"displacement"`), which is what the meta-gradient depends on when
+      adaptation moves the parameters little.
+    - `backward_solver` (adaptive rule): `"dopri5"` or `"rkc2"` for the
+      adjoint; `None`: the forward's.
     - `dense_steps` (adaptive rule): the most accepted forward steps kept,
       three states each; a forward that needs more fails with
       `SolveStatus.DENSE_OVERFLOW`.
@@ -245,14 +255,24 @@ class Adjoint(AbstractMethod):
     adjoint_rtol: float = eqx.field(default=10.0, static=True)
     adjoint_atol: float = eqx.field(default=10.0, static=True)
     solver: str = eqx.field(default="dopri5", static=True)
+    error_scale: str = eqx.field(default="state", static=True)
+    backward_solver: str | None = eqx.field(default=None, static=True)
 
     def __check_init__(self):
-        if self.solver not in ("dopri5", "rk4"):
-            raise InputError(f"Adjoint(solver={self.solver!r}): use 'dopri5' (adaptive) or 'rk4' (fixed steps).")
+        if self.solver not in ("dopri5", "rkc2", "rk4"):
+            raise InputError(f"Adjoint(solver={self.solver!r}): use 'dopri5' (adaptive), 'rkc2' (adaptive, stabilized "
+                             "for stiff gradient flows) or 'rk4' (fixed steps).")
+        if self.error_scale not in ode.ERROR_SCALES:
+            raise InputError(f"Adjoint(error_scale={self.error_scale!r}): use 'state' or 'displacement'.")
+        if self.steps is not None and (self.solver == "rkc2" or self.error_scale != "state"
+                                       or self.backward_solver is not None):
+            what = ("solver='rkc2'" if self.solver == "rkc2" else f"error_scale={self.error_scale!r}"
+                    if self.error_scale != "state" else f"backward_solver={self.backward_solver!r}")
+            raise InputError(f"Adjoint({what}) is a setting of the adaptive rule: leave steps=None.")
         if self.steps is None:
             if self.checkpoints is not None:
                 raise InputError("Adjoint(checkpoints=...) applies to the stored sweep: give steps=K too.")
-            if self.solver != "dopri5":
+            if self.solver == "rk4":
                 raise InputError(f"Adjoint(solver={self.solver!r}) takes fixed steps of T/K: give steps=K too.")
         else:
             _check_steps("Adjoint", self.steps)
@@ -264,7 +284,8 @@ class Adjoint(AbstractMethod):
     def sensitivity(self) -> ode.AbstractSensitivity:
         """The `ctmeta.ode` rule that differentiates the flow."""
         if self.steps is None:
-            return ode.AdaptiveAdjoint(self.dense_steps, self.adjoint_rtol, self.adjoint_atol)
+            return ode.AdaptiveAdjoint(self.dense_steps, self.adjoint_rtol, self.adjoint_atol,
+                                       backward_solver=self.backward_solver)
         return ode.StoredAdjoint(self.scheme, self.checkpoints, self.stability_check)
 
     @property
@@ -299,6 +320,7 @@ class Adjoint(AbstractMethod):
             max_steps=self.max_steps,
             solver=self.solver,
             throw=throw,
+            error_scale=self.error_scale,
         )
 
 

@@ -218,8 +218,13 @@ def resolve_config(
     if solver is not None:
         if method != "amaml":
             raise InputError(f"`solver` applies to `method` amaml (the gradient flow's forward solver), not {method}")
-        if solver not in ("dopri5", "rk4"):
-            raise InputError(f"unknown `solver` {solver!r}; choose from dopri5, rk4")
+        if solver not in ("dopri5", "rkc2", "rk4"):
+            raise InputError(f"unknown `solver` {solver!r}; choose from dopri5, rkc2, rk4")
+        if solver == "rkc2" and steps is not None:
+            raise InputError("`solver` rkc2 is adaptive (the adjoint is solved over its dense output): drop `steps`")
+        if solver == "rkc2" and flow == "heavy-ball":
+            raise InputError("`solver` rkc2 needs a flow with a symmetric Jacobian (gradient or preconditioned); "
+                             "heavy-ball's is not: use dopri5")
     opt = optimizer_config(method, optimizer, meta_lr, lr_schedule, meta_iterations, adam_lr=p.outer_lr)
     flow_spec = flow_config(method, flow)
 
@@ -285,6 +290,8 @@ def resolve_config(
         tol = {"rtol": 1e-5, "atol": 1e-6} if p.kind == "images" else {"rtol": 1e-6, "atol": 1e-8}
         if n_steps is None:
             method_options = {**tol, "dense_steps": p.dense_steps}
+            if amaml_solver != "dopri5":  # dopri5 is implied (configs written before rkc2 have no key)
+                method_options["solver"] = amaml_solver
         else:  # the stored sweep: Heun (the paper's) after Dopri5, RK4 after RK4
             method_options = {**tol, "solver": amaml_solver, "scheme": "rk4" if amaml_solver == "rk4" else "heun"}
     elif method == "comln":
@@ -521,7 +528,8 @@ def build_method(config: dict):
     if m == "amaml":
         if K is None:  # the adaptive backward over the forward's dense output
             return methods.Adjoint(rtol=opts.get("rtol", 1e-6), atol=opts.get("atol", 1e-8),
-                                   dense_steps=opts.get("dense_steps", 256),
+                                   dense_steps=opts.get("dense_steps", 256), solver=opts.get("solver", "dopri5"),
+                                   error_scale=opts.get("error_scale", "state"),
                                    adjoint_rtol=opts.get("adjoint_rtol", 10.0), adjoint_atol=opts.get("adjoint_atol", 10.0))
         return methods.Adjoint(steps=K, rtol=opts.get("rtol", 1e-6), atol=opts.get("atol", 1e-8),
                                scheme=opts.get("scheme", "heun"), solver=opts.get("solver", "dopri5"))

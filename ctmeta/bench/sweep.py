@@ -28,7 +28,7 @@ from .._io import atomic_write_text
 from .diagnostics import run_diagnostics
 from .measurement import compile_fn, device_description, measure_vmap, meta_gradient_fn, time_call
 from .plots import plot
-from .problems import BENCHMARKS, H, Problem, checkpoints_for, make_problem
+from .problems import ADAPTIVE_SOLVER, BENCHMARKS, OPTIONAL_METHODS, H, Problem, checkpoints_for, make_problem
 from .report import fmt_bytes, fmt_seconds, read_csv, rows_markdown, table_markdown, union_keys, write_csv
 from .targets import evaluate_targets, print_summary, targets_markdown
 
@@ -95,9 +95,10 @@ def _parse_cases(cases) -> list[tuple[str, str]]:
             if bench not in BENCHMARKS:
                 raise InputError(f"unknown benchmark {bench!r} in --cases; choose from {sorted(BENCHMARKS)}")
             methods = BENCHMARKS[bench] if not method else tuple(m for m in method.split("+"))
+            known = BENCHMARKS[bench] + OPTIONAL_METHODS.get(bench, ())
             for m in methods:
-                if m not in BENCHMARKS[bench]:
-                    raise InputError(f"unknown method {m!r} for {bench}; choose from {BENCHMARKS[bench]}")
+                if m not in known:
+                    raise InputError(f"unknown method {m!r} for {bench}; choose from {known}")
                 if (bench, m) not in out:
                     out.append((bench, m))
     return out
@@ -230,8 +231,8 @@ def _measure_case(problem, method, steps, settings, history, repeats, device):
         row["status"] = f"error running: {type(err).__name__}: {msg[:200]}"
         return row
     base, flow = problem.rule_and_flow(method)
-    if base == "amaml-adaptive":
-        row["forward_steps"], row["backward_steps"] = problem.adaptive_steps(steps * H, flow)
+    if base in ADAPTIVE_SOLVER:
+        row.update(problem.adaptive_steps(steps * H, flow, ADAPTIVE_SOLVER[base]))
     row["status"] = "ok" if row["repeats"] > 0 else "ok (warm-up call only: over the time budget)"
     _remember_timing(history, row)
     return row

@@ -95,9 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None, metavar="INT",
                    help="inner steps K, > 0: stored states (amaml; RK4 steps with --solver rk4) or GD steps "
                    "(discrete methods)")
-    t.add_argument("--solver", choices=["dopri5", "rk4"], default=None,
+    t.add_argument("--solver", choices=["dopri5", "rkc2", "rk4"], default=None,
                    help="amaml's forward solver: dopri5 (adaptive; without --steps the backward is adaptive "
-                   "too) or rk4 (K = --steps fixed steps of T/K; without --steps K = T/0.01) (default: dopri5)")
+                   "too), rkc2 (adaptive Runge-Kutta-Chebyshev, forward and backward: stages grow like "
+                   "sqrt(h lambda_max), for stiff inner flows; not with --steps or --flow heavy-ball) or rk4 "
+                   "(K = --steps fixed steps of T/K; without --steps K = T/0.01) (default: dopri5)")
     t.add_argument("--flow", choices=["gradient", "preconditioned", "heavy-ball"], default=None,
                    help="the inner flow, its meta-parameters learned with the initialisation (amaml, maml, anil): "
                    "gradient (du/dt = -grad L), preconditioned (du/dt = -P grad L, P = exp(rho) per parameter, "

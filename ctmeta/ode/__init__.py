@@ -39,6 +39,20 @@ computed is the *sensitivity rule*:
   in memory, but unstable for gradient flows (COMLN Sec. 3.2): included for
   comparison, not for use.
 
+**Stiff gradient flows.** `solver="rkc2"` (with [`AdaptiveAdjoint`][], as
+`ctmeta.Adjoint(solver="rkc2")` does) solves the forward and the adjoint by
+adaptive Runge-Kutta-Chebyshev ([`rkc2_step`][]): a step of $s$ stages is
+stable for $h\rho \le \beta(s) \approx 0.65\,s^2$ ([`stability_interval`][]),
+$\rho$ the spectral radius of the Jacobian, estimated by power iteration on
+Hessian-vector products. Dopri5's step is bounded by $h\rho < 3.3$ whatever
+its tolerance, so when meta-training sharpens the loss its cost grows like
+$\rho$; RKC2's like $\sqrt{\rho}$. Valid for fields with a symmetric
+Jacobian only (`symmetric_jacobian`; a gradient flow, a preconditioned one);
+others are refused in one line. It is second order, so at tight tolerances
+on a flow that is not stiff Dopri5 stays cheaper (docs/bench.md, "Stiff
+flows"). `error_scale="displacement"` measures the forward's error relative
+to $y - y_0$ instead of $y$.
+
 Vector fields with structure can say how to apply their transposed Jacobian
 (see [`AbstractVectorField`][]): a gradient flow does it with one
 Hessian-vector product, forward-over-reverse.
@@ -68,8 +82,9 @@ NaN. A solve that is not differentiated runs no check and never ends so.
 transposed Jacobians), `_status` (how a solve ended), `_solvers` (forward
 solvers, [`SolveOptions`][], the [`AbstractSensitivity`][] contract,
 [`Backprop`][], [`Backsolve`][]), `_stored` ([`StoredAdjoint`][]: grid,
-curvature check, backward sweep), `_adaptive` ([`AdaptiveAdjoint`][]: dense
-output and adaptive backward); this file holds [`solve`][], the entry point.
+curvature check, backward sweep), `_rkc` (the RKC2 step, its stage rule and
+adaptive loop), `_adaptive` ([`AdaptiveAdjoint`][]: dense output and
+adaptive backward, by Dopri5 or RKC2); this file holds [`solve`][], the entry point.
 Everything public is imported here: use `ctmeta.ode.X`.
 """
 
@@ -85,8 +100,9 @@ from .._errors import InputError
 from ._adaptive import AdaptiveAdjoint, DenseOutput, adjoint_backward
 from ._fields import (AbstractVectorField, VectorField, closure_convert, cotangent_like, differentiable,
                       literals_as_arrays)
-from ._solvers import (FIXED_STEP_SOLVERS, RK4, SOLVERS, AbstractSensitivity, Backprop, Backsolve, SolveOptions,
-                       effective_rtol)
+from ._rkc import rkc2_step, stability_interval, stages_for
+from ._solvers import (ERROR_SCALES, FIXED_STEP_SOLVERS, RK4, SOLVERS, STABILIZED_SOLVERS, AbstractSensitivity,
+                       Backprop, Backsolve, SolveOptions, effective_rtol)
 from ._status import SolveStatus, nan_if_failed, nan_if_forward_failed, raise_if_failed, solve_status
 from ._stored import StoredAdjoint, adjoint_sweep, max_curvature, max_curvature_on_grid
 
@@ -104,6 +120,10 @@ __all__ = [
     "SolveStatus",
     "max_curvature",
     "solve",
+    "SOLVERS",
+    "rkc2_step",
+    "stability_interval",
+    "stages_for",
     "solve_status",
     # The pieces other rules are built from (ctmeta.methods, ctmeta.linear_flow).
     "RK4",
@@ -164,8 +184,9 @@ def solve(
     rtol: float = 1e-6,
     atol: float = 1e-8,
     max_steps: int = 16384,
-    solver: Literal["dopri5", "tsit5", "euler", "heun", "rk4"] = "dopri5",
+    solver: Literal["dopri5", "tsit5", "rkc2", "euler", "heun", "rk4"] = "dopri5",
     throw: bool = True,
+    error_scale: Literal["state", "displacement"] = "state",
 ) -> PyTree:
     r"""Solve $dy/dt = f(t, y, \text{args})$ on $[0, t_1]$ and return $y(t_1)$.
 
@@ -184,8 +205,11 @@ def solve(
       bfloat16): below that the solver's error estimate measures rounding
       and its step collapses (see `effective_rtol`).
     - `max_steps`: the forward solver's step budget.
-    - `solver`: `"dopri5"` (default), `"tsit5"`, or the fixed-step `"euler"`,
-      `"heun"`, `"rk4"` ([`RK4`][]), which take `steps` steps of $t_1/\text{steps}$.
+    - `solver`: `"dopri5"` (default), `"tsit5"`, `"rkc2"` (adaptive
+      Runge-Kutta-Chebyshev for stiff fields with a symmetric Jacobian, e.g.
+      a gradient flow; with [`AdaptiveAdjoint`][] only, see `_rkc`), or the
+      fixed-step `"euler"`, `"heun"`, `"rk4"` ([`RK4`][]), which take `steps`
+      steps of $t_1/\text{steps}$.
     - `throw`: what a failed forward solve (`max_steps` exhausted, or a
       non-finite state) does. `True` (default): raise at run time, inside
       `jit` too, naming the cause; under `vmap` one failing element stops the
@@ -196,6 +220,10 @@ def solve(
       When differentiated by [`StoredAdjoint`][], an unstable backward sweep
       is reported the same way (`UNSTABLE_ADJOINT`), except that $y(t_1)$
       keeps its value and only its derivatives are NaN.
+
+    - `error_scale`: `"state"` (default): the tolerances are relative to
+      $|y|$; `"displacement"`: relative to $|y - y_0|$, what a meta-gradient
+      depends on when the flow moves $y$ little ([`AdaptiveAdjoint`][] only).
 
     **Returns:** $y(t_1)$, with the structure of `y0`; with `throw=False`,
     the pair `(y(t1), status)`.
@@ -209,6 +237,12 @@ def solve(
         )
     if solver not in SOLVERS:
         raise InputError(f"ctmeta.ode.solve: unknown solver {solver!r}; use {', '.join(SOLVERS)}.")
+    if error_scale not in ERROR_SCALES:
+        raise InputError(f"ctmeta.ode.solve: error_scale must be 'state' or 'displacement'; got {error_scale!r}.")
+    if (solver in STABILIZED_SOLVERS or error_scale != "state") and not isinstance(sensitivity, AdaptiveAdjoint):
+        what = f"solver={solver!r}" if solver in STABILIZED_SOLVERS else f"error_scale={error_scale!r}"
+        raise InputError(f"ctmeta.ode.solve: {what} is implemented by the recorded forward of AdaptiveAdjoint; "
+                         f"pass sensitivity=AdaptiveAdjoint() (got {type(sensitivity).__name__}).")
     if not jax.tree.leaves(y0) or not all(jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in jax.tree.leaves(y0)):
         raise InputError("ctmeta.ode.solve: y0 must be a non-empty pytree of floating-point arrays.")
     check_horizon(t1)
@@ -219,7 +253,7 @@ def solve(
         raise InputError(f"ctmeta.ode.solve: t1 must be a scalar; got shape {t1.shape} (vmap for one per task).")
     field = field.closure_convert(t1, y0, args)
     options = SolveOptions(steps=int(steps), rtol=rtol, atol=atol, max_steps=max_steps, solver=solver,
-                           throw=bool(throw))
+                           throw=bool(throw), error_scale=error_scale)
     y1, status = sensitivity.solve(field, y0, t1, args, options)
     if throw:
         return raise_if_failed(y1, status, max_steps, steps=int(steps), scheme=getattr(sensitivity, "scheme", None),

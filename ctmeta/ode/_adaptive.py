@@ -8,12 +8,82 @@ import diffrax
 import equinox as eqx
 import equinox.internal as eqxi
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 
 from .._errors import InputError
 from ._fields import cotangent_like, literals_as_arrays, zeros_for
+from ._rkc import power_iteration, rkc2_solve
 from ._solvers import AbstractSensitivity, SolveOptions, effective_rtol
 from ._status import SolveStatus, all_finite, nan_if_failed, raise_if_failed, solve_status
+
+#: Solvers whose accepted steps the adaptive adjoint records (and can solve its backward with).
+RECORDED_SOLVERS = ("dopri5", "rkc2")
+#: RKC2's settings: the most stages a step (stability interval ~0.65 * 256^2 = 43,000 h rho), the
+#: safety factor on the power-iteration estimate of the spectral radius (a lower bound), and the
+#: power iterations at the start (later steps take one each, warm-started, two after a rejection).
+RKC_MAX_STAGES = 256
+RKC_SAFETY = 1.2
+RKC_POWER_ITERATIONS = 8
+RKC_DAMPING = 2.0 / 13.0
+RKC_REFRESH = 1
+
+
+def check_symmetric(field, solver: str):
+    """A one-line `InputError` unless `field`'s Jacobian is symmetric (RKC2's spectral estimate needs it)."""
+    if not field.symmetric_jacobian:
+        raise InputError(
+            f"solver={solver!r} needs a vector field with a symmetric Jacobian (a gradient flow, or "
+            f"Preconditioned): its stages come from a power-iteration estimate of the spectral radius, which "
+            f"says nothing about stability for {type(field).__name__} (symmetric_jacobian=False, e.g. "
+            "HeavyBall's flow). Use solver='dopri5'.")
+
+
+def _flat_matvec(field, t, y, args):
+    """`v -> (df/dy)^T v` on flat vectors (= df/dy v for a symmetric Jacobian), in at least float32."""
+    flat, unravel = jax.flatten_util.ravel_pytree(y)
+    dtype = jnp.promote_types(flat.dtype, jnp.float32)
+
+    def matvec(v):
+        jtv = field.vjp(t, y, args, unravel(v.astype(flat.dtype)), (False, False))[0]
+        return jax.flatten_util.ravel_pytree(cotangent_like(jtv, y))[0].astype(dtype)
+
+    return matvec, flat.shape, dtype
+
+
+def _power_rho_fn(field, args):
+    """RKC2's spectral radius for `field`: warm-started power iteration on Jacobian-vector products."""
+
+    def rho_fn(t, y, h, state, iterations):
+        v, rho_prev = state
+        if isinstance(iterations, int) and iterations < 0:
+            iterations = RKC_POWER_ITERATIONS
+        matvec, _, _ = _flat_matvec(field, t, y, args)
+        rho, v = power_iteration(matvec, v, iterations)
+        rho = RKC_SAFETY * rho
+        return rho, (v, rho), iterations
+
+    return rho_fn
+
+
+def _power_state(y):
+    flat, _ = jax.flatten_util.ravel_pytree(y)
+    dtype = jnp.promote_types(flat.dtype, jnp.float32)
+    v = jax.random.normal(jax.random.PRNGKey(0), flat.shape, dtype)
+    return v / jnp.linalg.norm(v), jnp.zeros((), dtype)
+
+
+def rkc_forward(field, y0, t1, args, options: SolveOptions, dense_steps: int | None):
+    """RKC2 from 0 to `t1`: `(y(t1), DenseOutput or None, status, stats)`, as `dense_forward`."""
+    y1, dense, status, stats, _ = rkc2_solve(
+        lambda t, y: field(t, y, args), y0, t1, rtol=effective_rtol(options.rtol, y0), atol=options.atol,
+        max_steps=options.max_steps, max_stages=RKC_MAX_STAGES, rho_fn=_power_rho_fn(field, args),
+        rho_state=_power_state(y0), displacement=options.error_scale == "displacement", dense_steps=dense_steps,
+        damping=RKC_DAMPING, refresh=RKC_REFRESH)
+    if dense is not None:
+        ts, ys, fs, rhos, n = dense
+        dense = DenseOutput(ts, ys, fs, n, None, rhos)
+    return y1, dense, status, stats
 
 PyTree = Any
 
@@ -63,6 +133,11 @@ class AdaptiveAdjoint(AbstractSensitivity):
       converged solve, the meta-gradient's relative error is 1.1e-5 at 1x,
       3.2e-5 at 10x and 2.8e-4 at 100x, for 37, 28 and 24 backward steps
       (the stored Heun sweep at h = 0.01: 1.3e-4).
+    - `backward_solver`: `"dopri5"` or `"rkc2"` for the backward solve;
+      `None` (default): the forward's solver. With `"rkc2"` after an RKC2
+      forward, the backward reads the spectral radius each forward step used
+      (the adjoint's Jacobian is the forward's, transposed): no estimate of
+      its own.
     - `max_steps`: the backward solver's step budget (default: the forward's
       `max_steps`). A backward solve that fails or runs out of steps raises
       when the gradient is taken (`throw=True`) or gives NaN derivatives
@@ -73,8 +148,12 @@ class AdaptiveAdjoint(AbstractSensitivity):
     rtol: float = eqx.field(default=10.0, static=True)
     atol: float = eqx.field(default=10.0, static=True)
     max_steps: int | None = eqx.field(default=None, static=True)
+    backward_solver: str | None = eqx.field(default=None, static=True)
 
     def __check_init__(self):
+        if self.backward_solver is not None and self.backward_solver not in RECORDED_SOLVERS:
+            raise InputError(f"AdaptiveAdjoint(backward_solver={self.backward_solver!r}): use "
+                             f"{' or '.join(map(repr, RECORDED_SOLVERS))}, or None for the forward's solver.")
         if not isinstance(self.dense_steps, int) or isinstance(self.dense_steps, bool) or self.dense_steps < 1:
             raise InputError(f"AdaptiveAdjoint(dense_steps={self.dense_steps!r}): give a positive int.")
         for name in ("rtol", "atol"):
@@ -85,8 +164,11 @@ class AdaptiveAdjoint(AbstractSensitivity):
             raise InputError(f"AdaptiveAdjoint(max_steps={self.max_steps!r}): give a positive int or None.")
 
     def solve(self, field, y0, t1, args, options):
-        if options.solver != "dopri5":
-            raise InputError(f"AdaptiveAdjoint records Dopri5's steps; solver={options.solver!r} is not supported.")
+        if options.solver not in RECORDED_SOLVERS:
+            raise InputError(f"AdaptiveAdjoint records the steps of an adaptive solver ({', '.join(RECORDED_SOLVERS)}); "
+                             f"solver={options.solver!r} is not supported.")
+        for name in {options.solver, self.backward_solver or options.solver} & {"rkc2"}:
+            check_symmetric(field, name)
         return _adaptive_adjoint_solve((field, y0, t1, args), self, options)
 
 
@@ -103,6 +185,13 @@ class DenseOutput(eqx.Module):
     fs: PyTree
     n: jax.Array
     ms: PyTree = None  # states at mid-step, for the quartic interpolant (None: cubic)
+    rhos: jax.Array | None = None  # RKC2: the spectral radius each step used (with its safety factor)
+
+    def max_rho(self, ta, tb) -> jax.Array:
+        """The largest recorded spectral radius over the steps that meet `[ta, tb]`."""
+        i = jnp.arange(self.ts.shape[0] - 1)
+        meets = (i < self.n) & (self.ts[1:] >= ta) & (self.ts[:-1] <= tb)
+        return jnp.max(jnp.where(meets, self.rhos[:-1], 0))
 
     def evaluate(self, t) -> PyTree:
         """The interpolated state at time `t` (clamped to the solved interval)."""
@@ -153,6 +242,7 @@ def dense_forward(field, y0, t1, args, options: SolveOptions, dense_steps: int |
     sstate = solver.init(term, t0, tnext, y0, args)
     clip_floor = t1 - 100 * jnp.finfo(dtype).eps * jnp.abs(t1)  # as diffrax: no sliver of a last step
     record = dense_steps is not None
+    ref = y0 if options.error_scale == "displacement" else None
     if record:
         slots = dense_steps + 1
         f0 = field(t0, y0, args)
@@ -176,7 +266,9 @@ def dense_forward(field, y0, t1, args, options: SolveOptions, dense_steps: int |
         t, tn, y, ss, cs, jump, n_steps, n_acc, buf, good = c
         y1, y_err, dense_info, ss1, res = solver.step(term, t, tn, y, args, ss, jump)
         y_err = jax.tree.map(lambda x: jnp.where(jnp.isnan(x), jnp.inf, x), y_err)
-        keep, t_new, tn_new, jump1, cs1, cres = controller.adapt_step_size(t, tn, y, y1, args, y_err, error_order, cs)
+        # Error relative to the state, or to the displacement y - y0 (the controller's scale is its |y|).
+        ya, yb = (y, y1) if ref is None else (jax.tree.map(jnp.subtract, y, ref), jax.tree.map(jnp.subtract, y1, ref))
+        keep, t_new, tn_new, jump1, cs1, cres = controller.adapt_step_size(t, tn, ya, yb, args, y_err, error_order, cs)
         t_new = jnp.minimum(t_new, t1)
         tn_new = jnp.where(tn_new > clip_floor, jnp.where(keep, t1, t_new + 0.5 * (t1 - t_new)), tn_new)
         sel = lambda a, b: jnp.where(keep, a, b)
@@ -214,8 +306,9 @@ def dense_forward(field, y0, t1, args, options: SolveOptions, dense_steps: int |
 def adjoint_backward(field, dense: DenseOutput, t1, args, a_end, rule: AdaptiveAdjoint, options: SolveOptions, wrt=None):
     """The backward solve of [`AdaptiveAdjoint`][] from `a(t1) = a_end` over `dense`.
 
-    Returns `(a(0), (dJ/dargs, dJ/dfield), status, stats)`, `stats` diffrax's
-    (`num_steps`, `num_rejected_steps`, ...).
+    Returns `(a(0), (dJ/dargs, dJ/dfield), status, stats)`, `stats` a dict
+    with `num_steps` (attempts), `num_accepted_steps` and `num_evaluations`
+    (of `field.vjp`: Hessian-vector products for a gradient flow).
     """
 
     def rhs(s, state, _):
@@ -224,36 +317,75 @@ def adjoint_backward(field, dense: DenseOutput, t1, args, a_end, rule: AdaptiveA
         ay, aargs, afield = field.vjp(t, dense.evaluate(t), args, a, wrt)
         return cotangent_like(ay, a), cotangent_like((aargs, afield), (args, field))
 
+    rtol = rule.rtol * effective_rtol(options.rtol, a_end)
+    atol = rule.atol * options.atol
+    max_steps = rule.max_steps if rule.max_steps is not None else options.max_steps
+    state0 = (a_end, zeros_for((args, field)))
+    if (rule.backward_solver or options.solver) == "rkc2":
+        return _rkc_backward(field, dense, t1, args, rhs, state0, rtol, atol, max_steps)
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(rhs),
         diffrax.Dopri5(),
         t0=jnp.zeros_like(t1),
         t1=t1,
         dt0=None,
-        y0=(a_end, zeros_for((args, field))),
+        y0=state0,
         saveat=diffrax.SaveAt(t1=True),
-        stepsize_controller=diffrax.PIDController(rtol=rule.rtol * effective_rtol(options.rtol, a_end),
-                                                  atol=rule.atol * options.atol),
-        max_steps=rule.max_steps if rule.max_steps is not None else options.max_steps,
+        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        max_steps=max_steps,
         adjoint=diffrax.RecursiveCheckpointAdjoint(),
         throw=False,
     )
     a0, params = jax.tree.map(lambda x: x[-1], sol.ys)
-    return a0, params, solve_status(sol.result, (a0, params)), sol.stats
+    stats = {"num_steps": sol.stats["num_steps"], "num_accepted_steps": sol.stats["num_accepted_steps"],
+             "num_evaluations": 6 * sol.stats["num_steps"] + 1}
+    return a0, params, solve_status(sol.result, (a0, params)), stats
+
+
+def _rkc_backward(field, dense, t1, args, rhs, state0, rtol, atol, max_steps):
+    """The adjoint by RKC2 in reversed time; its stiffness is the forward's, read from `dense.rhos` if recorded."""
+    if dense.rhos is not None:
+        def rho_fn(s, state, h, rho_state, iterations):
+            return dense.max_rho(t1 - s - h, t1 - s), rho_state, 0
+
+        rho_state = ()
+    else:  # a Dopri5 forward recorded no spectral radius: estimate it on the adjoint's own Jacobian
+        def rho_fn(s, state, h, rho_state, iterations):
+            v, _ = rho_state
+            if isinstance(iterations, int) and iterations < 0:
+                iterations = RKC_POWER_ITERATIONS
+            matvec, _, _ = _flat_matvec(field, t1 - s, dense.evaluate(t1 - s), args)
+            rho, v = power_iteration(matvec, v, iterations)
+            return RKC_SAFETY * rho, (v, rho), iterations
+
+        rho_state = _power_state(state0[0])
+    (a0, params), _, status, stats, _ = rkc2_solve(
+        lambda s, state: rhs(s, state, None), state0, t1, rtol=rtol, atol=atol, max_steps=max_steps,
+        max_stages=RKC_MAX_STAGES, rho_fn=rho_fn, rho_state=rho_state, damping=RKC_DAMPING, refresh=RKC_REFRESH)
+    return a0, params, status, {"num_steps": stats.steps, "num_accepted_steps": stats.accepted_steps,
+                                "num_evaluations": stats.evaluations, "num_matvecs": stats.matvecs,
+                                "max_stages": stats.max_stages}
+
+
+def recorded_forward(field, y0, t1, args, options: SolveOptions, dense_steps: int | None):
+    """The forward of [`AdaptiveAdjoint`][] by `options.solver`: `(y(t1), DenseOutput or None, status, stats)`."""
+    if options.solver == "rkc2":
+        return rkc_forward(field, y0, t1, args, options, dense_steps)
+    return dense_forward(field, y0, t1, args, options, dense_steps, midpoints=dense_steps is not None)
 
 
 @eqx.filter_custom_vjp
 def _adaptive_adjoint_solve(primal, rule, options):
     """`(y(t1), status)`; undifferentiated, the same solve records nothing."""
     field, y0, t1, args = primal
-    y1, _, status, _ = dense_forward(field, y0, t1, args, options, None)
+    y1, _, status, _ = recorded_forward(field, y0, t1, args, options, None)
     return y1, status
 
 
 @_adaptive_adjoint_solve.def_fwd
 def _adaptive_adjoint_fwd(perturbed, primal, rule, options):
     field, y0, t1, args = primal
-    y1, dense, status, _ = dense_forward(field, y0, t1, args, options, rule.dense_steps, midpoints=True)
+    y1, dense, status, _ = recorded_forward(field, y0, t1, args, options, rule.dense_steps)
     return (y1, status), (dense, status)
 
 

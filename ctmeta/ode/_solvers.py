@@ -67,6 +67,9 @@ class SolveOptions(eqx.Module):
     - `rtol`, `atol`: the adaptive solver's tolerances (see `effective_rtol`).
     - `max_steps`: the step budget.
     - `solver`: one of `SOLVERS`.
+    - `error_scale`: what the adaptive solver's tolerances are relative to:
+      `"state"` ($|y|$, as every ODE library) or `"displacement"`
+      ($|y - y_0|$; [`AdaptiveAdjoint`][] only).
     - `throw`: whether [`solve`][] raises on failure (a rule that cannot
       report a failure through its status, like diffrax's backsolve, may
       raise itself).
@@ -76,8 +79,9 @@ class SolveOptions(eqx.Module):
     rtol: float = eqx.field(static=True)
     atol: float = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
-    solver: Literal["dopri5", "tsit5", "euler", "heun", "rk4"] = eqx.field(static=True)
+    solver: Literal["dopri5", "tsit5", "rkc2", "euler", "heun", "rk4"] = eqx.field(static=True)
     throw: bool = eqx.field(static=True, default=True)
+    error_scale: Literal["state", "displacement"] = eqx.field(static=True, default="state")
 
 
 
@@ -110,7 +114,10 @@ class RK4(diffrax.AbstractERK):
 
 #: Solvers taking `steps` uniform steps (the others are adaptive).
 FIXED_STEP_SOLVERS = ("euler", "heun", "rk4")
-SOLVERS = ("dopri5", "tsit5") + FIXED_STEP_SOLVERS
+#: Runge-Kutta-Chebyshev: adaptive, for fields with a symmetric Jacobian, by `AdaptiveAdjoint` only (`_rkc`).
+STABILIZED_SOLVERS = ("rkc2",)
+SOLVERS = ("dopri5", "tsit5") + STABILIZED_SOLVERS + FIXED_STEP_SOLVERS
+ERROR_SCALES = ("state", "displacement")
 
 
 def diffrax_solver(name: str):

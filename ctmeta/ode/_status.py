@@ -29,6 +29,9 @@ class SolveStatus(enum.IntEnum):
     - `DENSE_OVERFLOW` (5): the forward solve of [`AdaptiveAdjoint`][]
       accepted as many steps as its dense output holds (`dense_steps`)
       before $t_1$; raise `dense_steps` (memory: three states a step).
+    - `SPECTRAL_ESTIMATE` (6): the spectral-radius estimate of the `"rkc2"`
+      solver (power iteration on Jacobian-vector products) was not finite,
+      so no stable stage count could be chosen (non-finite curvature).
     - `UNSTABLE_ADJOINT` (4): the forward solve succeeded, but the backward
       adjoint sweep of [`StoredAdjoint`][] over its stored states would be
       unstable, $h\,\lambda_{\max} > 0.95\,c$ (see there), so its
@@ -43,6 +46,7 @@ class SolveStatus(enum.IntEnum):
     FAILED = 3
     UNSTABLE_ADJOINT = 4
     DENSE_OVERFLOW = 5
+    SPECTRAL_ESTIMATE = 6
 
     def describe(self, max_steps: int | None = None, *, steps: int | None = None, scheme: str | None = None,
                  dense_steps: int | None = None) -> str:
@@ -62,6 +66,8 @@ class SolveStatus(enum.IntEnum):
             SolveStatus.DENSE_OVERFLOW: "filled its dense output"
             + (f" (dense_steps={dense_steps} accepted steps)" if dense_steps is not None else " (dense_steps)")
             + " before reaching the horizon",
+            SolveStatus.SPECTRAL_ESTIMATE: "got a non-finite spectral-radius estimate (Hessian-vector products), "
+            "so RKC2 could not choose its stages",
         }[self]
 
 
@@ -150,6 +156,8 @@ def raise_if_failed(tree, status, max_steps: int | None = None, where: str = "ct
         SolveStatus.UNSTABLE_ADJOINT: UNSTABLE_ADVICE,
         SolveStatus.DENSE_OVERFLOW: "Raise dense_steps (AdaptiveAdjoint, or Adjoint(dense_steps=...)), loosen "
         "rtol/atol, or shorten the horizon t1.",
+        SolveStatus.SPECTRAL_ESTIMATE: "The loss's curvature is not finite along the flow: check the loss and "
+        "the data, or use solver='dopri5'.",
     }
     # One `error_if` per cause rather than `branched_error_if`, whose vmapped
     # index has no differentiation rule (the status is an output of a custom VJP).
