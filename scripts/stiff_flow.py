@@ -109,7 +109,7 @@ def quadratic(out_path=None):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a run directory, or 'quadratic' for the closed-form stiff quadratic")
-    p.add_argument("--checkpoint", type=int, default=None)
+    p.add_argument("--checkpoint", type=int, default=None, help="its iteration (0: the initialisation; default: last)")
     p.add_argument("--tasks", type=int, default=2)
     p.add_argument("--rules", nargs="+", default=["preset", "rkc2:1e-5", "rkc2-disp:1e-3"])
     p.add_argument("--reference", default="rk4:100")
@@ -124,7 +124,9 @@ def main():
     exp = build(config, progress=False, log=lambda *_: None)
     learner = exp.learner
     template = learner.init(exp.run_key)
-    if args.checkpoint is None:
+    if args.checkpoint == 0:  # the run's initialisation, before meta-training
+        state, path = template, pathlib.Path("init")
+    elif args.checkpoint is None:
         state, _, path = run.load_latest(template, config=config)
     else:
         path = run.path / "checkpoints" / f"ckpt-{args.checkpoint}.eqx"
