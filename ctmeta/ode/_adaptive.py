@@ -1,4 +1,4 @@
-"""The adaptive adjoint: a recorded Dopri5 forward (its dense output) and an adaptive backward solve over it."""
+"""The adaptive adjoint: a recorded forward (Dopri5 or RKC2, its dense output) and an adaptive backward solve over it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from ._fields import cotangent_like, literals_as_arrays, zeros_for
 from ._rkc import power_iteration, rkc2_solve
 from ._solvers import AbstractSensitivity, SolveOptions, effective_rtol
 from ._status import SolveStatus, all_finite, nan_if_failed, raise_if_failed, solve_status
+
+PyTree = Any
 
 #: Solvers whose accepted steps the adaptive adjoint records (and can solve its backward with).
 RECORDED_SOLVERS = ("dopri5", "rkc2")
@@ -55,7 +57,7 @@ def _power_rho_fn(field, args):
     """RKC2's spectral radius for `field`: warm-started power iteration on Jacobian-vector products."""
 
     def rho_fn(t, y, h, state, iterations):
-        v, rho_prev = state
+        v, _ = state
         if isinstance(iterations, int) and iterations < 0:
             iterations = RKC_POWER_ITERATIONS
         matvec, _, _ = _flat_matvec(field, t, y, args)
@@ -84,8 +86,6 @@ def rkc_forward(field, y0, t1, args, options: SolveOptions, dense_steps: int | N
         ts, ys, fs, rhos, n = dense
         dense = DenseOutput(ts, ys, fs, n, None, rhos)
     return y1, dense, status, stats
-
-PyTree = Any
 
 
 class AdaptiveAdjoint(AbstractSensitivity):
