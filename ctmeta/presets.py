@@ -42,7 +42,7 @@ from ._paths import dataset_dir
 from .optimizers import LR_SCHEDULES, OPTIMIZERS, build_optimizer, learning_rate_schedule, optimizer_spec
 
 __all__ = ["BACKBONES", "BENCHMARKS", "METHODS", "BenchmarkPreset", "Experiment", "build", "build_learner",
-           "optimizer_config", "resolve_config"]
+           "check_config", "optimizer_config", "resolve_config"]
 # The optimiser's names live in ctmeta.optimizers; imported above for the callers of presets.
 
 
@@ -267,8 +267,11 @@ def resolve_config(
     if p.data_subdir is not None:
         path = dataset_dir(p.data_subdir, data_dir) if data_dir else default_data_dir(p)
         if not path.exists():
-            hint = "" if data_dir else " (the default; pass `data_dir` DIR or set $CTMETA_DATA)"
-            raise DataError(f"{benchmark} data directory {path} does not exist{hint}")
+            if data_dir:  # what was given, and what was looked for in it
+                raise DataError(f"`data_dir` {data_dir} does not exist (for {benchmark} it is the data root holding "
+                                f"{p.data_subdir}/, or that {p.data_subdir} folder itself)")
+            raise DataError(f"{benchmark} data directory {path} does not exist (the default; pass `data_dir` DIR, "
+                            f"the data root holding {p.data_subdir}/, or set $CTMETA_DATA)")
         resolved_data = str(path.resolve())
     elif data_dir is not None:
         raise InputError(f"`data_dir` is not used by {benchmark} (its tasks are synthetic)")
@@ -375,6 +378,166 @@ def _model_config(p: BenchmarkPreset, method: str, backbone: str | None = None) 
     if method in HEAD_METHODS:
         return {"name": "conv4-embedding+linear-head", "hidden": hidden, **smooth, "head_init": "zeros"}
     return {"name": "conv4", "hidden": hidden, **smooth}
+
+
+# --------------------------------------------------------------------------- #
+# Checking a saved configuration (a run's config.json)
+# --------------------------------------------------------------------------- #
+
+_ACTIVATIONS = ("tanh", "relu", "softplus", "gelu")
+_MODEL_NAMES = ("mlp", "conv4", "conv4-embedding+linear-head", "resnet12-embedding+linear-head", "resnet12+linear-head")
+_MISSING = object()
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    import math
+
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _quoted(names) -> str:
+    return ", ".join(f'"{n}"' for n in names)
+
+
+def _one_of(names):
+    return (lambda x: isinstance(x, str) and x in names), "one of " + _quoted(names)
+
+
+_POSITIVE_INT = (lambda x: _is_int(x) and x >= 1), "a positive integer"
+_NON_NEGATIVE_INT = (lambda x: _is_int(x) and x >= 0), "an integer >= 0"
+_POSITIVE = (lambda x: _is_number(x) and x > 0), "a positive, finite number"
+_NON_NEGATIVE = (lambda x: _is_number(x) and x >= 0), "a finite number >= 0"
+_BOOL = (lambda x: isinstance(x, bool)), "true or false"
+_STRING = (lambda x: isinstance(x, str) and x != ""), "a non-empty string"
+_STEP_LIST = (lambda x: isinstance(x, list) and bool(x) and all(_is_int(i) and i >= 0 for i in x),
+              "a non-empty list of integers >= 0")
+
+
+def _nullable(check):
+    test, words = check
+    return (lambda x: x is None or test(x)), f"null or {words}"
+
+
+def check_config(config, where: str = "the configuration", error: type[Exception] = InputError) -> dict:
+    """Refuse a configuration (a run's `config.json`, say) that
+    [`build`][ctmeta.presets.build] and the commands cannot use: a missing
+    entry, or one of the wrong type or out of range, named with what was
+    expected, e.g. `config.json: "shots" is missing; expected a positive
+    integer`. Returns `config`. Pure Python.
+
+    Checks what [`resolve_config`][] writes, not that the values agree with
+    one another (a configuration may differ from the presets on purpose:
+    `ctmeta reproduce` changes its evaluation, for one)."""
+
+    def fail(key, value, expected):
+        got = "is missing" if value is _MISSING else f"is {json_repr(value)}"
+        raise error(f"{where}: \"{key}\" {got}; expected {expected}")
+
+    def need(mapping, key, check, prefix=""):
+        value = mapping.get(key, _MISSING)
+        test, words = check
+        if value is _MISSING or not test(value):
+            fail(prefix + key, value, words)
+        return value
+
+    def optional(mapping, key, check, prefix=""):
+        if key in mapping:
+            need(mapping, key, check, prefix)
+
+    if not isinstance(config, dict):
+        raise error(f"{where} is not a JSON object of a run's configuration")
+    benchmark = need(config, "benchmark", _one_of(tuple(BENCHMARKS)))
+    method = need(config, "method", _one_of(tuple(METHODS)))
+    preset = BENCHMARKS[benchmark]
+    need(config, "T", _POSITIVE)
+    need(config, "learn_T", (lambda x: isinstance(x, bool) or x == "per-task", "true, false or \"per-task\""))
+    need(config, "steps", _POSITIVE_INT if method in DISCRETE_METHODS else _nullable(_POSITIVE_INT))
+    for key in ("meta_iterations", "meta_batch", "shots", "queries", "checkpoint_every"):
+        need(config, key, _POSITIVE_INT)
+    if preset.kind == "images":
+        need(config, "ways", ((lambda x: _is_int(x) and x >= 2), "an integer >= 2 (classes per task)"))
+    else:
+        need(config, "ways", ((lambda x: x is None), f"null ({benchmark} is not a classification benchmark)"))
+    if preset.data_subdir is not None:
+        need(config, "data_dir", (_STRING[0], f"the directory of {benchmark}'s data (a string)"))
+    need(config, "seed", ((lambda x: _is_int(x) and 0 <= x <= 2**32 - 1), "an integer in 0..4294967295"))
+    optional(config, "inner_lr", _POSITIVE)
+    optional(config, "on_nonfinite", _one_of(("error", "skip-task")))
+    optional(config, "backbone", _nullable(_one_of(tuple(BACKBONES))))
+    optional(config, "dtype", _one_of(("float32", "float64")))
+    opt = need(config, "optimizer", ((lambda x: isinstance(x, dict)), f"an object with a \"name\" ({', '.join(OPTIMIZERS)})"))
+    need(opt, "name", _one_of(tuple(OPTIMIZERS)), "optimizer.")
+    need(opt, "learning_rate", _POSITIVE, "optimizer.")
+    schedule = need(opt, "schedule", _nullable(_one_of(tuple(k for k in LR_SCHEDULES if k != "none"))), "optimizer.")
+    if schedule is not None:
+        need(opt, "decay_steps", _POSITIVE_INT, "optimizer.")
+    optional(opt, "momentum", ((lambda x: _is_number(x) and 0 <= x < 1), "a number in [0, 1)"), "optimizer.")
+    optional(opt, "nesterov", _BOOL, "optimizer.")
+
+    model = need(config, "model", ((lambda x: isinstance(x, dict)), "an object with a \"name\""))
+    name = need(model, "name", _one_of(_MODEL_NAMES), "model.")
+    if name == "mlp":
+        for key in ("width", "depth"):
+            need(model, key, _POSITIVE_INT, "model.")
+        need(model, "activation", _one_of(_ACTIVATIONS), "model.")
+        optional(model, "input_scale", _POSITIVE, "model.")
+    elif name.startswith("conv4"):
+        need(model, "hidden", _POSITIVE_INT, "model.")
+        optional(model, "activation", _one_of(_ACTIVATIONS), "model.")
+        optional(model, "pool", _one_of(("max", "avg")), "model.")
+    else:
+        need(model, "channels", ((lambda x: isinstance(x, list) and len(x) == 4 and all(_is_int(c) and c >= 1 for c in x)),
+                                 "a list of 4 positive integers"), "model.")
+        need(model, "global_pool", _BOOL, "model.")
+    if preset.kind != "images" and name != "mlp":
+        fail("model.name", name, f"\"mlp\" for {benchmark}")
+    if preset.kind == "images" and name == "mlp":
+        fail("model.name", name, f"an image network ({_quoted(_MODEL_NAMES[1:])}) for {benchmark}")
+
+    options = config.get("method_options", {})
+    if not isinstance(options, dict):
+        fail("method_options", options, "an object")
+    for key in ("rtol", "atol", "adjoint_rtol", "adjoint_atol"):
+        optional(options, key, _POSITIVE, "method_options.")
+    for key in ("dense_steps", "cg_steps"):
+        optional(options, key, _POSITIVE_INT, "method_options.")
+    optional(options, "lam", _NON_NEGATIVE, "method_options.")
+    optional(options, "solver", _one_of(("dopri5", "rk4") if method == "amaml" else ("dopri5", "euler")),
+             "method_options.")
+    optional(options, "scheme", _one_of(("heun", "rk4")), "method_options.")
+    if method == "comln" and options.get("solver") == "euler" and config["steps"] is None:
+        fail("steps", None, "a positive integer (COMLN's Euler steps)")
+
+    flow = config.get("flow", {"name": "gradient"})
+    if not isinstance(flow, dict):
+        fail("flow", flow, f"an object with a \"name\" ({', '.join(FLOW_NAMES)})")
+    optional(flow, "name", _one_of(FLOW_NAMES), "flow.")
+    optional(flow, "scale", _POSITIVE, "flow.")
+    optional(flow, "gamma", _POSITIVE, "flow.")
+    optional(flow, "per", _one_of(("parameter", "layer")), "flow.")
+
+    ev = need(config, "eval", ((lambda x: isinstance(x, dict)), "an object (steps, curve, lr, tasks, metric)"))
+    need(ev, "steps", _STEP_LIST, "eval.")
+    need(ev, "curve", _STEP_LIST, "eval.")
+    need(ev, "lr", _POSITIVE, "eval.")
+    need(ev, "tasks", _POSITIVE_INT, "eval.")
+    optional(ev, "metric", _one_of(("nrmse", "accuracy")), "eval.")
+    return config
+
+
+def json_repr(value) -> str:
+    """`value` as config.json spells it (`"two"`, `null`, `true`), cut to 60 characters."""
+    import json
+
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # --------------------------------------------------------------------------- #
@@ -610,8 +773,11 @@ def build_learner(config: dict, family, model_key):
 
 
 def build(config: dict, *, progress: bool = True, log=print) -> Experiment:
-    """Task family, model and learner of a resolved configuration."""
+    """Task family, model and learner of a resolved configuration (checked
+    first by [`check_config`][ctmeta.presets.check_config])."""
     import jax
+
+    check_config(config)
 
     family = build_family(config, progress=progress, log=log)
     root = jax.random.PRNGKey(config["seed"])
