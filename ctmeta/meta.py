@@ -204,6 +204,7 @@ class MetaLearner:
         self._static = static
         self._dtype = jnp.result_type(*jax.tree.leaves(params))
         flow = method.check_flow(check_flow(flow, "MetaLearner"))
+        flow.check_like(model if adapt == "all" else model.head, "MetaLearner")
         if not isinstance(learn_flow, bool):
             raise InputError(f"MetaLearner: learn_flow must be True or False; got {learn_flow!r}")
         # The flow's arrays in the parameters' dtype; learned ones live in MetaParams.flow.
