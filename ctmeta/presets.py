@@ -173,13 +173,58 @@ def resolve_config(
     (`"gradient"`, `"preconditioned"` or `"heavy-ball"`, see `ctmeta.flows`)
     the inner flow, whose meta-parameters are learned (so only with the
     methods that differentiate them: amaml, maml, anil)."""
+    benchmark, method = _check_names(benchmark, method)
+    p = BENCHMARKS[benchmark]
+    T, steps, meta_iterations, meta_batch, seed, checkpoint_every = _check_numbers(
+        T, steps, meta_iterations, meta_batch, seed, checkpoint_every, p)
+    ways, shots, backbone = _check_architecture(p, method, ways, shots, backbone, solver)
+    opt = optimizer_config(method, optimizer, meta_lr, lr_schedule, meta_iterations, adam_lr=p.outer_lr)
+    flow_spec = flow_config(method, flow)
+    n_shots, n_queries, n_ways = _task_sizes(p, ways, shots, meta_batch)
+    horizon, n_steps, learn_T, method_solver = _horizon_and_steps(p, method, T, steps, solver)
+    resolved_data = _resolved_data_dir(p, data_dir)
+
+    from . import __version__
+
+    return {
+        "ctmeta_version": __version__,
+        "benchmark": benchmark,
+        "method": method,
+        "T": horizon,
+        "learn_T": learn_T,
+        "steps": n_steps,
+        "inner_lr": p.inner_lr,
+        "meta_iterations": meta_iterations,
+        "meta_batch": meta_batch,
+        "ways": n_ways,
+        "shots": n_shots,
+        "queries": n_queries,
+        "data_dir": resolved_data,
+        "seed": seed,
+        "checkpoint_every": checkpoint_every,
+        "optimizer": opt,
+        "backbone": backbone,
+        "model": _model_config(p, method, backbone),
+        "method_options": _method_options(p, method, n_steps, method_solver),
+        "flow": flow_spec,
+        "eval": _eval_config(p),
+    }
+
+
+def _check_names(benchmark: str | None, method: str | None) -> tuple[str, str]:
+    """The benchmark and the method, by default cosmixture and amaml."""
     benchmark = benchmark or "cosmixture"
     method = method or "amaml"
     if benchmark not in BENCHMARKS:
         raise InputError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARKS)}")
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    p = BENCHMARKS[benchmark]
+    return benchmark, method
+
+
+def _check_numbers(T, steps, meta_iterations, meta_batch, seed, checkpoint_every, p: BenchmarkPreset) -> tuple:
+    """`T` and `steps` checked (`None` stays `None`: the method decides), and the
+    run's length, meta-batch, seed and checkpoint spacing checked or defaulted."""
     if T is not None:
         T = check_positive("`T`", T)
     if steps is not None:
@@ -192,7 +237,14 @@ def resolve_config(
     if checkpoint_every is None:
         checkpoint_every = max(1, meta_iterations // 5)
     checkpoint_every = check_positive_int("`checkpoint_every`", checkpoint_every)
+    return T, steps, meta_iterations, meta_batch, seed, checkpoint_every
 
+
+def _check_architecture(p: BenchmarkPreset, method: str, ways, shots, backbone, solver) -> tuple:
+    """What fits the benchmark's kind: a head method and `ways` on images only,
+    the backbone (defaulted on images), A-MAML's forward solver. Returns
+    `(ways, shots, backbone)`."""
+    benchmark = p.name
     if method in HEAD_METHODS and p.kind != "images":
         raise InputError(
             f"`method` {method} adapts a linear softmax head on an image embedding (Conv-4, ResNet-12): "
@@ -220,109 +272,90 @@ def resolve_config(
             raise InputError(f"`solver` applies to `method` amaml (the gradient flow's forward solver), not {method}")
         if solver not in ("dopri5", "rk4"):
             raise InputError(f"unknown `solver` {solver!r}; choose from dopri5, rk4")
-    opt = optimizer_config(method, optimizer, meta_lr, lr_schedule, meta_iterations, adam_lr=p.outer_lr)
-    flow_spec = flow_config(method, flow)
+    return ways, shots, backbone
 
-    # Task sizes.
+
+def _task_sizes(p: BenchmarkPreset, ways, shots, meta_batch: int) -> tuple:
+    """`(shots, queries, ways)` of a task: the regressions take as many queries as
+    shots (50shot-50val), the ratings 1.5 times as many (10shot-15val)."""
+    n_shots = p.shots if shots is None else shots
     if p.kind == "regression":
-        n_shots = p.shots if shots is None else shots
         n_queries = p.queries if shots is None else shots  # 50shot-50val, 100shot-100val
         if meta_batch > 100:
-            raise InputError(f"`meta_batch` {meta_batch} exceeds the 100 meta-training tasks of {benchmark}")
+            raise InputError(f"`meta_batch` {meta_batch} exceeds the 100 meta-training tasks of {p.name}")
     elif p.kind == "ratings":
-        n_shots = p.shots if shots is None else shots
         n_queries = p.queries if shots is None else max(1, (3 * shots) // 2)  # 10shot-15val, 20shot-30val
     else:
-        n_shots = p.shots if shots is None else shots
         n_queries = p.queries
     n_ways = (p.ways if ways is None else ways) if p.kind == "images" else None
+    return n_shots, n_queries, n_ways
 
-    # Horizon and steps.
-    h = p.inner_lr
-    learn_T = False
-    amaml_solver = None
+
+def _horizon_and_steps(p: BenchmarkPreset, method: str, T, steps, solver) -> tuple:
+    """`(T, steps, learn_T, solver)` of the method (see the module docstring);
+    `solver` is A-MAML's forward solver or COMLN's head solver, else `None`."""
     if method == "amaml":
         # None: the adaptive backward; K: the stored sweep over K states (after K fixed
         # RK4 steps with solver "rk4", h = T/K; by default the preset's h = 0.01). On
         # images the adaptive rule runs on the smooth Conv-4 (see _model_config): a
         # fixed step is stable only below 2.785 / lambda_max, and lambda_max grows
         # past 80 within one meta-step on Omniglot (docs/bench.md).
-        amaml_solver = solver or "dopri5"
-        if steps is None and amaml_solver == "rk4":
+        solver = solver or "dopri5"
+        if steps is None and solver == "rk4":
             steps = p.steps
-        n_steps = steps
-        horizon = p.T if T is None else T
-    elif method == "comln":
-        n_steps = steps  # None: Dopri5; K: Euler with K steps
-        horizon = p.comln_T if T is None else T
-        learn_T = True
-        comln_solver = "dopri5" if steps is None else "euler"
-    else:
-        default_steps = p.maml_steps if method in ("maml", "anil") else p.steps
-        n_steps = default_steps if steps is None else steps
-        horizon = n_steps * h if T is None else T
+        return (p.T if T is None else T), steps, False, solver
+    if method == "comln":  # steps None: Dopri5; K: Euler with K steps
+        return (p.comln_T if T is None else T), steps, True, ("dopri5" if steps is None else "euler")
+    default_steps = p.maml_steps if method in ("maml", "anil") else p.steps
+    n_steps = default_steps if steps is None else steps
+    return (n_steps * p.inner_lr if T is None else T), n_steps, False, None
 
-    # Data.
-    resolved_data = None
-    if p.data_subdir is not None:
-        path = dataset_dir(p.data_subdir, data_dir) if data_dir else default_data_dir(p)
-        if not path.exists():
-            if data_dir:  # what was given, and what was looked for in it
-                raise DataError(f"`data_dir` {data_dir} does not exist (for {benchmark} it is the data root holding "
-                                f"{p.data_subdir}/, or that {p.data_subdir} folder itself)")
-            raise DataError(f"{benchmark} data directory {path} does not exist (the default; pass `data_dir` DIR, "
-                            f"the data root holding {p.data_subdir}/, or set $CTMETA_DATA)")
-        resolved_data = str(path.resolve())
-    elif data_dir is not None:
-        raise InputError(f"`data_dir` is not used by {benchmark} (its tasks are synthetic)")
 
-    eval_steps = list(p.eval_steps)
-    curve = sorted(set(range(0, max(eval_steps) + 1, p.eval_every)) | set(eval_steps))
-    model = _model_config(p, method, backbone)
-    method_options: dict[str, Any] = {}
+def _resolved_data_dir(p: BenchmarkPreset, data_dir) -> str | None:
+    """The absolute folder of the benchmark's data set (`None` for a synthetic one)."""
+    benchmark = p.name
+    if p.data_subdir is None:
+        if data_dir is not None:
+            raise InputError(f"`data_dir` is not used by {benchmark} (its tasks are synthetic)")
+        return None
+    path = dataset_dir(p.data_subdir, data_dir) if data_dir else default_data_dir(p)
+    if not path.exists():
+        if data_dir:  # what was given, and what was looked for in it
+            raise DataError(f"`data_dir` {data_dir} does not exist (for {benchmark} it is the data root holding "
+                            f"{p.data_subdir}/, or that {p.data_subdir} folder itself)")
+        raise DataError(f"{benchmark} data directory {path} does not exist (the default; pass `data_dir` DIR, "
+                        f"the data root holding {p.data_subdir}/, or set $CTMETA_DATA)")
+    return str(path.resolve())
+
+
+def _method_options(p: BenchmarkPreset, method: str, n_steps, solver) -> dict[str, Any]:
+    """The configuration's `method_options`: the rule's tolerances and solvers."""
     if method == "imaml":
-        method_options = {"lam": 1.0, "cg_steps": 5}
-    elif method == "amaml":
+        return {"lam": 1.0, "cg_steps": 5}
+    if method == "amaml":
         # Images: float32 Conv-4 weights of size ~0.1 resolve ~1e-8, so atol 1e-8 asks
         # for rounding (and rtol 1e-5 is float32's floor, see ode.effective_rtol).
         tol = {"rtol": 1e-5, "atol": 1e-6} if p.kind == "images" else {"rtol": 1e-6, "atol": 1e-8}
         if n_steps is None:
-            method_options = {**tol, "dense_steps": p.dense_steps}
-        else:  # the stored sweep: Heun (the paper's) after Dopri5, RK4 after RK4
-            method_options = {**tol, "solver": amaml_solver, "scheme": "rk4" if amaml_solver == "rk4" else "heun"}
-    elif method == "comln":
-        method_options = {"lam": 0.0, "solver": comln_solver}
+            return {**tol, "dense_steps": p.dense_steps}
+        # The stored sweep: Heun (the paper's) after Dopri5, RK4 after RK4.
+        return {**tol, "solver": solver, "scheme": "rk4" if solver == "rk4" else "heun"}
+    if method == "comln":
+        return {"lam": 0.0, "solver": solver}
+    return {}
 
-    from . import __version__
 
+def _eval_config(p: BenchmarkPreset) -> dict[str, Any]:
+    """The configuration's `eval`: the final table's steps, the error-vs-steps curve,
+    the learning rate of the adaptation, the number of meta-test tasks and the metric."""
+    eval_steps = list(p.eval_steps)
+    curve = sorted(set(range(0, max(eval_steps) + 1, p.eval_every)) | set(eval_steps))
     return {
-        "ctmeta_version": __version__,
-        "benchmark": benchmark,
-        "method": method,
-        "T": horizon,
-        "learn_T": learn_T,
-        "steps": n_steps,
-        "inner_lr": h,
-        "meta_iterations": meta_iterations,
-        "meta_batch": meta_batch,
-        "ways": n_ways,
-        "shots": n_shots,
-        "queries": n_queries,
-        "data_dir": resolved_data,
-        "seed": seed,
-        "checkpoint_every": checkpoint_every,
-        "optimizer": opt,
-        "backbone": backbone,
-        "model": model,
-        "method_options": method_options,
-        "flow": flow_spec,
-        "eval": {
-            "steps": eval_steps,
-            "curve": curve,
-            "lr": h,
-            "tasks": p.eval_tasks,
-            "metric": "nrmse" if p.kind != "images" else "accuracy",
-        },
+        "steps": eval_steps,
+        "curve": curve,
+        "lr": p.inner_lr,
+        "tasks": p.eval_tasks,
+        "metric": "nrmse" if p.kind != "images" else "accuracy",
     }
 
 
