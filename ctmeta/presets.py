@@ -9,10 +9,11 @@ defaults and validates; [`build`][] makes the objects.
 Horizon and steps (the papers' convention $T = K h$, $K$ = `steps`, $h = 0.01$):
 
 - `amaml`: `T` is the horizon of the gradient flow (`T = 2` of A-MAML Sec. 5.1
-  for the 50-shot regressions). Without `steps` the adjoint is solved backward
-  adaptively over the forward's dense output (`Adjoint()`); `steps = K`
-  selects the paper's sweep over `K` stored states (`h = T / K`); the image
-  benchmarks default to it (`K = T / 0.01`), see `resolve_config`.
+  for the regressions, 0.5 for the ratings and images). Without `steps` the
+  adjoint is solved backward adaptively over the forward's dense output
+  (`Adjoint()`), on every benchmark (on images, over the smooth Conv-4);
+  `steps = K` selects the paper's sweep over `K` stored states (`h = T / K`),
+  and `solver="rk4"` without `steps` takes `K = T / 0.01` fixed RK4 steps.
 - `maml`, `fomaml`, `reptile`, `imaml`, `anil`: `steps` gradient steps with
   learning rate `h = T / steps`; without `T`, `T = steps * h` with the
   benchmark's inner learning rate `h` (0.01).
