@@ -7,9 +7,16 @@ modules that raise them."""
 from __future__ import annotations
 
 import ast
+import json
 import pathlib
+import re
+
+import pytest
 
 import ctmeta
+from ctmeta import presets
+from ctmeta.cli import main
+from ctmeta.runs import RunDir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -30,14 +37,6 @@ def test_the_error_types_import_no_other_ctmeta_module():
 
 
 # ---------------------------------------------------------------- item 5: a run's config.json with a bad value
-
-import json
-
-import pytest
-
-from ctmeta import presets
-from ctmeta.cli import main
-from ctmeta.runs import RunDir
 
 DAMAGES = {  # what is done to config.json -> what the one line must name
     "T is a word": (lambda c: c.update(T="two"), '"T" is "two"; expected a positive, finite number'),
@@ -105,9 +104,6 @@ def test_the_configurations_ctmeta_writes_pass_the_check():
 
 
 # ---------------------------------------------------------------- item 8: one list of what a resume may change
-
-import re
-
 
 def _words(text: str) -> str:
     return " ".join(text.split())
