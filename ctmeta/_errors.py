@@ -1,5 +1,8 @@
 """The library's error types.
 
+They live here, below every module that raises them (the tasks, the
+download, the commands), so that this module imports none of them.
+
 Every problem a user can cause (bad arguments, bad data, a run that cannot be
 resumed) raises a subclass of [`CtmetaError`][ctmeta.CtmetaError], with a message that says
 what was wrong and what to do. The commands turn these into one line on
@@ -27,6 +30,10 @@ class DataError(CtmetaError):
 
 class CheckpointError(CtmetaError):
     """A checkpoint is missing, truncated, corrupted or incompatible."""
+
+
+class DownloadError(CtmetaError):
+    """A download failed: the network, the server, or what it sent (`ctmeta.tasks.download`)."""
 
 
 class NumericalError(CtmetaError):
@@ -94,8 +101,6 @@ def exit_code(err: BaseException) -> int:
       [`NumericalError`][ctmeta.NumericalError], a failed download), or a bug;
     - $128 + s$ for an interruption by signal $s$ (130 for Ctrl-C).
     """
-    from .tasks.download import DownloadError  # the tasks import this module
-
     if isinstance(err, KeyboardInterrupt):
         return 128 + getattr(err, "signum", 2)
     if isinstance(err, (NumericalError, DownloadError)):

@@ -260,6 +260,12 @@ class AbstractFlow(eqx.Module):
         """The parameters a state stands for (its `u`)."""
         return state
 
+    def check_like(self, params: PyTree, where: str | None = None) -> None:
+        """Raise an `InputError` (naming `where`, the flow and the mismatch) if
+        this flow's arrays were built for other parameters than `params`, the
+        ones it adapts; a flow whose arrays do not follow the parameters
+        (the gradient and heavy-ball flows) fits any."""
+
     def euler_step(self, field: ode.AbstractVectorField, state: PyTree, data: PyTree, h) -> PyTree:
         """One explicit Euler step $y + h\\,f(y)$ of `field` (from `self.field`)."""
         return jax.tree.map(lambda y, f: (y + h * f).astype(y.dtype), state, field(0.0, state, data))
@@ -345,7 +351,42 @@ class Preconditioned(AbstractFlow):
     def field(self, loss_fn):
         return PreconditionedField(loss_fn, self.rho)
 
+    def mismatch(self, params: PyTree) -> str | None:
+        """How `params` differ from the parameters this flow was built for
+        (its `rho`'s arrays, their shapes, the module); `None` if they fit."""
+        arrays = eqx.filter(params, eqx.is_inexact_array)
+        theirs = jax.tree_util.tree_flatten_with_path(arrays)[0]
+        mine = jax.tree_util.tree_flatten_with_path(self.rho)[0]
+        paths = [jax.tree_util.keystr(k) for k, _ in theirs]
+        rho_paths = [jax.tree_util.keystr(k) for k, _ in mine]
+        if paths != rho_paths:
+            extra = [k for k in rho_paths if k not in paths]
+            lacking = [k for k in paths if k not in rho_paths]
+            where = (f"rho{extra[0]} is not among the parameters" if extra
+                     else f"the parameters' {lacking[0]} has no rho" if lacking else "they are in another order")
+            return f"rho has {len(mine)} arrays, the parameters {len(theirs)}: {where}"
+        for path, (_, r), (_, x) in zip(paths, mine, theirs):
+            want = () if self.per == "layer" else jnp.shape(x)
+            if jnp.shape(r) != want:
+                return (f"rho{path} has shape {tuple(jnp.shape(r))} but the adapted parameter {path} has shape "
+                        f"{tuple(jnp.shape(x))}"
+                        + (" (per='layer': one scalar per array)" if self.per == "layer" else ""))
+        if jax.tree.structure(self.rho) != jax.tree.structure(arrays):
+            return "the parameters are another kind of module (its type or static fields differ)"
+        return None
+
+    def check_like(self, params: PyTree, where: str | None = None) -> None:
+        """An `InputError` naming the flow and the mismatch unless `params` are
+        what this flow was built for by [`Preconditioned.like`][]."""
+        why = self.mismatch(params)
+        if why is not None:
+            raise InputError(f"{where + ': ' if where else ''}flow=Preconditioned(per={self.per!r}) was built for "
+                             f"other parameters than the ones it adapts: {why}. Build it with "
+                             "Preconditioned.like(params) of what it adapts (the model, or for a head-only learner "
+                             "its head).")
+
     def init_state(self, params):
+        self.check_like(params)  # shapes are static: this runs once, when traced
         return jax.tree.map(lambda x, s: x / s, params, _scales(self.rho, params))
 
     def params_of(self, state):

@@ -58,18 +58,16 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ._errors import InputError, NumericalError, check_positive
-from ._learner_checks import (check_arguments, check_batch, describe_solve_failures, nonfinite_error, solve_advice,
-                              task_axis_hint)
-from .adaptation import gradient_flow, loss_along_flow
+from ._errors import InputError, check_positive
+from ._learner_checks import check_arguments
+from ._learner_eval import LearnerEvaluation
+from ._learner_step import SCALAR_METRICS, TASK_METRICS, MetaSteps
+from ._learner_tasks import TaskAdaptation
 from .checkpoint import load_state, save_state
-from .evaluation import Evaluation, gd_scores
 from .flows import AbstractFlow, check_flow
-from .losses import METRICS, apply_loss, mse, resolve_metric
-from .methods import Adjoint, reptile_direction
+from .losses import mse, resolve_metric
 from .models import apply_to_set
-from .ode import SolveStatus
-from .sharding import TASK_AXIS, check_mesh, constrain_replicated, map_over_tasks, place_replicated, place_tasks
+from .sharding import check_mesh, place_replicated, place_tasks
 from .state import MetaParams, MetaState, params_of
 
 
@@ -77,24 +75,8 @@ PyTree = Any
 
 __all__ = ["MetaLearner", "SCALAR_METRICS", "TASK_METRICS"]
 
-#: The scalar entries of `MetaLearner.meta_step`'s metrics (shape `()`) ...
-SCALAR_METRICS = ("meta_loss", "grad_norm", "T", "finite", "skipped")
-#: ... and its per-task entries (shape `(tasks,)`).
-TASK_METRICS = ("task_finite", "task_status")
 
-
-def _tree_where(pred, new, old):
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
-
-
-def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    if not leaves:
-        return jnp.array(True)
-    return jnp.all(jnp.stack(leaves))
-
-
-class MetaLearner:
+class MetaLearner(TaskAdaptation, MetaSteps, LearnerEvaluation):
     r"""Meta-learn an initialisation (and optionally the horizon `T`).
 
     **Arguments:**
@@ -204,6 +186,7 @@ class MetaLearner:
         self._static = static
         self._dtype = jnp.result_type(*jax.tree.leaves(params))
         flow = method.check_flow(check_flow(flow, "MetaLearner"))
+        flow.check_like(model if adapt == "all" else model.head, "MetaLearner")
         if not isinstance(learn_flow, bool):
             raise InputError(f"MetaLearner: learn_flow must be True or False; got {learn_flow!r}")
         # The flow's arrays in the parameters' dtype; learned ones live in MetaParams.flow.
@@ -220,16 +203,6 @@ class MetaLearner:
         #: with fixed shapes traces it once.
         self.num_traces = 0
         self.mesh = mesh
-
-    def metric_for(self, batch) -> tuple[Callable, str]:
-        """The metric `evaluate` scores `batch` with, and its name: the one
-        given (or implied by the loss), else inferred from the query
-        targets (integer labels: accuracy; floating-point: nRMSE)."""
-        if self.metric is not None:
-            return self.metric, self.metric_name
-        qy = tuple(batch)[3]
-        name = "accuracy" if jnp.issubdtype(jnp.result_type(qy), jnp.integer) else "nrmse"
-        return METRICS[name], name
 
     @property
     def mesh(self) -> Mesh | None:
@@ -317,329 +290,6 @@ class MetaLearner:
         # From the host copy of the key: a key local to this process, whatever
         # devices (or processes) the state is replicated over.
         return jax.random.fold_in(np.asarray(state.key), it)
-
-    # -- one task ------------------------------------------------------------
-
-    def _adapted_query_pred(self, params: MetaParams, task, throw: bool = True):
-        """Adapt on the task's support set; return (query prediction, adapted
-        arrays, the inner solve's `SolveStatus` code).
-
-        `throw=False` is the meta-batch's mode: a failed inner solve raises
-        nothing (under `vmap` it would stop every task) but makes this task's
-        prediction and meta-gradient NaN, and its status says why.
-        """
-        sx, sy, qx = task[0], task[1], task[2]
-        model = eqx.combine(params.model, self._static)
-        T = self._horizon(params)
-        inner = self._flow(params)
-
-        def flow(loss, u, data, T):
-            out = gradient_flow(loss, u, data, T, method=self.method, flow=inner, throw=throw)
-            return (out, jnp.asarray(SolveStatus.SUCCESS, jnp.int32)) if throw else out
-
-        if self.adapt == "all":
-            adapted, status = flow(self._inner_loss(), model, (sx, sy), T)
-            return self.apply(adapted, qx), eqx.filter(adapted, eqx.is_inexact_array), status
-        # Head only: the embedding is meta-learned through the features.
-        fs = model.features(sx)
-        fq = model.features(qx)
-        if params.T_weights is not None:  # this task's own horizon
-            T = jnp.exp(params.log_T + jnp.dot(params.T_weights, jnp.mean(fs, axis=0)))
-        if self.method.head_only:  # its own flow (COMLN): the cross-entropy of a softmax head
-            labels = jax.nn.one_hot(sy, model.head.shape[0], dtype=fs.dtype)
-            W = self.method.adapt_head(model.head, fs, labels, T.astype(fs.dtype), throw=throw)
-            W, status = (W, jnp.asarray(SolveStatus.SUCCESS, jnp.int32)) if throw else W
-        else:
-            W, status = flow(self._inner_loss(), model.head, (fs, sy), T)
-        return fq @ W.T, W, status
-
-    def _inner_loss(self):
-        """The inner loss `L(u, (x, y[, mask]))` of what adapts: the whole model
-        on inputs, or (head only) the linear head `W` on features `x`."""
-        if self.adapt == "all":
-            return lambda m, data: apply_loss(self.loss, self.apply(m, data[0]), data[1], *data[2:])
-        return lambda W, data: apply_loss(self.loss, data[0] @ W.T, data[1], *data[2:])
-
-    def _task_objective(self, params: MetaParams, task, throw: bool = True):
-        """`(query loss, adapted arrays, inner solve status)` of one task."""
-        pred, adapted, status = self._adapted_query_pred(params, task, throw)
-        mask = task[4] if len(task) > 4 else None
-        return apply_loss(self.loss, pred, task[3], mask), adapted, status
-
-    # -- the meta-step ---------------------------------------------------------
-
-    def _per_task(self, params: MetaParams, batch):
-        """Per-task query losses, meta-gradients (Reptile: directions) and inner
-        solve statuses, vmapped. The solves do not throw (see
-        `_adapted_query_pred`): a failed one is that task's NaN and status."""
-        tasks = tuple(batch)
-        if self.method.outer_direction:
-
-            def per_task(p, task):
-                loss, adapted, status = self._task_objective(p, task, throw=False)
-                return loss, MetaParams(model=reptile_direction(p.model, adapted), log_T=None), status
-
-            return self._map_tasks(per_task, params, tasks)
-
-        def loss_and_status(p, task):
-            loss, _, status = self._task_objective(p, task, throw=False)
-            return loss, status
-
-        grad_fn = jax.value_and_grad(loss_and_status, has_aux=True)
-        (losses, status), grads = self._map_tasks(grad_fn, params, tasks)
-        return losses, grads, status
-
-    def _map_tasks(self, fn, params, tasks):
-        """`fn(params, task)` over the leading axis of `tasks` (see `task_map`)."""
-        if self.task_map == "map":
-            return jax.lax.map(lambda task: fn(params, task), tasks)
-        return jax.vmap(fn, in_axes=(None, 0))(params, tasks)
-
-    def _combine_tasks(self, losses, grads, status=None):
-        n = losses.shape[0]
-        task_ok = jax.vmap(lambda l, g: jnp.isfinite(l) & _all_finite(g))(losses, grads)
-        if status is not None:  # a failed solve is NaN already; its status says so too
-            task_ok = task_ok & (status == SolveStatus.SUCCESS)
-        if self.on_nonfinite == "skip-task":
-            # Hook: drop the tasks whose loss or meta-gradient is not finite.
-            weights = task_ok.astype(losses.dtype) / jnp.maximum(jnp.sum(task_ok), 1).astype(losses.dtype)
-            grads = jax.tree.map(
-                lambda g: jnp.tensordot(weights, jnp.where(task_ok.reshape((n,) + (1,) * (g.ndim - 1)), g, 0.0), 1),
-                grads,
-            )
-            meta_loss = jnp.sum(jnp.where(task_ok, losses, 0.0) * weights)
-            skipped = n - jnp.sum(task_ok)
-        else:
-            grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
-            meta_loss = jnp.mean(losses)
-            skipped = jnp.asarray(0)
-        return meta_loss, grads, task_ok, skipped
-
-    def _meta_gradient(self, params: MetaParams, batch):
-        losses, grads, status = map_over_tasks(self._per_task, self._mesh)(params, tuple(batch))
-        meta_loss, grads, _, _ = self._combine_tasks(losses, grads, status)
-        return constrain_replicated((meta_loss, grads, status), self._mesh)
-
-    def meta_gradient(self, state_or_params: MetaState | MetaParams, batch) -> tuple[jax.Array, MetaParams]:
-        """The meta-loss and the meta-gradient (for Reptile, the direction
-        `theta - u_K`) averaged over the tasks of `batch`, without updating.
-        Same computation as `meta_step`'s (a `vmap` over tasks).
-
-        A task whose inner solve fails raises `NumericalError` naming it
-        (`on_nonfinite="raise"`) or is left out (`"skip-task"`)."""
-        params = params_of(state_or_params)
-        check_batch(batch, "meta_gradient")
-        with task_axis_hint(batch, "meta_gradient"):
-            meta_loss, grads, status = self._compiled(self._meta_gradient)(*self._placed(params, batch))
-        if self.on_nonfinite == "raise" and np.any(np.asarray(status) != SolveStatus.SUCCESS):
-            raise NumericalError(f"meta_gradient: {self.solve_failures(status)}. {solve_advice(status)}.")
-        return meta_loss, grads
-
-    def solve_failures(self, status) -> str:
-        """Which tasks' inner solves failed and why, grouped by cause; "" if none did.
-
-        **Arguments:**
-
-        - `status`: per-task `ctmeta.ode.SolveStatus` codes, e.g. the
-          `task_status` entry of `meta_step`'s metrics.
-
-        **Returns:** e.g. "the inner solve of task 1 of the meta-batch
-        exhausted its step budget (max_steps=64) before reaching the horizon".
-        """
-        return describe_solve_failures(status, self.method)
-
-    def task_objective(self, state_or_params: MetaState | MetaParams, task) -> jax.Array:
-        """The query loss of ONE task (no task axis) after adaptation on its
-        support set; `jax.grad` of it is that task's meta-gradient."""
-        params = params_of(state_or_params)
-        return self._task_objective(params, tuple(task))[0]
-
-    def _step(self, state: MetaState, batch):
-        self.num_traces += 1  # Python side effect: runs once per trace
-        params = state.params
-        losses, grads, status = map_over_tasks(self._per_task, self._mesh)(params, tuple(batch))
-        meta_loss, grads, task_ok, skipped = self._combine_tasks(losses, grads, status)
-        finite = _all_finite(grads) & jnp.isfinite(meta_loss)
-        if self.on_nonfinite == "skip-task":
-            finite = finite & jnp.any(task_ok)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, params)
-        new_params = eqx.apply_updates(params, updates)
-        # Never let a non-finite gradient into the parameters.
-        new_params = _tree_where(finite, new_params, params)
-        opt_state = _tree_where(finite, opt_state, state.opt_state)
-        new_state = MetaState(
-            params=new_params,
-            opt_state=opt_state,
-            key=state.key,
-            iteration=state.iteration + finite.astype(state.iteration.dtype),
-        )
-        metrics = {
-            "meta_loss": meta_loss,
-            "grad_norm": optax.tree.norm(grads),
-            "T": self._horizon(params),
-            "finite": finite,
-            "skipped": skipped,
-            "task_finite": task_ok,
-            "task_status": status,  # each task's inner solve, a `ctmeta.ode.SolveStatus` code
-        }
-        return constrain_replicated((new_state, metrics), self._mesh)
-
-    def meta_step(self, state: MetaState, batch, *, check: bool = True) -> tuple[MetaState, dict]:
-        """One meta-iteration on `batch` (a `Batch` with a leading task axis).
-
-        Returns the new state and a dict of metrics, JAX arrays of two kinds:
-
-        - scalars (shape `()`, the names in `SCALAR_METRICS`): `meta_loss`
-          (mean query loss after adaptation), `grad_norm` (of the averaged
-          meta-gradient or Reptile direction), `T` (the horizon used),
-          `finite` (the update was applied) and `skipped` (tasks left out);
-        - per task (shape `(tasks,)`, the names in `TASK_METRICS`):
-          `task_finite` and `task_status` (finite, and the inner solve's
-          `ctmeta.ode.SolveStatus` code).
-
-        So `{k: float(metrics[k]) for k in SCALAR_METRICS}` is the row to log.
-        The underlying function is compiled once per shape.
-
-        The inner solves do not throw: a task whose solve fails (step budget
-        `max_steps` exhausted, non-finite state; or, for A-MAML, an unstable
-        backward adjoint sweep, see `Adjoint(stability_check=...)`) gets a
-        NaN loss or meta-gradient, so `on_nonfinite="skip-task"` leaves out
-        that task alone. With `check=True` (default), a non-finite
-        meta-gradient raises `NumericalError` naming the iteration and the
-        tasks, and for a failed solve its cause; the parameters are never
-        updated with non-finite values either way.
-        """
-        check_batch(batch, "meta_step")
-        it = int(state.iteration) + 1
-        try:
-            with task_axis_hint(batch, "meta_step"):
-                # `_step` (above), compiled once per shape (and mesh).
-                new_state, metrics = self._compiled(self._step)(*self._placed(state, batch))
-            finite = bool(metrics["finite"]) if check else True
-        except (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError) as err:
-            msg = str(err).strip().splitlines()
-            msg = next((line for line in msg if line.strip()), type(err).__name__)
-            what = f"meta-iteration {it}: the inner solve failed: {msg}"
-            raise NumericalError(what, iteration=it, what=what) from err
-        if check and not finite:
-            raise nonfinite_error(metrics, it, self.method, self.on_nonfinite)
-        return new_state, metrics
-
-    # -- evaluation ------------------------------------------------------------
-
-    def _evaluate_chunk(self, params: MetaParams, batch, segments: tuple[int, ...], lr, metric):
-        """Per-task metric after sum(segments[:i]) GD steps, for each i (incl. 0);
-        the tasks split over the mesh's devices, the result replicated."""
-        per_device = map_over_tasks(
-            lambda shared, tasks: self._evaluate_tasks(*shared, tasks, segments, metric), self._mesh)
-        return constrain_replicated(per_device((params, lr), tuple(batch)), self._mesh)
-
-    def _evaluate_tasks(self, params: MetaParams, lr, batch, segments: tuple[int, ...], metric):
-        model = eqx.combine(params.model, self._static)
-        flow = self._flow(params)
-        return gd_scores(model, batch, segments, lr, metric, loss=self.loss, apply=self.apply, adapt=self.adapt,
-                         flow=None if flow.is_gradient else flow)
-
-    def evaluate(
-        self,
-        state_or_params: MetaState | MetaParams,
-        batch,
-        steps_list=(0, 50, 200),
-        *,
-        lr: float | None = None,
-        chunk_size: int | None = None,
-        progress: Callable[[int], None] | None = None,
-        metric: Callable | None = None,
-    ) -> Evaluation:
-        """Adapt on each task's support set from the learned initialisation by
-        plain gradient descent with learning rate `lr` (default: the method's
-        `T / K`), or by the learned inner flow's Euler steps of `lr` (Meta-SGD
-        with the learned preconditioner, momentum GD with the learned
-        friction), recording the query metric after each number of steps in
-        `steps_list`.
-
-        `batch` holds the evaluation tasks (a `Batch`, or a `MaskedBatch`
-        whose `query_mask` the metric uses). They are processed `chunk_size`
-        tasks at a time (all at once by default); `progress(n)` is called
-        with the number of tasks done after each chunk. With `adapt="head"`
-        only the head adapts, on fixed features. `metric(pred, y, mask=None)`
-        scores instead of the learner's metric. Returns an [`Evaluation`][].
-        """
-        params = params_of(state_or_params)
-        check_batch(batch, "evaluate")
-        if metric is None:
-            metric, metric_name = self.metric_for(batch)
-        elif callable(metric):
-            metric_name = getattr(metric, "__name__", "metric")
-        else:
-            raise InputError(f"evaluate: metric must be a function metric(pred, y, mask=None); got {metric!r}")
-        steps = sorted({int(s) for s in steps_list})
-        if not steps or steps[0] < 0:
-            raise InputError(f"evaluate: steps_list must be non-negative ints, got {list(steps_list)!r}")
-        if lr is None:
-            lr = float(self._horizon(params)) / self.method.inner_steps
-        lr = check_positive("evaluate: lr", lr)
-        positive = [s for s in steps if s > 0]
-        segments = tuple(b - a for a, b in zip([0] + positive[:-1], positive))
-        n = jax.tree.leaves(batch)[0].shape[0]
-        chunk = n if chunk_size is None else max(1, min(int(chunk_size), n))
-        if self._mesh is not None:  # as many tasks on every device (padded below)
-            devices = self._mesh.shape[TASK_AXIS]
-            chunk = -(-chunk // devices) * devices
-        results = []
-        (params, lr_arr), _ = self._placed((params, jnp.asarray(lr, self._dtype)))
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            idx = np.minimum(np.arange(start, start + chunk), n - 1)  # pad: fixed shapes
-            part = jax.tree.map(lambda a: a[idx], tuple(batch))
-            _, part = self._placed(None, type(batch)(*part))
-            with task_axis_hint(batch, "evaluate"):
-                values = self._compiled(self._evaluate_chunk)(params, part, segments, lr_arr, metric)
-            results.append(np.asarray(values)[: stop - start])
-            if progress is not None:
-                progress(stop)
-        values = np.concatenate(results, axis=0)  # column 0: step 0; then `positive`
-        columns = [0 if s == 0 else 1 + positive.index(s) for s in steps]
-        return Evaluation.from_per_task(steps, values[:, columns], lr, metric_name)
-
-    def loss_along_flow(self, state_or_params: MetaState | MetaParams, batch, ts) -> tuple[np.ndarray, np.ndarray]:
-        """The support and the query loss of each task of `batch` at times `ts`
-        along its inner flow from the state's initialisation: a look inside the
-        inner loop (see [`ctmeta.loss_along_flow`][]; one adaptive forward
-        solve per task, read at `ts` from its dense output).
-
-        The flow is the learner's own with its learned meta-parameters, in
-        continuous time: the flow A-MAML solves, and the one whose Euler steps
-        of `h` MAML's steps are (step `k` is time `k h`). The forward settings
-        are the method's when it is an [`Adjoint`][] with Dopri5, else
-        `Adjoint()`'s. Returns `(support, query)`, each `(tasks, len(ts))`,
-        NaN for a task whose forward solve failed (e.g. a non-smooth ReLU
-        network that runs out of dense steps). Not for COMLN's own head flow.
-        """
-        if self.method.head_only:
-            raise InputError(f"loss_along_flow: {type(self.method).__name__} adapts its head by its own flow; "
-                             "this reads the gradient flows of `gradient_flow`")
-        params = params_of(state_or_params)
-        check_batch(batch, "loss_along_flow")
-        ts = jnp.asarray(ts, self._dtype)
-        method = self.method if isinstance(self.method, Adjoint) and self.method.solver == "dopri5" else Adjoint()
-        model = eqx.combine(params.model, self._static)
-        T = jnp.maximum(jnp.max(ts), 0)
-        inner = self._flow(params)
-
-        def one(task):
-            sx, sy, qx, qy = task[:4]
-            mask = task[4] if len(task) > 4 else None
-            if self.adapt == "all":
-                u, support, query = model, (sx, sy), (qx, qy, mask)
-            else:
-                u, support, query = model.head, (model.features(sx), sy), (model.features(qx), qy, mask)
-            out = loss_along_flow(self._inner_loss(), u, support, T, ts, flow=inner, query_data=query,
-                                  method=method, throw=False)
-            return out.support, out.query
-
-        support, query = jax.jit(jax.vmap(one))(tuple(batch))
-        return np.asarray(support), np.asarray(query)
 
     # -- persistence -----------------------------------------------------------
 

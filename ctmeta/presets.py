@@ -9,10 +9,11 @@ defaults and validates; [`build`][] makes the objects.
 Horizon and steps (the papers' convention $T = K h$, $K$ = `steps`, $h = 0.01$):
 
 - `amaml`: `T` is the horizon of the gradient flow (`T = 2` of A-MAML Sec. 5.1
-  for the 50-shot regressions). Without `steps` the adjoint is solved backward
-  adaptively over the forward's dense output (`Adjoint()`); `steps = K`
-  selects the paper's sweep over `K` stored states (`h = T / K`); the image
-  benchmarks default to it (`K = T / 0.01`), see `resolve_config`.
+  for the regressions, 0.5 for the ratings and images). Without `steps` the
+  adjoint is solved backward adaptively over the forward's dense output
+  (`Adjoint()`), on every benchmark (on images, over the smooth Conv-4);
+  `steps = K` selects the paper's sweep over `K` stored states (`h = T / K`),
+  and `solver="rk4"` without `steps` takes `K = T / 0.01` fixed RK4 steps.
 - `maml`, `fomaml`, `reptile`, `imaml`, `anil`: `steps` gradient steps with
   learning rate `h = T / steps`; without `T`, `T = steps * h` with the
   benchmark's inner learning rate `h` (0.01).
@@ -42,7 +43,7 @@ from ._paths import dataset_dir
 from .optimizers import LR_SCHEDULES, OPTIMIZERS, build_optimizer, learning_rate_schedule, optimizer_spec
 
 __all__ = ["BACKBONES", "BENCHMARKS", "METHODS", "BenchmarkPreset", "Experiment", "build", "build_learner",
-           "optimizer_config", "resolve_config"]
+           "check_config", "optimizer_config", "resolve_config"]
 # The optimiser's names live in ctmeta.optimizers; imported above for the callers of presets.
 
 
@@ -168,18 +169,68 @@ def resolve_config(
     `optimizer` (`"adam"` or `"sgd"`), `meta_lr` and `lr_schedule` (`"none"`,
     `"step"`, `"cosine"`) choose the outer optimiser (see
     [`optimizer_config`][]); `backbone` (`"conv4"`, `"conv4-smooth"` or `"resnet12"`) the
-    embedding network of the image benchmarks; `solver` (`"dopri5"` or
-    `"rk4"`, A-MAML only) the forward solver of the inner flow; `flow`
+    embedding network of the image benchmarks; `solver` (`"dopri5"`,
+    `"rkc2"` or `"rk4"`, A-MAML only) the forward solver of the inner flow; `flow`
     (`"gradient"`, `"preconditioned"` or `"heavy-ball"`, see `ctmeta.flows`)
     the inner flow, whose meta-parameters are learned (so only with the
     methods that differentiate them: amaml, maml, anil)."""
+    benchmark, method = _check_names(benchmark, method)
+    p = BENCHMARKS[benchmark]
+    T, steps, meta_iterations, meta_batch, seed, checkpoint_every = _check_numbers(
+        T, steps, meta_iterations, meta_batch, seed, checkpoint_every, p)
+    ways, shots, backbone = _check_architecture(p, method, ways, shots, backbone, solver)
+    if solver == "rkc2" and steps is not None:
+        raise InputError("`solver` rkc2 is adaptive (the adjoint is solved over its dense output): drop `steps`")
+    if solver == "rkc2" and flow == "heavy-ball":
+        raise InputError("`solver` rkc2 needs a flow with a symmetric Jacobian (gradient or preconditioned); "
+                         "heavy-ball's is not: use dopri5")
+    opt = optimizer_config(method, optimizer, meta_lr, lr_schedule, meta_iterations, adam_lr=p.outer_lr)
+    flow_spec = flow_config(method, flow)
+    n_shots, n_queries, n_ways = _task_sizes(p, ways, shots, meta_batch)
+    horizon, n_steps, learn_T, method_solver = _horizon_and_steps(p, method, T, steps, solver)
+    resolved_data = _resolved_data_dir(p, data_dir)
+
+    from . import __version__
+
+    return {
+        "ctmeta_version": __version__,
+        "benchmark": benchmark,
+        "method": method,
+        "T": horizon,
+        "learn_T": learn_T,
+        "steps": n_steps,
+        "inner_lr": p.inner_lr,
+        "meta_iterations": meta_iterations,
+        "meta_batch": meta_batch,
+        "ways": n_ways,
+        "shots": n_shots,
+        "queries": n_queries,
+        "data_dir": resolved_data,
+        "seed": seed,
+        "checkpoint_every": checkpoint_every,
+        "optimizer": opt,
+        "backbone": backbone,
+        "model": _model_config(p, method, backbone),
+        "method_options": _method_options(p, method, n_steps, method_solver),
+        "flow": flow_spec,
+        "eval": _eval_config(p),
+    }
+
+
+def _check_names(benchmark: str | None, method: str | None) -> tuple[str, str]:
+    """The benchmark and the method, by default cosmixture and amaml."""
     benchmark = benchmark or "cosmixture"
     method = method or "amaml"
     if benchmark not in BENCHMARKS:
         raise InputError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARKS)}")
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    p = BENCHMARKS[benchmark]
+    return benchmark, method
+
+
+def _check_numbers(T, steps, meta_iterations, meta_batch, seed, checkpoint_every, p: BenchmarkPreset) -> tuple:
+    """`T` and `steps` checked (`None` stays `None`: the method decides), and the
+    run's length, meta-batch, seed and checkpoint spacing checked or defaulted."""
     if T is not None:
         T = check_positive("`T`", T)
     if steps is not None:
@@ -192,7 +243,14 @@ def resolve_config(
     if checkpoint_every is None:
         checkpoint_every = max(1, meta_iterations // 5)
     checkpoint_every = check_positive_int("`checkpoint_every`", checkpoint_every)
+    return T, steps, meta_iterations, meta_batch, seed, checkpoint_every
 
+
+def _check_architecture(p: BenchmarkPreset, method: str, ways, shots, backbone, solver) -> tuple:
+    """What fits the benchmark's kind: a head method and `ways` on images only,
+    the backbone (defaulted on images), A-MAML's forward solver. Returns
+    `(ways, shots, backbone)`."""
+    benchmark = p.name
     if method in HEAD_METHODS and p.kind != "images":
         raise InputError(
             f"`method` {method} adapts a linear softmax head on an image embedding (Conv-4, ResNet-12): "
@@ -220,113 +278,93 @@ def resolve_config(
             raise InputError(f"`solver` applies to `method` amaml (the gradient flow's forward solver), not {method}")
         if solver not in ("dopri5", "rkc2", "rk4"):
             raise InputError(f"unknown `solver` {solver!r}; choose from dopri5, rkc2, rk4")
-        if solver == "rkc2" and steps is not None:
-            raise InputError("`solver` rkc2 is adaptive (the adjoint is solved over its dense output): drop `steps`")
-        if solver == "rkc2" and flow == "heavy-ball":
-            raise InputError("`solver` rkc2 needs a flow with a symmetric Jacobian (gradient or preconditioned); "
-                             "heavy-ball's is not: use dopri5")
-    opt = optimizer_config(method, optimizer, meta_lr, lr_schedule, meta_iterations, adam_lr=p.outer_lr)
-    flow_spec = flow_config(method, flow)
+    return ways, shots, backbone
 
-    # Task sizes.
+
+def _task_sizes(p: BenchmarkPreset, ways, shots, meta_batch: int) -> tuple:
+    """`(shots, queries, ways)` of a task: the regressions take as many queries as
+    shots (50shot-50val), the ratings 1.5 times as many (10shot-15val)."""
+    n_shots = p.shots if shots is None else shots
     if p.kind == "regression":
-        n_shots = p.shots if shots is None else shots
         n_queries = p.queries if shots is None else shots  # 50shot-50val, 100shot-100val
         if meta_batch > 100:
-            raise InputError(f"`meta_batch` {meta_batch} exceeds the 100 meta-training tasks of {benchmark}")
+            raise InputError(f"`meta_batch` {meta_batch} exceeds the 100 meta-training tasks of {p.name}")
     elif p.kind == "ratings":
-        n_shots = p.shots if shots is None else shots
         n_queries = p.queries if shots is None else max(1, (3 * shots) // 2)  # 10shot-15val, 20shot-30val
     else:
-        n_shots = p.shots if shots is None else shots
         n_queries = p.queries
     n_ways = (p.ways if ways is None else ways) if p.kind == "images" else None
+    return n_shots, n_queries, n_ways
 
-    # Horizon and steps.
-    h = p.inner_lr
-    learn_T = False
-    amaml_solver = None
+
+def _horizon_and_steps(p: BenchmarkPreset, method: str, T, steps, solver) -> tuple:
+    """`(T, steps, learn_T, solver)` of the method (see the module docstring);
+    `solver` is A-MAML's forward solver or COMLN's head solver, else `None`."""
     if method == "amaml":
         # None: the adaptive backward; K: the stored sweep over K states (after K fixed
         # RK4 steps with solver "rk4", h = T/K; by default the preset's h = 0.01). On
         # images the adaptive rule runs on the smooth Conv-4 (see _model_config): a
         # fixed step is stable only below 2.785 / lambda_max, and lambda_max grows
         # past 80 within one meta-step on Omniglot (docs/bench.md).
-        amaml_solver = solver or "dopri5"
-        if steps is None and amaml_solver == "rk4":
+        solver = solver or "dopri5"
+        if steps is None and solver == "rk4":
             steps = p.steps
-        n_steps = steps
-        horizon = p.T if T is None else T
-    elif method == "comln":
-        n_steps = steps  # None: Dopri5; K: Euler with K steps
-        horizon = p.comln_T if T is None else T
-        learn_T = True
-        comln_solver = "dopri5" if steps is None else "euler"
-    else:
-        default_steps = p.maml_steps if method in ("maml", "anil") else p.steps
-        n_steps = default_steps if steps is None else steps
-        horizon = n_steps * h if T is None else T
+        return (p.T if T is None else T), steps, False, solver
+    if method == "comln":  # steps None: Dopri5; K: Euler with K steps
+        return (p.comln_T if T is None else T), steps, True, ("dopri5" if steps is None else "euler")
+    default_steps = p.maml_steps if method in ("maml", "anil") else p.steps
+    n_steps = default_steps if steps is None else steps
+    return (n_steps * p.inner_lr if T is None else T), n_steps, False, None
 
-    # Data.
-    resolved_data = None
-    if p.data_subdir is not None:
-        path = dataset_dir(p.data_subdir, data_dir) if data_dir else default_data_dir(p)
-        if not path.exists():
-            hint = "" if data_dir else " (the default; pass `data_dir` DIR or set $CTMETA_DATA)"
-            raise DataError(f"{benchmark} data directory {path} does not exist{hint}")
-        resolved_data = str(path.resolve())
-    elif data_dir is not None:
-        raise InputError(f"`data_dir` is not used by {benchmark} (its tasks are synthetic)")
 
-    eval_steps = list(p.eval_steps)
-    curve = sorted(set(range(0, max(eval_steps) + 1, p.eval_every)) | set(eval_steps))
-    model = _model_config(p, method, backbone)
-    method_options: dict[str, Any] = {}
+def _resolved_data_dir(p: BenchmarkPreset, data_dir) -> str | None:
+    """The absolute folder of the benchmark's data set (`None` for a synthetic one)."""
+    benchmark = p.name
+    if p.data_subdir is None:
+        if data_dir is not None:
+            raise InputError(f"`data_dir` is not used by {benchmark} (its tasks are synthetic)")
+        return None
+    path = dataset_dir(p.data_subdir, data_dir) if data_dir else default_data_dir(p)
+    if not path.exists():
+        if data_dir:  # what was given, and what was looked for in it
+            raise DataError(f"`data_dir` {data_dir} does not exist (for {benchmark} it is the data root holding "
+                            f"{p.data_subdir}/, or that {p.data_subdir} folder itself)")
+        raise DataError(f"{benchmark} data directory {path} does not exist (the default; pass `data_dir` DIR, "
+                        f"the data root holding {p.data_subdir}/, or set $CTMETA_DATA)")
+    return str(path.resolve())
+
+
+def _method_options(p: BenchmarkPreset, method: str, n_steps, solver) -> dict[str, Any]:
+    """The configuration's `method_options`: the rule's tolerances and solvers."""
     if method == "imaml":
-        method_options = {"lam": 1.0, "cg_steps": 5}
-    elif method == "amaml":
+        return {"lam": 1.0, "cg_steps": 5}
+    if method == "amaml":
         # Images: float32 Conv-4 weights of size ~0.1 resolve ~1e-8, so atol 1e-8 asks
         # for rounding (and rtol 1e-5 is float32's floor, see ode.effective_rtol).
         tol = {"rtol": 1e-5, "atol": 1e-6} if p.kind == "images" else {"rtol": 1e-6, "atol": 1e-8}
         if n_steps is None:
-            method_options = {**tol, "dense_steps": p.dense_steps}
-            if amaml_solver != "dopri5":  # dopri5 is implied (configs written before rkc2 have no key)
-                method_options["solver"] = amaml_solver
-        else:  # the stored sweep: Heun (the paper's) after Dopri5, RK4 after RK4
-            method_options = {**tol, "solver": amaml_solver, "scheme": "rk4" if amaml_solver == "rk4" else "heun"}
-    elif method == "comln":
-        method_options = {"lam": 0.0, "solver": comln_solver}
+            options = {**tol, "dense_steps": p.dense_steps}
+            if solver != "dopri5":  # dopri5 is implied (configs written before rkc2 have no key)
+                options["solver"] = solver
+            return options
+        # The stored sweep: Heun (the paper's) after Dopri5, RK4 after RK4.
+        return {**tol, "solver": solver, "scheme": "rk4" if solver == "rk4" else "heun"}
+    if method == "comln":
+        return {"lam": 0.0, "solver": solver}
+    return {}
 
-    from . import __version__
 
+def _eval_config(p: BenchmarkPreset) -> dict[str, Any]:
+    """The configuration's `eval`: the final table's steps, the error-vs-steps curve,
+    the learning rate of the adaptation, the number of meta-test tasks and the metric."""
+    eval_steps = list(p.eval_steps)
+    curve = sorted(set(range(0, max(eval_steps) + 1, p.eval_every)) | set(eval_steps))
     return {
-        "ctmeta_version": __version__,
-        "benchmark": benchmark,
-        "method": method,
-        "T": horizon,
-        "learn_T": learn_T,
-        "steps": n_steps,
-        "inner_lr": h,
-        "meta_iterations": meta_iterations,
-        "meta_batch": meta_batch,
-        "ways": n_ways,
-        "shots": n_shots,
-        "queries": n_queries,
-        "data_dir": resolved_data,
-        "seed": seed,
-        "checkpoint_every": checkpoint_every,
-        "optimizer": opt,
-        "backbone": backbone,
-        "model": model,
-        "method_options": method_options,
-        "flow": flow_spec,
-        "eval": {
-            "steps": eval_steps,
-            "curve": curve,
-            "lr": h,
-            "tasks": p.eval_tasks,
-            "metric": "nrmse" if p.kind != "images" else "accuracy",
-        },
+        "steps": eval_steps,
+        "curve": curve,
+        "lr": p.inner_lr,
+        "tasks": p.eval_tasks,
+        "metric": "nrmse" if p.kind != "images" else "accuracy",
     }
 
 
@@ -382,6 +420,169 @@ def _model_config(p: BenchmarkPreset, method: str, backbone: str | None = None) 
     if method in HEAD_METHODS:
         return {"name": "conv4-embedding+linear-head", "hidden": hidden, **smooth, "head_init": "zeros"}
     return {"name": "conv4", "hidden": hidden, **smooth}
+
+
+# --------------------------------------------------------------------------- #
+# Checking a saved configuration (a run's config.json)
+# --------------------------------------------------------------------------- #
+
+_ACTIVATIONS = ("tanh", "relu", "softplus", "gelu")
+_MODEL_NAMES = ("mlp", "conv4", "conv4-embedding+linear-head", "resnet12-embedding+linear-head", "resnet12+linear-head")
+_MISSING = object()
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    import math
+
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _quoted(names) -> str:
+    return ", ".join(f'"{n}"' for n in names)
+
+
+def _one_of(names):
+    return (lambda x: isinstance(x, str) and x in names), "one of " + _quoted(names)
+
+
+_POSITIVE_INT = (lambda x: _is_int(x) and x >= 1), "a positive integer"
+_NON_NEGATIVE_INT = (lambda x: _is_int(x) and x >= 0), "an integer >= 0"
+_POSITIVE = (lambda x: _is_number(x) and x > 0), "a positive, finite number"
+_NON_NEGATIVE = (lambda x: _is_number(x) and x >= 0), "a finite number >= 0"
+_BOOL = (lambda x: isinstance(x, bool)), "true or false"
+_STRING = (lambda x: isinstance(x, str) and x != ""), "a non-empty string"
+_STEP_LIST = (lambda x: isinstance(x, list) and bool(x) and all(_is_int(i) and i >= 0 for i in x),
+              "a non-empty list of integers >= 0")
+
+
+def _nullable(check):
+    test, words = check
+    return (lambda x: x is None or test(x)), f"null or {words}"
+
+
+def check_config(config, where: str = "the configuration", error: type[Exception] = InputError) -> dict:
+    """Refuse a configuration (a run's `config.json`, say) that
+    [`build`][ctmeta.presets.build] and the commands cannot use: a missing
+    entry, or one of the wrong type or out of range, named with what was
+    expected, e.g. `config.json: "shots" is missing; expected a positive
+    integer`. Returns `config`. Pure Python.
+
+    Checks what [`resolve_config`][] writes, not that the values agree with
+    one another (a configuration may differ from the presets on purpose:
+    `ctmeta reproduce` changes its evaluation, for one)."""
+
+    def fail(key, value, expected):
+        got = "is missing" if value is _MISSING else f"is {json_repr(value)}"
+        raise error(f"{where}: \"{key}\" {got}; expected {expected}")
+
+    def need(mapping, key, check, prefix=""):
+        value = mapping.get(key, _MISSING)
+        test, words = check
+        if value is _MISSING or not test(value):
+            fail(prefix + key, value, words)
+        return value
+
+    def optional(mapping, key, check, prefix=""):
+        if key in mapping:
+            need(mapping, key, check, prefix)
+
+    if not isinstance(config, dict):
+        raise error(f"{where} is not a JSON object of a run's configuration")
+    benchmark = need(config, "benchmark", _one_of(tuple(BENCHMARKS)))
+    method = need(config, "method", _one_of(tuple(METHODS)))
+    preset = BENCHMARKS[benchmark]
+    need(config, "T", _POSITIVE)
+    need(config, "learn_T", (lambda x: isinstance(x, bool) or x == "per-task", "true, false or \"per-task\""))
+    need(config, "steps", _POSITIVE_INT if method in DISCRETE_METHODS else _nullable(_POSITIVE_INT))
+    for key in ("meta_iterations", "meta_batch", "shots", "queries", "checkpoint_every"):
+        need(config, key, _POSITIVE_INT)
+    if preset.kind == "images":
+        need(config, "ways", ((lambda x: _is_int(x) and x >= 2), "an integer >= 2 (classes per task)"))
+    else:
+        need(config, "ways", ((lambda x: x is None), f"null ({benchmark} is not a classification benchmark)"))
+    if preset.data_subdir is not None:
+        need(config, "data_dir", (_STRING[0], f"the directory of {benchmark}'s data (a string)"))
+    need(config, "seed", ((lambda x: _is_int(x) and 0 <= x <= 2**32 - 1), "an integer in 0..4294967295"))
+    optional(config, "inner_lr", _POSITIVE)
+    optional(config, "on_nonfinite", _one_of(("error", "skip-task")))
+    optional(config, "backbone", _nullable(_one_of(tuple(BACKBONES))))
+    optional(config, "dtype", _one_of(("float32", "float64")))
+    opt = need(config, "optimizer", ((lambda x: isinstance(x, dict)), f"an object with a \"name\" ({', '.join(OPTIMIZERS)})"))
+    need(opt, "name", _one_of(tuple(OPTIMIZERS)), "optimizer.")
+    need(opt, "learning_rate", _POSITIVE, "optimizer.")
+    schedule = need(opt, "schedule", _nullable(_one_of(tuple(k for k in LR_SCHEDULES if k != "none"))), "optimizer.")
+    if schedule is not None:
+        need(opt, "decay_steps", _POSITIVE_INT, "optimizer.")
+    optional(opt, "momentum", ((lambda x: _is_number(x) and 0 <= x < 1), "a number in [0, 1)"), "optimizer.")
+    optional(opt, "nesterov", _BOOL, "optimizer.")
+
+    model = need(config, "model", ((lambda x: isinstance(x, dict)), "an object with a \"name\""))
+    name = need(model, "name", _one_of(_MODEL_NAMES), "model.")
+    if name == "mlp":
+        for key in ("width", "depth"):
+            need(model, key, _POSITIVE_INT, "model.")
+        need(model, "activation", _one_of(_ACTIVATIONS), "model.")
+        optional(model, "input_scale", _POSITIVE, "model.")
+    elif name.startswith("conv4"):
+        need(model, "hidden", _POSITIVE_INT, "model.")
+        optional(model, "activation", _one_of(_ACTIVATIONS), "model.")
+        optional(model, "pool", _one_of(("max", "avg")), "model.")
+    else:
+        need(model, "channels", ((lambda x: isinstance(x, list) and len(x) == 4 and all(_is_int(c) and c >= 1 for c in x)),
+                                 "a list of 4 positive integers"), "model.")
+        need(model, "global_pool", _BOOL, "model.")
+    if preset.kind != "images" and name != "mlp":
+        fail("model.name", name, f"\"mlp\" for {benchmark}")
+    if preset.kind == "images" and name == "mlp":
+        fail("model.name", name, f"an image network ({_quoted(_MODEL_NAMES[1:])}) for {benchmark}")
+
+    options = config.get("method_options", {})
+    if not isinstance(options, dict):
+        fail("method_options", options, "an object")
+    for key in ("rtol", "atol", "adjoint_rtol", "adjoint_atol"):
+        optional(options, key, _POSITIVE, "method_options.")
+    for key in ("dense_steps", "cg_steps"):
+        optional(options, key, _POSITIVE_INT, "method_options.")
+    optional(options, "lam", _NON_NEGATIVE, "method_options.")
+    optional(options, "solver", _one_of(("dopri5", "rkc2", "rk4") if method == "amaml" else ("dopri5", "euler")),
+             "method_options.")
+    optional(options, "scheme", _one_of(("heun", "rk4")), "method_options.")
+    optional(options, "error_scale", _one_of(("state", "displacement")), "method_options.")
+    if method == "amaml" and options.get("solver") == "rkc2" and config["steps"] is not None:
+        fail("steps", config["steps"], "null (the rkc2 solver is adaptive)")
+    if method == "comln" and options.get("solver") == "euler" and config["steps"] is None:
+        fail("steps", None, "a positive integer (COMLN's Euler steps)")
+
+    flow = config.get("flow", {"name": "gradient"})
+    if not isinstance(flow, dict):
+        fail("flow", flow, f"an object with a \"name\" ({', '.join(FLOW_NAMES)})")
+    optional(flow, "name", _one_of(FLOW_NAMES), "flow.")
+    optional(flow, "scale", _POSITIVE, "flow.")
+    optional(flow, "gamma", _POSITIVE, "flow.")
+    optional(flow, "per", _one_of(("parameter", "layer")), "flow.")
+
+    ev = need(config, "eval", ((lambda x: isinstance(x, dict)), "an object (steps, curve, lr, tasks, metric)"))
+    need(ev, "steps", _STEP_LIST, "eval.")
+    need(ev, "curve", _STEP_LIST, "eval.")
+    need(ev, "lr", _POSITIVE, "eval.")
+    need(ev, "tasks", _POSITIVE_INT, "eval.")
+    optional(ev, "metric", _one_of(("nrmse", "accuracy")), "eval.")
+    return config
+
+
+def json_repr(value) -> str:
+    """`value` as config.json spells it (`"two"`, `null`, `true`), cut to 60 characters."""
+    import json
+
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # --------------------------------------------------------------------------- #
@@ -618,8 +819,11 @@ def build_learner(config: dict, family, model_key):
 
 
 def build(config: dict, *, progress: bool = True, log=print) -> Experiment:
-    """Task family, model and learner of a resolved configuration."""
+    """Task family, model and learner of a resolved configuration (checked
+    first by [`check_config`][ctmeta.presets.check_config])."""
     import jax
+
+    check_config(config)
 
     family = build_family(config, progress=progress, log=log)
     root = jax.random.PRNGKey(config["seed"])

@@ -28,7 +28,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--repeats", type=int, default=None, help="timed calls per point (default 5, quick 2)")
     p.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-batch (default 5 cosmixture, 1 Conv-4)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds one point may take (default 120, quick 40)")
-    p.add_argument("--max-bytes", type=float, default=8e9, help="compiled memory above which a case is not run (8e9)")
+    p.add_argument("--max-bytes", type=float, default=8e9, help="compiled memory in bytes above which a case is not run (default: 8e9)")
     p.add_argument("--data-dir", default=None, help="data root holding omniglot/ and miniimagenet/ (default: $CTMETA_DATA, else ./data; without the data, random images of the same shapes)")
     p.add_argument("--no-vmap", action="store_true", help="skip the vmap-vs-loop measurement")
     p.add_argument("--no-diagnostics", action="store_true", help="skip the time breakdowns")

@@ -239,7 +239,16 @@ def print_summary(targets, console=None):
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title="ctmeta bench: targets (ratios within this run)")
+    title = "targets of ctmeta bench (ratios within this run)"
+    if not console.is_terminal:  # a file or a pipe: plain lines, as `ctmeta train` prints its table
+        header = ("target", "value", "goal", "where", "result")
+        rows = [header] + [(t["name"], t["value"], t["goal"], t["at"], _met(t["met"])) for t in targets]
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        console.print("\n".join([title, ""] + lines), markup=False, highlight=False, soft_wrap=True)
+        return
+    table = Table(title=title)
     for col in ("target", "value", "goal", "where", "result"):
         table.add_column(col)
     for t in targets:

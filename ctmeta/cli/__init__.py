@@ -10,8 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from .._errors import NumericalError
-from ..tasks.download import DownloadError
+from .._errors import DownloadError, NumericalError
 from ._delegated import run_bench, run_reproduce
 from ._evaluate import cmd_evaluate
 from ._messages import ENVIRONMENT_ERRNOS, numerical_message, report

@@ -2,16 +2,45 @@
 
 from __future__ import annotations
 
+import math
+
 from .._errors import InputError
 from ..presets import BENCHMARKS
 
-__all__ = ["CONFIG_EXTRA_KEYS", "LIMITS", "PATH_FLAGS", "check_config_origin", "check_limits", "check_paths",
-           "check_run_writable", "existing_data_dir"]
+__all__ = ["CONFIG_EXTRA_KEYS", "LIMITS", "PATH_FLAGS", "RESUME_MAY_CHANGE", "check_config_origin", "check_limits",
+           "check_paths", "check_run_writable", "existing_data_dir", "number_text", "resume_may_change", "too_large"]
+
+#: The flags a resumed run (`ctmeta train --resume`) may change: the one list
+#: that the check, its message, `--help` and docs/reliability.md give. Besides
+#: them, `--data-dir` says where the data are now, and `--devices`, `--quiet`,
+#: `--debug` and `--log-y` change nothing the run computes.
+RESUME_MAY_CHANGE = ("--meta-iterations", "--checkpoint-every", "--on-nonfinite")
+
+
+def resume_may_change(quote: str = "") -> str:
+    """`RESUME_MAY_CHANGE` in words: "--meta-iterations, --checkpoint-every and --on-nonfinite"
+    (each between `quote`s: "`" for markdown)."""
+    flags = [f"{quote}{f}{quote}" for f in RESUME_MAY_CHANGE]
+    return ", ".join(flags[:-1]) + " and " + flags[-1]
+
 
 # Upper bounds on numeric flags: beyond them a value is a typo, not a run.
 LIMITS = {"T": 1e6, "steps": 10**6, "meta_iterations": 10**9, "meta_batch": 10**5, "ways": 10**4,
            "shots": 10**5, "checkpoint_every": 10**9, "seed": 2**32 - 1,
            "devices": 10**5, "num_processes": 10**5, "meta_lr": 1e2}
+
+
+def number_text(value) -> str:
+    """A number as a user would type it: an integer as an integer (`4294967295`,
+    `1000000`, `3` for 3.0), any other float by `repr` (`0.03`, `inf`)."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return str(value)
+
+
+def too_large(flag: str, value, limit) -> InputError:
+    """The error of a flag's value beyond its limit in `LIMITS`."""
+    return InputError(f"{flag} {number_text(value)} is too large (at most {number_text(limit)}); choose a smaller value")
 
 
 def check_limits(args) -> None:
@@ -22,8 +51,10 @@ def check_limits(args) -> None:
     for name, limit in LIMITS.items():
         value = getattr(args, name, None)
         flag = "--" + name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{flag} must be a finite number, got {value}")
         if value is not None and value > limit:
-            raise InputError(f"{flag} {value} is too large (at most {limit:g}); choose a smaller value")
+            raise too_large(flag, value, limit)
 
 
 def existing_data_dir(data_dir: str, benchmark: str | None = None) -> str:

@@ -17,12 +17,23 @@ _BENCH_POSITIVE_INTS = ("repeats", "meta_batch")
 _BENCH_POSITIVE_FLOATS = ("time_budget", "max_bytes")
 
 
+class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """`(default: X)` after a flag's help, unless the help says its default
+    already, the flag takes no value, or it has none (`None`)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def _bench_parser(bench):
     """`ctmeta bench`'s flags (from `ctmeta.bench.build_parser`) in the style
     of the other commands: errors on one line as `ctmeta bench: error: ...`,
     INT/FLOAT/DIR metavars, defaults in the help, and `--quiet`."""
     parser = Parser(
-        prog="ctmeta bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="ctmeta bench", formatter_class=_DefaultsOnce,
         description="Memory and time of each meta-gradient rule against the number of inner steps "
                     "(A-MAML Figs. 3-4, COMLN Fig. 3). Writes bench.csv, figures and targets.md.",
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .._errors import InputError
-from ._checks import LIMITS, check_config_origin, check_paths, check_run_writable, existing_data_dir
+from ._checks import LIMITS, check_config_origin, check_paths, check_run_writable, existing_data_dir, too_large
 from ._messages import print_warning
 
 __all__ = ["cmd_evaluate", "parse_steps"]
@@ -18,7 +18,7 @@ def parse_steps(text: str) -> list[int]:
     if not steps or any(x < 0 for x in steps):
         raise InputError(f"--steps {text!r}: expected non-negative integers separated by commas, e.g. 0,10,50")
     if max(steps) > LIMITS["steps"]:
-        raise InputError(f"--steps {max(steps)} is too large (at most {LIMITS['steps']:g}); choose a smaller value")
+        raise too_large("--steps", max(steps), LIMITS["steps"])
     return sorted(set(steps))
 
 

@@ -6,7 +6,8 @@ import datetime as _dt
 
 from .._errors import InputError
 from ..presets import BACKBONES, BENCHMARKS
-from ._checks import (check_config_origin, check_limits, check_paths, check_run_writable, existing_data_dir)
+from ._checks import (check_config_origin, check_limits, check_paths, check_run_writable, existing_data_dir, number_text,
+                      resume_may_change)
 from ._messages import print_warning
 
 __all__ = ["cmd_download", "cmd_train", "download_data"]
@@ -58,6 +59,13 @@ def saved_choices(config: dict) -> dict:
             "lr_schedule": opt.get("schedule") or "none", "backbone": backbone, "solver": solver, "flow": flow}
 
 
+def _fixed_on_resume(flag: str, value, saved) -> InputError:
+    given = number_text(value) if isinstance(value, (int, float)) else value
+    kept = number_text(saved) if isinstance(saved, (int, float)) and not isinstance(saved, bool) else repr(saved)
+    return InputError(f"{flag} {given} differs from the resumed run's {kept}; a resumed run keeps its configuration "
+                      f"(only {resume_may_change()} may change; --data-dir says where the data are now)")
+
+
 def check_resume_flags(args, config: dict) -> dict:
     if args.out is not None:
         raise InputError("--resume continues a run in its own directory; do not give --out with it")
@@ -65,18 +73,12 @@ def check_resume_flags(args, config: dict) -> dict:
         value = getattr(args, name)
         if value is not None and value != config.get(name):
             flag = "--" + name.replace("_", "-")
-            raise InputError(
-                f"{flag} {value} differs from the resumed run's {config.get(name)!r}; a resumed run keeps "
-                "its configuration (only --meta-iterations and --checkpoint-every may change)"
-            )
+            raise _fixed_on_resume(flag, value, config.get(name))
     for name, saved in saved_choices(config).items():
         value = getattr(args, name)
         if value is not None and value != saved:
             flag = "--" + name.replace("_", "-")
-            raise InputError(
-                f"{flag} {value} differs from the resumed run's {saved!r}; a resumed run keeps "
-                "its configuration (only --meta-iterations and --checkpoint-every may change)"
-            )
+            raise _fixed_on_resume(flag, value, saved)
     check_limits(args)
     config = dict(config)
     if args.on_nonfinite is not None:

@@ -127,13 +127,18 @@ class RunDir:
         return run
 
     def read_config(self) -> dict:
+        """The run's configuration, checked ([`check_config`][ctmeta.presets.check_config]):
+        a `CheckpointError` names an entry that is missing or has a value the
+        commands cannot use, and what was expected."""
         try:
             config = json.loads(self.config_path.read_text())
         except (OSError, ValueError) as err:
             raise CheckpointError(f"cannot read {self.config_path}: {err}") from None
         if not isinstance(config, dict) or "benchmark" not in config or "method" not in config:
             raise CheckpointError(f"{self.config_path} is not a ctmeta run configuration")
-        return {**_OPTIONAL_CONFIG, **config}
+        from ..presets import check_config
+
+        return check_config({**_OPTIONAL_CONFIG, **config}, str(self.config_path), CheckpointError)
 
     def write_config(self, config: dict) -> None:
         atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=False) + "\n")

@@ -36,14 +36,10 @@ import urllib.request
 import zipfile
 from typing import Callable
 
-from .._errors import CtmetaError, DataError
+from .._errors import DataError, DownloadError
 from .._io import fsync_dir
 
 __all__ = ["Source", "SOURCES", "DownloadError", "download"]
-
-
-class DownloadError(CtmetaError):
-    """A download failed: the network, the server, or what it sent."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """`ctmeta reproduce`: the papers' experiments, one command each.
 
     ctmeta reproduce --list
-    ctmeta reproduce EXPERIMENT [--scale quick|cpu|paper] [--out DIR] [--data-dir DIR] [--quiet]
+    ctmeta reproduce EXPERIMENT [--scale quick|cpu|paper|test] [--out DIR] [--data-dir DIR] [--quiet]
 
 Every experiment writes into `OUT/<experiment>/`: one run directory per
 (setting, method) made by the ordinary `ctmeta train` machinery
@@ -16,8 +16,9 @@ Scales: `paper` follows the papers' protocols (and lists what still differs);
 Omniglot only, with 1,000-2,000 meta-iterations (A-MAML: what its cost
 allows), a few hours on 2 CPU cores; `quick` cuts meta-iterations, evaluation
 tasks and settings so that each experiment finishes in minutes on 2 CPU cores
-(each cut is listed in results.md); `test` (hidden) is a seconds-long smoke
-scale for the tests. Every run prints its measured time per meta-iteration
+(each cut is listed in results.md); `test` is a seconds-long smoke check
+(2 meta-iterations, a few tasks: it shows the pipeline runs, its numbers
+mean nothing; the tests use it). Every run prints its measured time per meta-iteration
 and its projected wall time once it has run a few iterations.
 
 A finished run directory (one with results.json) is reused when the command is

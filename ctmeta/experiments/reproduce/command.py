@@ -40,7 +40,7 @@ def run_experiment(name: str, *, scale: str = "quick", out: str = "reproduce-out
     if name not in EXPERIMENTS:
         raise InputError(f"unknown experiment {name!r}; see `ctmeta reproduce --list` ({', '.join(EXPERIMENTS)})")
     if scale not in SCALES:
-        raise InputError(f"scale must be one of quick, cpu, paper; got {scale!r}")
+        raise InputError(f"scale must be one of {', '.join(SCALES)}; got {scale!r}")
     estimate = int(estimate)
     if estimate < 0:
         raise InputError(f"estimate must be a number of meta-iterations >= 0, got {estimate}")
@@ -91,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("experiment", nargs="?", metavar="EXPERIMENT", help="see --list")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
-    p.add_argument("--scale", choices=SCALES, default="quick", metavar="{quick,cpu,paper}",
+    p.add_argument("--scale", choices=SCALES, default="quick", metavar="{" + ",".join(SCALES) + "}",
                    help="quick: minutes on a CPU, with the cuts listed in results.md; paper: the papers' protocols; "
-                   "cpu: paper, except the image experiments' budgets, cut to a few hours on 2 CPU cores")
+                   "cpu: paper, except the image experiments' budgets, cut to a few hours on 2 CPU cores; "
+                   "test: seconds, a smoke check that the pipeline runs (its numbers mean nothing) (default: quick)")
     p.add_argument("--out", default="reproduce-out", metavar="DIR", help="output root (default: reproduce-out)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="root holding movielens/, jester/, omniglot/, miniimagenet/ (default: $CTMETA_DATA, "

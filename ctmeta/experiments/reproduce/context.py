@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 
-SCALES = ("quick", "cpu", "paper", "test")  # "test" is hidden from --help
+SCALES = ("quick", "cpu", "paper", "test")  # "test": seconds, a smoke check (the tests use it)
 
 
 @dataclasses.dataclass

@@ -69,7 +69,7 @@ def _sub(ctx: Context, suffix: str) -> Context:
 
 def list_text() -> str:
     w = max(len(n) for n in EXPERIMENTS)
-    lines = ["experiments (ctmeta reproduce NAME [--scale quick|cpu|paper]; cpu = paper unless marked):", ""]
+    lines = ["experiments (ctmeta reproduce NAME [--scale quick|cpu|paper|test]; cpu = paper unless marked):", ""]
     for s in EXPERIMENTS.values():
         lines.append(f"  {s.name:<{w}}  {s.reproduces}")
         lines.append(f"  {'':<{w}}  quick scale: {s.quick_cost}"

@@ -104,6 +104,8 @@ def run_method(
                 results = _evaluate_again(ctx, path, benchmark, label, int(results["tasks"]))
             return RunResult(label, "ok", results=results, metrics=metrics, train_seconds=_train_seconds(metrics),
                              eval_seconds=results.get("eval_seconds"), run_dir=str(path))
+        except CtmetaError:
+            raise  # e.g. its config.json cannot be read: say so, never train it anew over its files
         except (OSError, ValueError):
             pass
     failed = path / FAILED_MARKER
@@ -145,6 +147,7 @@ def run_method(
     config["checkpoint_every"] = min(int(config["checkpoint_every"]), 250)
     from ...runs import Reporter
 
+    _check_unfinished_config(path)
     reporter = ctx.reporter or Reporter(quiet=ctx.quiet)
     try:
         exp = presets.build(config, progress=not ctx.quiet, log=reporter.log)
@@ -229,6 +232,21 @@ def estimate_table(estimates: list[dict]) -> str:
                      "projected meta-training"], rows)
 
 
+def _check_unfinished_config(path: pathlib.Path) -> None:
+    """Stop the command (a `CheckpointError`, exit 2) on an unfinished run at
+    `path` whose config.json cannot be used (a missing or bad entry): its
+    checkpoints are neither continued nor deleted."""
+    from ...runs import RunDir
+
+    run = RunDir(path)
+    if run.config_path.is_file() and run.checkpoints():
+        try:
+            run.read_config()
+        except CtmetaError as err:
+            raise type(err)(f"{err}; the unfinished run in {path} (checkpoint {run.checkpoints()[-1][1].name}) "
+                            "is kept: repair its config.json, or remove that directory to start it again") from None
+
+
 def _unfinished_run(path: pathlib.Path, config: dict, exp, ctx: Context):
     """The run directory at `path` if it holds an unfinished run of this same
     configuration with a checkpoint to continue from; None if there is nothing
@@ -242,8 +260,9 @@ def _unfinished_run(path: pathlib.Path, config: dict, exp, ctx: Context):
         return None
     try:
         saved = run.read_config()
-    except CtmetaError:
-        return None
+    except CtmetaError:  # never delete checkpoints whose configuration cannot be read
+        _check_unfinished_config(path)
+        raise
     same = lambda c: {k: v for k, v in c.items() if k not in RUN_RECORD_KEYS}
     now, then = same(json.loads(json.dumps(config))), same(saved)
     differ = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
