@@ -509,9 +509,11 @@ def test_cli_train_with_a_flow_saves_it_and_refuses_bad_combinations(tmp_path, c
     # `ctmeta evaluate` adapts with the learned flow, and --inner-loss-tasks 0 drops the look inside
     capsys.readouterr()
     assert main(["evaluate", str(out), "--inner-loss-tasks", "0", "--quiet"]) == 0
-    again = json.loads((out / "results.json").read_text())
+    folder = out / "evaluations" / "iteration-4_inner-loss-tasks-0"  # other options: beside the run's results
+    again = json.loads((folder / "results.json").read_text())
     assert again["learned"] == results["learned"] and again["learned_flow"] == results["learned_flow"]
-    assert "inner_loss" not in again and not (out / "figures" / "inner_loss.png").exists()
+    assert "inner_loss" not in again and not (folder / "figures" / "inner_loss.png").exists()
+    assert json.loads((out / "results.json").read_text()) == results
     assert main(["evaluate", str(out), "--inner-loss-tasks", "-1"]) == 2
     assert "--inner-loss-tasks must be 0 or a positive integer" in capsys.readouterr().err
     capsys.readouterr()
