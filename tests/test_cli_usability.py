@@ -195,9 +195,9 @@ def _own_results(run):
 
 def test_evaluations_of_other_checkpoints_and_options_are_kept_side_by_side(run_copy, capsys):
     """Issue 30, item 1: `ctmeta evaluate` with another checkpoint or options writes
-    RUN/evaluations/<name>/, never the run's own results; the same evaluation redone replaces its
-    own folder; evaluations/index.md lists them; the run's own results are replaced only by its own
-    evaluation redone."""
+    RUN/evaluations/<name>/, never the run's own results; evaluations/index.md lists them; the run's
+    own results are replaced only by its own evaluation redone (naming, redoing and refusing a name:
+    `test_an_evaluation_s_destination_follows_its_options`)."""
     own = _own_results(run_copy)
     for it in ("2", "4"):
         assert main(["evaluate", str(run_copy), "--checkpoint", it, "--tasks", "5", "--quiet"]) == 0
@@ -212,30 +212,47 @@ def test_evaluations_of_other_checkpoints_and_options_are_kept_side_by_side(run_
     rows = [line for line in index if line.startswith("| ") and "evaluation |" not in line]
     assert [r.split(" | ")[1:3] for r in rows] == [["4", "100"], ["2", "5"], ["4", "5"]], index  # own first
     assert "run's own" in rows[0] and "iteration-2_tasks-5" in rows[1]
-    # Redone, the same evaluation replaces its folder (same numbers); a given --name is its own folder.
-    assert main(["evaluate", str(run_copy), "--checkpoint", "2", "--tasks", "5", "--quiet"]) == 0
-    again = json.loads((folders / "iteration-2_tasks-5" / "results.json").read_text())
-    assert again["learned"] == first["learned"]
-    assert main(["evaluate", str(run_copy), "--tasks", "5", "--lr", "0.02", "--name", "small-lr", "--quiet"]) == 0
-    assert sorted(p.name for p in folders.iterdir()) == ["index.md", "iteration-2_tasks-5", "iteration-4_tasks-5",
-                                                         "small-lr"]
-    capsys.readouterr()
-    # A name that holds an evaluation of other options is refused, one line, exit 2; nothing replaced.
-    line = _one_error_line(capsys, 2, main(["evaluate", str(run_copy), "--tasks", "5", "--lr", "0.03", "--name",
-                                            "small-lr", "--quiet"]))
-    assert "small-lr holds an evaluation of other options (iteration 4, 5 tasks, lr 0.02" in line
-    assert json.loads((folders / "small-lr" / "results.json").read_text())["lr"] == 0.02
     line = _one_error_line(capsys, 2, main(["evaluate", str(run_copy), "--name", "../up", "--quiet"]))
     assert "--name '../up' is not a usable evaluation name" in line
-    assert _own_results(run_copy) == own
     # The run's own evaluation redone (no options): its own results, the same numbers.
     assert main(["evaluate", str(run_copy), "--quiet"]) == 0
     assert "the run's own evaluation, redone" in capsys.readouterr().out
     redone = json.loads((run_copy / "results.json").read_text())
     before = json.loads(own["results.json"])
     assert redone["learned"] == before["learned"] and redone["random"] == before["random"]
-    assert sorted(p.name for p in folders.iterdir()) == ["index.md", "iteration-2_tasks-5", "iteration-4_tasks-5",
-                                                         "small-lr"]
+    assert sorted(p.name for p in folders.iterdir()) == ["index.md", "iteration-2_tasks-5", "iteration-4_tasks-5"]
+
+
+def test_an_evaluation_s_destination_follows_its_options(tmp_path):
+    """Where `ctmeta evaluate` writes (`ctmeta.runs.evaluations.destination`): the run's own
+    results for its evaluation redone only; a folder named after the options that differ, the
+    same for the same evaluation; a given name holding other options refused."""
+    from ctmeta import InputError
+    from ctmeta.runs.evaluations import destination
+
+    run = runs.RunDir(tmp_path)
+    config = {"meta_iterations": 4}
+    defaults = {"iteration": 2, "table_steps": [0, 5, 20], "tasks": 100, "lr": 0.01, "inner_loss_tasks": 4}
+    final = {**defaults, "iteration": 4}
+    # Not evaluated yet: the run's own evaluation is the default one at its last iteration.
+    assert destination(run, config, final, defaults) == (tmp_path, None)
+    assert destination(run, config, defaults, defaults) == (tmp_path / "evaluations" / "iteration-2", "iteration-2")
+    (tmp_path / "results.json").write_text(json.dumps({"evaluation": {"options": final}}))
+    assert destination(run, config, final, defaults) == (tmp_path, None)
+    other = {**final, "tasks": 5, "lr": 0.02, "table_steps": [0, 3], "inner_loss_tasks": 0}
+    name = "iteration-4_tasks-5_lr-0.02_steps-0-3_inner-loss-tasks-0"
+    assert destination(run, config, other, defaults) == (tmp_path / "evaluations" / name, name)
+    fewer = {**final, "tasks": 3, "inner_loss_tasks": 3}  # fewer tasks than 4: the inner loss on all of them
+    assert destination(run, config, fewer, defaults)[1] == "iteration-4_tasks-3"
+    # A given name: its own folder; redone with the same options it is replaced, with others refused.
+    folder, _ = destination(run, config, final, defaults, "mine")
+    assert folder == tmp_path / "evaluations" / "mine"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"evaluation": {"options": final}}))
+    assert destination(run, config, final, defaults, "mine") == (folder, "mine")
+    with pytest.raises(InputError, match=r"mine holds an evaluation of other options \(iteration 4, 100 tasks, lr "
+                                         r"0.01, steps 0,5,20\); choose another `name`"):
+        destination(run, config, {**final, "lr": 0.03}, defaults, "mine")
 
 
 def test_an_evaluation_whose_adaptation_diverges_exits_1_in_one_line_and_writes_nothing(run_copy, capsys):
