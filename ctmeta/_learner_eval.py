@@ -17,7 +17,7 @@ from ._errors import InputError, check_positive
 from ._learner_checks import check_batch, task_axis_hint
 from .adaptation import loss_along_flow
 from .evaluation import Evaluation, gd_scores
-from .losses import METRICS
+from .losses import METRICS, apply_loss
 from .methods import Adjoint
 from .sharding import TASK_AXIS, constrain_replicated, map_over_tasks
 from .state import MetaParams, MetaState, params_of
@@ -112,6 +112,44 @@ class LearnerEvaluation:
         values = np.concatenate(results, axis=0)  # column 0: step 0; then `positive`
         columns = [0 if s == 0 else 1 + positive.index(s) for s in steps]
         return Evaluation.from_per_task(steps, values[:, columns], lr, metric_name)
+
+    def evaluate_own_flow(self, state_or_params: MetaState | MetaParams, batch, *, chunk_size: int | None = None,
+                          metric: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each task's query metric after adaptation by the learner's own rule
+        up to its horizon: what it is meta-trained for, not `evaluate`'s GD.
+
+        For COMLN ([`LinearFlow`][]) the head adapts by its flow
+        ([`linear_flow`][], Dopri5) to the learned `T` (each task's own
+        with `learn_T="per-task"`); for the other rules, by `gradient_flow`
+        with the learner's method and flow. Returns `(per_task, status)`,
+        each `(tasks,)`: NaN, and the `ctmeta.ode.SolveStatus` code, for a
+        task whose solve failed. `chunk_size` tasks at a time (all by default).
+        """
+        params = params_of(state_or_params)
+        check_batch(batch, "evaluate_own_flow")
+        if metric is None:
+            metric, _ = self.metric_for(batch)
+        n = jax.tree.leaves(batch)[0].shape[0]
+        chunk = n if chunk_size is None else max(1, min(int(chunk_size), n))
+        values, codes = [], []
+        for start in range(0, n, chunk):
+            idx = np.minimum(np.arange(start, start + chunk), n - 1)  # pad: fixed shapes
+            part = tuple(jax.tree.map(lambda a: a[idx], tuple(batch)))
+            with task_axis_hint(batch, "evaluate_own_flow"):
+                v, c = self._compiled(self._own_flow_chunk)(params, part, metric)
+            values.append(np.asarray(v)[: min(chunk, n - start)])
+            codes.append(np.asarray(c)[: min(chunk, n - start)])
+        return np.concatenate(values), np.concatenate(codes)
+
+    def _own_flow_chunk(self, params: MetaParams, tasks, metric):
+        """Per-task `(metric, status)` after the rule's own adaptation (`evaluate_own_flow`)."""
+
+        def one(task):
+            pred, _, status = self._adapted_query_pred(params, task, throw=False)
+            mask = task[4] if len(task) > 4 else None
+            return apply_loss(metric, pred, task[3], mask), status
+
+        return jax.vmap(one)(tasks)
 
     def loss_along_flow(self, state_or_params: MetaState | MetaParams, batch, ts) -> tuple[np.ndarray, np.ndarray]:
         """The support and the query loss of each task of `batch` at times `ts`

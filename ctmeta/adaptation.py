@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from . import ode
+from ._eager import is_traced, raise_if_failed_now, solve_errors_as_numerical
 from ._errors import InputError
 from ._internal import dense_forward
 from .flows import AbstractFlow, Gradient, check_flow
@@ -88,6 +89,14 @@ def gradient_flow(
     **Returns:** the adapted parameters $u(T)$, with the structure of `params`;
     with `throw=False`, the pair `(u(T), status)`, `status` an int32
     `ctmeta.ode.SolveStatus` code (always `SUCCESS` for rules without a solve).
+
+    **Raises:** `InputError` for bad arguments, and when `jax.grad` asks a rule
+    for a derivative it does not give (`T` through [`FirstOrder`][],
+    [`Reptile`][], [`Implicit`][]: see their `differentiates`). With
+    `throw=True`, a failed inner solve raises `NumericalError` when called
+    eagerly (`jax.grad` without `jit` included); under the caller's `jit` the
+    same check raises JAX's runtime error with the same message when the
+    compiled function runs.
     """
     if not isinstance(method, AbstractMethod) or method.head_only:
         raise InputError(
@@ -97,8 +106,17 @@ def gradient_flow(
     diff, static, T, diff_loss = _prepare("gradient_flow", loss_fn, params, data, T)
     # The default flow takes the rules' own path (no `flow` argument): the results are those of before flows.
     extra = {} if flow.is_gradient else {"flow": flow.astype(jnp.result_type(T))}
+    if throw and not is_traced(diff, data, T, extra):  # eager: check the status here, no failing callback
+        with solve_errors_as_numerical("gradient_flow"):  # a rule of the user's that throws itself
+            adapted, status = jax.block_until_ready(method.adapt_with_status(diff_loss, diff, data, T, **extra))
+        raise_if_failed_now(status, "gradient_flow", method)
+        return eqx.combine(adapted, static)
     if throw:
-        return eqx.combine(method.adapt(diff_loss, diff, data, T, **extra), static)
+        with solve_errors_as_numerical("gradient_flow"):
+            adapted = method.adapt(diff_loss, diff, data, T, **extra)
+            if not is_traced(adapted):
+                jax.block_until_ready(adapted)
+        return eqx.combine(adapted, static)
     adapted, status = method.adapt_with_status(diff_loss, diff, data, T, **extra)
     return eqx.combine(adapted, static), status
 
@@ -169,7 +187,8 @@ def loss_along_flow(
     - `method`: an [`Adjoint`][] whose forward settings are used (its
       `dense_steps` bounds the accepted steps: a longer flow fails with
       `DENSE_OVERFLOW`).
-    - `throw`: `True` raises on a failed forward solve; `False` returns NaN
+    - `throw`: `True` raises on a failed forward solve (`NumericalError`
+      when called eagerly, as [`gradient_flow`][]); `False` returns NaN
       losses and the status.
 
     Not differentiable by the adjoint (it is a diagnostic): use
@@ -178,6 +197,13 @@ def loss_along_flow(
     if not isinstance(method, Adjoint) or method.solver != "dopri5":
         raise InputError("loss_along_flow: method must be an Adjoint with solver='dopri5' (its forward solve's "
                          f"dense output is read); got {method!r}.")
+    if throw and not is_traced(params, data, T, ts, flow, query_data):
+        # Eager: check the status here (a `NumericalError`), no failing callback (see `ctmeta._eager`).
+        with solve_errors_as_numerical("loss_along_flow"):
+            out = jax.block_until_ready(loss_along_flow(loss_fn, params, data, T, ts, flow=flow, query_data=query_data,
+                                                        query_loss_fn=query_loss_fn, method=method, throw=False))
+        raise_if_failed_now(out.status, "loss_along_flow", method)
+        return out
     flow = check_flow(flow, "loss_along_flow")
     diff, static, T, diff_loss = _prepare("loss_along_flow", loss_fn, params, data, T)
     flow = flow.astype(jnp.result_type(T))

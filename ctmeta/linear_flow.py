@@ -116,6 +116,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._eager import quiet_callback_errors
 from ._errors import InputError, NumericalError
 from .ode import SolveStatus, nan_if_failed, solve_status
 
@@ -315,7 +316,8 @@ def _numerical_errors_as_numerical_error():
     with the same message when the compiled function runs.
     """
     try:
-        yield
+        with quiet_callback_errors():  # the error is raised below, not also logged by JAX
+            yield
     except NumericalError:
         raise
     except Exception as error:  # JaxRuntimeError, EquinoxTracetimeError, ...

@@ -48,11 +48,14 @@ flow, in one line saying why.
 from __future__ import annotations
 
 import abc
+import dataclasses
+import functools
 from typing import Any, Callable, ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from . import ode
 from ._errors import InputError
@@ -80,6 +83,35 @@ def _check_steps(name: str, steps):
         raise InputError(f"{name}(steps={steps!r}): steps must be a positive int (the number of inner steps K).")
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _underivable(x, message: str):
+    """`x`; differentiating through it raises `InputError(message)` when traced.
+
+    A rule that gives no derivative in an input (its `differentiates`) would
+    otherwise hand `jax.grad` a zero that looks like a real one."""
+    return x
+
+
+def _underivable_jvp(message, primals, tangents):
+    (x,), (t,) = primals, tangents
+    if isinstance(t, SymbolicZero):  # not differentiated after all
+        return x, t
+    raise InputError(message)
+
+
+_underivable.defjvp(_underivable_jvp, symbolic_zeros=True)
+
+
+def _refuse_derivative(method: "AbstractMethod", what: str, tree):
+    """`tree`, whose inexact arrays refuse differentiation (one line saying
+    that `method` does not differentiate `what`, and what to do)."""
+    gives = ", ".join(sorted(method.differentiates))
+    message = (f"{method!r} does not differentiate {what} (it differentiates {gives} only): jax.grad in {what} "
+               f"through it would be a silent 0. Use Adjoint() or Unrolled(steps=K) for a derivative in {what}, "
+               f"or jax.lax.stop_gradient on {what} to keep it fixed.")
+    return jax.tree.map(lambda x: _underivable(x, message) if eqx.is_inexact_array(x) else x, tree)
+
+
 class AbstractMethod(eqx.Module):
     r"""A meta-gradient rule. Static configuration objects: compare and hash by value.
 
@@ -88,7 +120,10 @@ class AbstractMethod(eqx.Module):
 
     - `differentiates` (`{"params", "data", "T"}`): the inputs of `adapt`
       whose derivatives `jax.grad` through its result gives. A learned
-      horizon needs `"T"`.
+      horizon needs `"T"`. The built-in rules refuse, in one `InputError`
+      line at trace time, a derivative in `T` or in a flow's meta-parameters
+      that they do not give (rather than a silent 0); the data of
+      [`FirstOrder`][] and [`Reptile`][] get the first-order 0 by design.
     - `outer_direction` (`False`): the outer update is not the gradient of an
       outer loss but [`reptile_direction`][] $\theta - u$ (Reptile).
     - `head_only` (`False`): the rule adapts a linear softmax head alone,
@@ -107,6 +142,18 @@ class AbstractMethod(eqx.Module):
     head_only: ClassVar[bool] = False
     adapts_head: ClassVar[bool] = True
     takes_flow: ClassVar[bool] = True
+    #: Fields the repr shows even at their default (the step count: `FirstOrder(steps=100)`, not `FirstOrder()`).
+    _repr_always: ClassVar[tuple[str, ...]] = ("steps",)
+
+    def __repr__(self) -> str:
+        """The rule with its step count and every argument that differs from its default."""
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            shown = f.name in self._repr_always and value is not None
+            if shown or f.default is dataclasses.MISSING or value != f.default:
+                parts.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
 
     @abc.abstractmethod
     def adapt(self, loss_fn: LossFn, params: PyTree, data: PyTree, T, flow: AbstractFlow | None = None) -> PyTree:
@@ -327,6 +374,10 @@ class Adjoint(AbstractMethod):
 class Unrolled(AbstractMethod):
     """MAML: `steps` gradient steps of size `T / steps`, differentiated by backprop.
 
+    `steps` is required: it sets both the step size $h = T/K$ and the memory
+    of the graph, and no default fits both (MAML's 5 steps, the other rules'
+    100); `Unrolled()` says so instead of running 5 steps unannounced.
+
     The meta-gradient is exact for the discrete map; memory grows with
     `steps` (that is the comparison A-MAML and COMLN make). Applied to a
     linear head alone, this is ANIL. With an inner flow (`ctmeta.flows`) the
@@ -336,10 +387,13 @@ class Unrolled(AbstractMethod):
     initialisation, the data, `T` and the flow's meta-parameters.
     """
 
-    steps: int = eqx.field(default=5, static=True)
+    steps: int | None = eqx.field(default=None, static=True)
     unroll: int = eqx.field(default=1, static=True)
 
     def __check_init__(self):
+        if self.steps is None:
+            raise InputError("Unrolled needs steps=K, the number of unrolled gradient steps (h = T/K; the graph's "
+                             "memory grows with K), e.g. Unrolled(steps=5) for MAML's 5 steps.")
         _check_steps("Unrolled", self.steps)
 
     def adapt(self, loss_fn, params, data, T, flow=None):
@@ -353,8 +407,10 @@ class FirstOrder(AbstractMethod):
     r"""FOMAML: gradient steps whose Jacobian is replaced by the identity.
 
     `jax.grad` through the result gives $\nabla J(u_K)$ for $\theta$ and
-    nothing for the data, $T$ or an inner flow's meta-parameters (it runs
-    any flow's Euler steps, `ctmeta.flows`, but does not learn the flow).
+    zero for the data (the first-order approximation). It gives no derivative
+    in $T$ or in an inner flow's meta-parameters (it runs any flow's Euler
+    steps, `ctmeta.flows`, but does not learn the flow): differentiating in
+    them raises `InputError` rather than return a silent 0.
     """
 
     differentiates: ClassVar[frozenset[str]] = frozenset({"params"})
@@ -366,6 +422,12 @@ class FirstOrder(AbstractMethod):
 
     def adapt(self, loss_fn, params, data, T, flow=None):
         flow = self.check_flow(flow)
+        T = _refuse_derivative(self, "T", T)
+        if not flow.is_gradient:
+            flow = _refuse_derivative(self, "the flow's meta-parameters", flow)
+        return self._first_order(loss_fn, params, data, T, flow)
+
+    def _first_order(self, loss_fn, params, data, T, flow):
         stop = jax.lax.stop_gradient
         if not flow.is_gradient:
             u = _flow_steps(stop(flow), loss_fn, stop(params), stop(data), stop(T / self.steps), self.steps)
@@ -381,7 +443,8 @@ class Reptile(AbstractMethod):
     Reptile's update is not the gradient of an outer loss; a meta-learner
     uses [`reptile_direction`][] ($\theta - u_K$, averaged over tasks) as the
     "gradient" handed to the optimiser. Through `adapt` the parameters get
-    the first-order (identity) Jacobian, like [`FirstOrder`][].
+    the first-order (identity) Jacobian, like [`FirstOrder`][], and a
+    derivative in $T$ is refused (`InputError`).
     """
 
     differentiates: ClassVar[frozenset[str]] = frozenset({"params"})
@@ -397,7 +460,8 @@ class Reptile(AbstractMethod):
 
     def adapt(self, loss_fn, params, data, T, flow=None):
         self.check_flow(flow)
-        return FirstOrder(self.steps).adapt(loss_fn, params, data, T)
+        T = _refuse_derivative(self, "T", T)
+        return FirstOrder(self.steps)._first_order(loss_fn, params, data, T, Gradient())
 
 
 def reptile_direction(params: PyTree, adapted: PyTree) -> PyTree:
@@ -427,12 +491,16 @@ class Implicit(AbstractMethod):
       \partial_{\text{data}} \langle \nabla_u L(u^*), v\rangle,$$
 
     with $v$ the first solution, found by `cg_steps` iterations of conjugate
-    gradients with Hessian-vector products. No gradient flows to $T$.
+    gradients with Hessian-vector products. It gives no derivative in $T$
+    (the proximal optimum does not depend on it): differentiating in $T$
+    raises `InputError`.
     """
 
     differentiates: ClassVar[frozenset[str]] = frozenset({"params", "data"})
     takes_flow: ClassVar[bool] = False
     _flow_refusal: ClassVar[str] = "its meta-gradient is that of the proximal optimum, not of the path to it, so a flow's meta-parameters get none."
+
+    _repr_always: ClassVar[tuple[str, ...]] = ("steps", "lam")
 
     steps: int = eqx.field(default=100, static=True)
     lam: float = eqx.field(default=1.0, static=True)
@@ -448,6 +516,7 @@ class Implicit(AbstractMethod):
     def adapt(self, loss_fn, params, data, T, flow=None):
         self.check_flow(flow)
         loss_fn = ode.closure_convert(loss_fn, params, data)
+        T = _refuse_derivative(self, "T", T)
         return _implicit_adapt((params, data, loss_fn), jax.lax.stop_gradient(T), self)
 
 

@@ -180,6 +180,69 @@ def test_resume_ends_exactly_as_an_uninterrupted_run(finished_run, tmp_path, cap
     assert config["meta_iterations"] == 4 and config["resumes"][0]["from_iteration"] == 2
 
 
+def _cut_metrics(run, keep: int, torn: str | None = None):
+    """metrics.csv with its header and first `keep` rows only, then `torn` (a row cut short)."""
+    lines = (run / "metrics.csv").read_text().splitlines()
+    (run / "metrics.csv").write_text("\n".join(lines[: 1 + keep] + ([torn] if torn else [])))
+
+
+def test_resume_over_a_cut_metrics_csv_writes_the_lost_rows_again(finished_run, tmp_path, capsys):
+    """Issue 30, item 2: rows missing before the checkpoint (the file cut, a row torn) are detected
+    by evaluate and train --resume, and rebuilt from a kept checkpoint that precedes them: the same
+    rows as the uninterrupted run, no gap."""
+    run = tmp_path / "cut"
+    shutil.copytree(finished_run, run)
+    _cut_metrics(run, 2, torn="3,0.6")  # rows 3 and 4 gone, row 3 torn; checkpoints 2 and 4 kept
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--tasks", "2", "--quiet"]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "metrics.csv" in line]
+    assert warning == [f"ctmeta: warning: metrics.csv lacks the rows of iterations 3..4 (2 of the 4 up to the "
+                       f"checkpoint; the row of iteration 3 is torn); ctmeta train --resume {run} writes them "
+                       "again from ckpt-2.eqx"], warning
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert ("lacks the rows of iterations 3..4 (2 of the 4 up to the checkpoint; the row of iteration 3 is torn); "
+            "resuming from ckpt-2.eqx instead of ckpt-4.eqx to write them again") in captured.err
+    full, rebuilt = _rows(finished_run), _rows(run)
+    assert [r["iteration"] for r in rebuilt] == ["1", "2", "3", "4"]
+    for a, b in zip(full, rebuilt):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    assert (finished_run / "checkpoints" / "ckpt-4.eqx").read_bytes() == (run / "checkpoints" / "ckpt-4.eqx").read_bytes()
+    from ctmeta.runs import RunDir, metrics_warning
+
+    assert metrics_warning(RunDir(run)) is None  # whole again: evaluate has nothing to say
+
+
+def test_resume_over_rows_no_checkpoint_can_rebuild_says_what_is_lost_and_records_it(finished_run, tmp_path, capsys):
+    run = tmp_path / "gap"
+    shutil.copytree(finished_run, run)
+    _cut_metrics(run, 1)  # rows 2..4 gone; the oldest checkpoint kept is 2: row 2 needs the state of iteration 1
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--meta-iterations", "5", "--checkpoint-every", "5", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: metrics.csv lacks the rows of iterations 2..4 (3 of the 4 up to the checkpoint); no kept "
+            "checkpoint precedes them (ckpt-2.eqx, ckpt-4.eqx), so they cannot be rebuilt: resuming from ckpt-4.eqx "
+            "continues at iteration 5 and metrics.csv keeps the gap") in err, err
+    assert [r["iteration"] for r in _rows(run)] == ["1", "5"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["resumes"][-1]["metrics_gap"] == [[2, 4]]
+    # The meta-loss curve breaks at the gap and shades it, named in its legend.
+    import ctmeta.runs as runs
+    import ctmeta.runs.results as run_results
+
+    figures = {}
+    mp = pytest.MonkeyPatch()
+    mp.setattr(run_results, "save_figure", lambda fig, path: figures.__setitem__(path.name, fig))
+    try:
+        runs.write_figures(runs.RunDir(run), None)
+    finally:
+        mp.undo()
+    ax = figures["meta_loss.png"].axes[0]
+    assert "no rows in metrics.csv: 2..4" in [t.get_text() for t in ax.get_legend().get_texts()]
+    x = ax.get_lines()[0].get_xdata()
+    assert len(x) == 3 and x[0] == 1 and x[2] == 5 and x[1] != x[1]  # 1, NaN, 5: no line across the gap
+
+
 def test_evaluate_falls_back_to_the_previous_checkpoint(finished_run, tmp_path, capsys):
     run = tmp_path / "copy"
     shutil.copytree(finished_run, run)
@@ -190,7 +253,9 @@ def test_evaluate_falls_back_to_the_previous_checkpoint(finished_run, tmp_path, 
     out = captured.out
     assert "skipping ckpt-4.eqx" in captured.err and "ckpt-2.eqx (iteration 2)" in out
     assert "learned (fomaml)" in out
-    assert json.loads((run / "results.json").read_text())["iteration"] == 2
+    # Not the run's final evaluation (iteration 4): beside it, in a folder of its own.
+    assert json.loads((run / "evaluations" / "iteration-2" / "results.json").read_text())["iteration"] == 2
+    assert json.loads((run / "results.json").read_text())["iteration"] == 4
 
 
 def test_movielens_end_to_end_with_masked_test_queries(data_dir, monkeypatch, tmp_path, capsys):

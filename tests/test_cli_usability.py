@@ -176,13 +176,97 @@ def test_evaluate_takes_checkpoint_steps_tasks_lr_data_dir_and_log_y(run_copy, c
     assert code == 0, captured.err
     assert "━" not in captured.err and "━" not in captured.out  # no progress bars in a file or a pipe
     assert "ckpt-2.eqx (iteration 2)" in captured.out
-    results = json.loads((run_copy / "results.json").read_text())
+    folder = run_copy / "evaluations" / "iteration-2_tasks-7_lr-0.02_steps-0-3"  # not the run's own results
+    results = json.loads((folder / "results.json").read_text())
     assert results["iteration"] == 2 and results["tasks"] == 7 and results["lr"] == 0.02
     assert results["table_steps"] == [0, 3] and results["curve_steps"][0] == 0 and 3 in results["curve_steps"]
-    assert "3 steps" in (run_copy / "results.md").read_text()
+    assert "3 steps" in (folder / "results.md").read_text()
+    assert (folder / "figures" / "error_vs_steps.png").stat().st_size > 0
     # A checkpoint given by its file, relative to checkpoints/.
     assert main(["evaluate", str(run_copy), "--checkpoint", "ckpt-4.eqx", "--tasks", "3", "--quiet"]) == 0
-    assert json.loads((run_copy / "results.json").read_text())["iteration"] == 4
+    assert json.loads((run_copy / "evaluations" / "iteration-4_tasks-3" / "results.json").read_text())["iteration"] == 4
+
+
+def _own_results(run):
+    """The run's own results: results.md, results.json and its figures, as bytes."""
+    files = [run / "results.md", run / "results.json", *sorted((run / "figures").iterdir())]
+    return {f.relative_to(run).as_posix(): f.read_bytes() for f in files}
+
+
+def test_evaluations_of_other_checkpoints_and_options_are_kept_side_by_side(run_copy, capsys):
+    """Issue 30, item 1: `ctmeta evaluate` with another checkpoint or options writes
+    RUN/evaluations/<name>/, never the run's own results; evaluations/index.md lists them; the run's
+    own results are replaced only by its own evaluation redone (naming, redoing and refusing a name:
+    `test_an_evaluation_s_destination_follows_its_options`)."""
+    own = _own_results(run_copy)
+    for it in ("2", "4"):
+        assert main(["evaluate", str(run_copy), "--checkpoint", it, "--tasks", "5", "--quiet"]) == 0
+        assert f"evaluations/iteration-{it}_tasks-5 (the run's own results.md untouched)" in capsys.readouterr().out
+    assert _own_results(run_copy) == own
+    folders = run_copy / "evaluations"
+    first = json.loads((folders / "iteration-2_tasks-5" / "results.json").read_text())
+    assert (first["iteration"], first["tasks"]) == (2, 5)
+    assert first["evaluation"]["checkpoint"] == "ckpt-2.eqx" and first["evaluation"]["name"] == "iteration-2_tasks-5"
+    assert json.loads((folders / "iteration-4_tasks-5" / "results.json").read_text())["iteration"] == 4
+    index = (folders / "index.md").read_text().splitlines()
+    rows = [line for line in index if line.startswith("| ") and "evaluation |" not in line]
+    assert [r.split(" | ")[1:3] for r in rows] == [["4", "100"], ["2", "5"], ["4", "5"]], index  # own first
+    assert "run's own" in rows[0] and "iteration-2_tasks-5" in rows[1]
+    line = _one_error_line(capsys, 2, main(["evaluate", str(run_copy), "--name", "../up", "--quiet"]))
+    assert "--name '../up' is not a usable evaluation name" in line
+    # The run's own evaluation redone (no options): its own results, the same numbers.
+    assert main(["evaluate", str(run_copy), "--quiet"]) == 0
+    assert "the run's own evaluation, redone" in capsys.readouterr().out
+    redone = json.loads((run_copy / "results.json").read_text())
+    before = json.loads(own["results.json"])
+    assert redone["learned"] == before["learned"] and redone["random"] == before["random"]
+    assert sorted(p.name for p in folders.iterdir()) == ["index.md", "iteration-2_tasks-5", "iteration-4_tasks-5"]
+
+
+def test_an_evaluation_s_destination_follows_its_options(tmp_path):
+    """Where `ctmeta evaluate` writes (`ctmeta.runs.evaluations.destination`): the run's own
+    results for its evaluation redone only; a folder named after the options that differ, the
+    same for the same evaluation; a given name holding other options refused."""
+    from ctmeta import InputError
+    from ctmeta.runs.evaluations import destination
+
+    run = runs.RunDir(tmp_path)
+    config = {"meta_iterations": 4}
+    defaults = {"iteration": 2, "table_steps": [0, 5, 20], "tasks": 100, "lr": 0.01, "inner_loss_tasks": 4}
+    final = {**defaults, "iteration": 4}
+    # Not evaluated yet: the run's own evaluation is the default one at its last iteration.
+    assert destination(run, config, final, defaults) == (tmp_path, None)
+    assert destination(run, config, defaults, defaults) == (tmp_path / "evaluations" / "iteration-2", "iteration-2")
+    (tmp_path / "results.json").write_text(json.dumps({"evaluation": {"options": final}}))
+    assert destination(run, config, final, defaults) == (tmp_path, None)
+    other = {**final, "tasks": 5, "lr": 0.02, "table_steps": [0, 3], "inner_loss_tasks": 0}
+    name = "iteration-4_tasks-5_lr-0.02_steps-0-3_inner-loss-tasks-0"
+    assert destination(run, config, other, defaults) == (tmp_path / "evaluations" / name, name)
+    fewer = {**final, "tasks": 3, "inner_loss_tasks": 3}  # fewer tasks than 4: the inner loss on all of them
+    assert destination(run, config, fewer, defaults)[1] == "iteration-4_tasks-3"
+    # A given name: its own folder; redone with the same options it is replaced, with others refused.
+    folder, _ = destination(run, config, final, defaults, "mine")
+    assert folder == tmp_path / "evaluations" / "mine"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"evaluation": {"options": final}}))
+    assert destination(run, config, final, defaults, "mine") == (folder, "mine")
+    with pytest.raises(InputError, match=r"mine holds an evaluation of other options \(iteration 4, 100 tasks, lr "
+                                         r"0.01, steps 0,5,20\); choose another `name`"):
+        destination(run, config, {**final, "lr": 0.03}, defaults, "mine")
+
+
+def test_an_evaluation_whose_adaptation_diverges_exits_1_in_one_line_and_writes_nothing(run_copy, capsys):
+    """Issue 30, item 1: `--lr 1e6` gave an all-NaN table over the good one, exit 0."""
+    own = _own_results(run_copy)
+    for flags in ([], ["--name", "big"]):
+        code = main(["evaluate", str(run_copy), "--lr", "1e6", *flags, "--quiet"])
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert code == 1 and len(err) == 1, captured.err
+        assert err[0].startswith("ctmeta: error: adaptation diverged at lr 1e+06 on 100 of 100 tasks"), err
+        assert err[0].endswith("nothing was written: choose a smaller --lr"), err
+        assert "nan" not in captured.out.lower()  # no table of NaNs either
+    assert _own_results(run_copy) == own and not (run_copy / "evaluations").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -326,6 +410,33 @@ def test_figures_say_what_run_they_show_and_can_use_a_log_scale(run_dir, monkeyp
     assert any("95% CI" in t.get_text() for t in err_ax.get_legend().get_texts())
     runs.write_figures(runs.RunDir(run_dir), results)
     assert figures["error_vs_steps.png"].axes[0].get_yscale() == "linear"
+
+
+def test_inner_loss_legend_names_the_per_task_lines_and_error_vs_steps_marks_the_horizon(run_dir, monkeypatch):
+    """Issue 30, items 16 and 15: the thin per-task lines of inner_loss.png are in its legend (one
+    entry each for learned and random); a continuous-time method's horizon T is marked on
+    error_vs_steps.png at the GD step it equals, k = T / lr."""
+    figures = {}
+    monkeypatch.setattr(run_results, "save_figure", lambda fig, path: figures.__setitem__(path.name, fig))
+    monkeypatch.setattr("matplotlib.pyplot.close", lambda fig: None)
+    results = json.loads((run_dir / "results.json").read_text())
+    runs.write_figures(runs.RunDir(run_dir), results)
+    n = results["inner_loss"]["tasks"]
+    for ax in figures["inner_loss.png"].axes:
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        for init in ("learned (fomaml)", "random init"):
+            assert labels.count(f"{init}: each of the {n} tasks") == 1 and f"{init}: median" in labels, labels
+        thin = [line for line in ax.get_lines() if line.get_linewidth() == 0.6]
+        assert len(thin) == 2 * n  # every task's line drawn, two of them labelled
+    labels = [t.get_text() for t in figures["error_vs_steps.png"].axes[0].get_legend().get_texts()]
+    assert not any("horizon" in label for label in labels)  # fomaml: no continuous horizon
+    runs.write_figures(runs.RunDir(run_dir), {**results, "method": "amaml", "T": 0.05})  # lr 0.01: k = 5
+    ax = figures["error_vs_steps.png"].axes[0]
+    assert "amaml's horizon T = 0.05 (k = T/lr = 5)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(list(line.get_xdata()) == [5, 5] for line in ax.get_lines())  # the vertical line at k = 5
+    runs.write_figures(runs.RunDir(run_dir), {**results, "method": "amaml", "T": 2.0})  # k = 200: off the curve
+    labels = [t.get_text() for t in figures["error_vs_steps.png"].axes[0].get_legend().get_texts()]
+    assert "amaml's horizon T = 2 (k = T/lr = 200, beyond the curve)" in labels
 
 
 # ------------------------------------------------------------- one style for every subcommand

@@ -182,11 +182,13 @@ def test_first_order_runs_the_flow_with_an_identity_jacobian():
     T = jnp.asarray(0.9)
     u = ctmeta.gradient_flow(quad_loss, U0, (A, B), T, method=FirstOrder(steps=K), flow=flow)
     np.testing.assert_allclose(u, closed_preconditioned(U0, flow.rho, T), rtol=1e-12, atol=1e-13)
-    gu, gflow, gT = jax.grad(lambda u0, f, t: C @ ctmeta.gradient_flow(
-        quad_loss, u0, (A, B), t, method=FirstOrder(steps=K), flow=f), argnums=(0, 1, 2))(U0, flow, T)
-    np.testing.assert_array_equal(gu, C)
-    np.testing.assert_array_equal(gflow.rho, 0.0)
-    assert float(gT) == 0.0
+    J = lambda u0, f, t: C @ ctmeta.gradient_flow(quad_loss, u0, (A, B), t, method=FirstOrder(steps=K), flow=f)
+    np.testing.assert_array_equal(jax.grad(J)(U0, flow, T), C)
+    # No derivative in the flow's meta-parameters or in T: refused, not a silent 0.
+    with pytest.raises(InputError, match=r"FirstOrder\(steps=%d\) does not differentiate the flow's" % K):
+        jax.grad(J, argnums=1)(U0, flow, T)
+    with pytest.raises(InputError, match=r"does not differentiate T"):
+        jax.grad(J, argnums=2)(U0, flow, T)
 
 
 # ---------------------------------------------------------------------------
@@ -284,7 +286,11 @@ def test_default_flow_is_unchanged(name):
 
     results = []
     for flow in (None, Gradient()):
-        v, (g, gT) = jax.value_and_grad(J, argnums=(0, 1))(PARAMS, jnp.asarray(1.5), flow)
+        if "T" not in method.differentiates:  # refused in T (its 0 was recorded): the rest
+            v, g = jax.value_and_grad(J)(PARAMS, jnp.asarray(1.5), flow)
+            gT = 0.0
+        else:
+            v, (g, gT) = jax.value_and_grad(J, argnums=(0, 1))(PARAMS, jnp.asarray(1.5), flow)
         results.append(np.array([float(v), *g["w"].tolist(), float(g["b"]), float(gT)]))
     np.testing.assert_array_equal(results[0], results[1])  # flow=None and Gradient(): bitwise
     v, w, b, t = _BEFORE[name]
@@ -348,7 +354,7 @@ def test_loss_along_flow_reports_a_failed_forward():
                                  method=Adjoint(dense_steps=2))
     assert int(out.status) == ode.SolveStatus.DENSE_OVERFLOW and np.all(np.isnan(out.support))
     with pytest.raises(InputError, match="Adjoint"):
-        ctmeta.loss_along_flow(quad_loss, U0, (A, B), 1.0, jnp.array([1.0]), method=Unrolled())
+        ctmeta.loss_along_flow(quad_loss, U0, (A, B), 1.0, jnp.array([1.0]), method=Unrolled(steps=5))
 
 
 # ---------------------------------------------------------------------------
@@ -503,9 +509,11 @@ def test_cli_train_with_a_flow_saves_it_and_refuses_bad_combinations(tmp_path, c
     # `ctmeta evaluate` adapts with the learned flow, and --inner-loss-tasks 0 drops the look inside
     capsys.readouterr()
     assert main(["evaluate", str(out), "--inner-loss-tasks", "0", "--quiet"]) == 0
-    again = json.loads((out / "results.json").read_text())
+    folder = out / "evaluations" / "iteration-4_inner-loss-tasks-0"  # other options: beside the run's results
+    again = json.loads((folder / "results.json").read_text())
     assert again["learned"] == results["learned"] and again["learned_flow"] == results["learned_flow"]
-    assert "inner_loss" not in again and not (out / "figures" / "inner_loss.png").exists()
+    assert "inner_loss" not in again and not (folder / "figures" / "inner_loss.png").exists()
+    assert json.loads((out / "results.json").read_text()) == results
     assert main(["evaluate", str(out), "--inner-loss-tasks", "-1"]) == 2
     assert "--inner-loss-tasks must be 0 or a positive integer" in capsys.readouterr().err
     capsys.readouterr()

@@ -1,5 +1,7 @@
 """gradient_flow and the meta-gradient rules against closed forms (float64)."""
 
+import re
+
 import diffrax
 import equinox as eqx
 import jax
@@ -32,14 +34,14 @@ def train_loss(p, data):
     return 0.5 * jnp.mean((X @ p["w"] - y) ** 2)
 
 
-def outer(method, lsq):
+def outer(method, lsq, argnums=(0, 1, 2)):
     X, y, Xv, yv, _, _ = lsq
 
     def J(theta, T, y_train):
         u = ctmeta.gradient_flow(train_loss, theta, (X, y_train), T, method=method)
         return 0.5 * jnp.mean((Xv @ u["w"] - yv) ** 2)
 
-    return jax.jit(jax.grad(J, argnums=(0, 1, 2)))
+    return jax.jit(jax.grad(J, argnums=argnums))
 
 
 def grad_J(lsq, u):
@@ -108,22 +110,52 @@ def test_unrolled_matches_the_discrete_map(lsq):
 def test_first_order_returns_grad_at_adapted_params(lsq):
     _, _, _, _, H, b = lsq
     K = 30
-    g, gT, gy = outer(ctmeta.FirstOrder(steps=K), lsq)(THETA, T, lsq[1])
+    g, gy = outer(ctmeta.FirstOrder(steps=K), lsq, argnums=(0, 2))(THETA, T, lsq[1])
     wstar = np.linalg.solve(H, b)
     uK = wstar + np.linalg.matrix_power(np.eye(D) - T / K * H, K) @ (np.asarray(THETA["w"]) - wstar)
     np.testing.assert_allclose(g["w"], grad_J(lsq, uK), rtol=1e-10)
-    assert gT == 0 and np.all(np.asarray(gy) == 0)
+    assert np.all(np.asarray(gy) == 0)  # the data: the first-order approximation's 0, by design
 
 
 def test_implicit_matches_the_proximal_optimum(lsq):
     _, _, _, _, H, b = lsq
     lam = 1.0
     # Long enough to converge to the proximal optimum; CG in D steps is exact for D x D.
-    g, gT, _ = outer(ctmeta.Implicit(steps=3000, lam=lam, cg_steps=D), lsq)(THETA, 30.0, lsq[1])
+    g, _ = outer(ctmeta.Implicit(steps=3000, lam=lam, cg_steps=D), lsq, argnums=(0, 2))(THETA, 30.0, lsq[1])
     ustar = np.linalg.solve(H + lam * np.eye(D), b + lam * np.asarray(THETA["w"]))
     want = np.linalg.solve(np.eye(D) + H / lam, grad_J(lsq, ustar))
     assert rel(g["w"], want) < 1e-8
-    assert gT == 0
+
+
+@pytest.mark.parametrize("method", [ctmeta.FirstOrder(steps=100), ctmeta.Reptile(steps=100),
+                                    ctmeta.Implicit(steps=100, lam=1.0)], ids=repr)
+def test_a_rule_without_a_derivative_in_T_refuses_it(lsq, method):
+    """jax.grad in T through a rule whose `differentiates` lacks "T": one InputError line at trace
+    time (jit or not), not a silent 0; the derivative in the initialisation still works."""
+    assert "T" not in method.differentiates
+    for jit in (False, True):
+        grad_T = outer(method, lsq, argnums=1)
+        with pytest.raises(InputError, match=rf"^{re.escape(repr(method))} does not differentiate T .*Adjoint\(\)"):
+            (grad_T if jit else grad_T.__wrapped__)(THETA, T, lsq[1])
+    g = outer(method, lsq, argnums=0)(THETA, T, lsq[1])
+    assert np.all(np.isfinite(g["w"])) and np.linalg.norm(g["w"]) > 0
+    # Held fixed by stop_gradient, T is no longer differentiated: no error.
+    X, y, *_ = lsq
+    fixed = jax.grad(lambda t: jnp.sum(ctmeta.gradient_flow(train_loss, THETA, (X, y), jax.lax.stop_gradient(t),
+                                                            method=method)["w"]))(T)
+    assert float(fixed) == 0.0
+
+
+def test_reprs_show_the_step_count_and_unrolled_requires_it():
+    assert repr(ctmeta.FirstOrder(steps=100)) == "FirstOrder(steps=100)"
+    assert repr(ctmeta.Reptile()) == "Reptile(steps=100)"
+    assert repr(ctmeta.Implicit(steps=100, lam=1.0)) == "Implicit(steps=100, lam=1.0)"
+    assert repr(ctmeta.Implicit(steps=7, lam=0.5, cg_steps=9)) == "Implicit(steps=7, lam=0.5, cg_steps=9)"
+    assert repr(ctmeta.Unrolled(steps=5)) == "Unrolled(steps=5)"
+    assert repr(ctmeta.Adjoint()) == "Adjoint()"  # adaptive: no step count
+    assert repr(ctmeta.Adjoint(steps=50, rtol=1e-8)) == "Adjoint(steps=50, rtol=1e-08)"
+    with pytest.raises(InputError, match=r"Unrolled needs steps=K"):
+        ctmeta.Unrolled()
 
 
 def test_reptile_direction(lsq):
@@ -248,3 +280,54 @@ def test_diverging_flow_fails_loudly():
     with pytest.raises(Exception, match=r"(?i)non-finite|max.*steps"):
         jax.block_until_ready(ctmeta.gradient_flow(loss, {"w": jnp.ones(2)}, None, 5.0,
                                                     method=ctmeta.Adjoint(steps=10, max_steps=256)))
+
+
+
+_EAGER_FAILURES = r"""
+import jax, jax.numpy as jnp, ctmeta
+ascent = lambda p, d: -jnp.exp(jnp.sum(p["w"] ** 2))  # a diverging flow: the step budget runs out
+w = {"w": jnp.ones(2)}
+calls = {
+    "gradient_flow": lambda: ctmeta.gradient_flow(ascent, w, None, 5.0, method=ctmeta.Adjoint(max_steps=64)),
+    "grad": lambda: jax.grad(lambda p: ctmeta.gradient_flow(ascent, p, None, 5.0,
+                                                            method=ctmeta.Adjoint(max_steps=64))["w"][0])(w),
+}
+for name, call in calls.items():
+    try:
+        call()
+        print(name, "no error")
+    except ctmeta.NumericalError as err:
+        print(name, "NumericalError:", err)
+"""
+
+
+def test_gradient_flow_called_eagerly_fails_as_a_numerical_error_and_nothing_else(tmp_path):
+    """gradient_flow called eagerly, plain and under jax.grad without jit: a step budget that runs
+    out is `ctmeta.NumericalError`, and nothing more is printed, at exit either (no JAX callback
+    traceback, no equinox filter_jit banner, no "Exception ignored in atexit callback")."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "eager.py"
+    script.write_text(_EAGER_FAILURES)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split(" ", 1)[0] for line in lines] == ["gradient_flow", "grad"], proc.stdout
+    assert lines[0].startswith("gradient_flow NumericalError: gradient_flow: the inner solve exhausted its step "
+                               "budget (max_steps=64)"), lines[0]
+    assert lines[1].startswith("grad NumericalError: gradient_flow:") and "max_steps=64" in lines[1], lines[1]
+    for noise in ("Exception ignored", "filter_jit", "pure_callback failed", "Traceback"):
+        assert noise not in proc.stderr, proc.stderr
+
+
+def test_loss_along_flow_and_linear_flow_called_eagerly_fail_as_a_numerical_error(caplog):
+    """The other eager entry points with a solve: `NumericalError`, and no log of JAX's failed callback."""
+    ascent = lambda p, d: -jnp.exp(jnp.sum(p["w"] ** 2))
+    with pytest.raises(ctmeta.NumericalError, match=r"^loss_along_flow: the inner solve exhausted .*max_steps=64"):
+        ctmeta.loss_along_flow(ascent, {"w": jnp.ones(2)}, None, 5.0, jnp.array([1.0]),
+                               method=ctmeta.Adjoint(max_steps=64))
+    features = 10 * jnp.ones((6, 4)) * jnp.arange(6)[:, None]
+    with pytest.raises(ctmeta.NumericalError, match=r"^ctmeta.linear_flow: .*max_steps=4 exhausted"):
+        ctmeta.linear_flow(jnp.zeros((3, 4)), features, jax.nn.one_hot(jnp.arange(6) % 3, 3), 1e4, max_steps=4)
+    assert not [r for r in caplog.records if r.name.startswith("jax")], [r.getMessage() for r in caplog.records]

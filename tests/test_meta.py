@@ -220,7 +220,7 @@ def test_bad_arguments_raise_input_error():
     with pytest.raises(InputError, match="learn_T"):
         MetaLearner(model, FirstOrder(), optax.adam(1e-3), learn_T=True)
     with pytest.raises(InputError, match="EmbeddingHead"):
-        MetaLearner(model, Unrolled(), optax.adam(1e-3), adapt="head")
+        MetaLearner(model, Unrolled(steps=5), optax.adam(1e-3), adapt="head")
 
 
 def test_evaluate_uses_the_query_mask_of_a_masked_batch():

@@ -21,7 +21,7 @@ __all__ = ["ENVIRONMENT_ERRNOS", "FLAG_OF", "as_flags", "internal_error", "numer
 FLAG_OF = {name: "--" + name.replace("_", "-") for name in (
     "T", "steps", "solver", "flow", "meta_iterations", "meta_batch", "ways", "shots", "data_dir", "backbone", "optimizer",
     "meta_lr", "lr_schedule", "seed", "out", "checkpoint_every", "resume", "on_nonfinite", "method", "benchmark",
-    "checkpoint", "tasks", "coordinator_address", "num_processes", "process_id")}
+    "checkpoint", "tasks", "coordinator_address", "num_processes", "process_id", "lr", "name")}
 FLAG_OF["per_process"] = "--devices"  # ctmeta.sharding.task_mesh(per_process=...)
 
 
@@ -84,8 +84,15 @@ def numerical_message(err: NumericalError, args) -> str:
     skip-task and only when some task of the meta-batch succeeded."""
     import re
 
+    from ..runs import EvaluationDiverged
+
     where = getattr(args, "run_path", None)
     what = as_flags(one_line(getattr(err, "what", None) or str(err))).rstrip(".")
+    if isinstance(err, EvaluationDiverged):  # the evaluation's own advice: not the training's
+        if args.command == "train" and where:
+            return (f"{what.replace(': choose a smaller --lr', '')}; the trained model is checkpointed: evaluate "
+                    f"it with a smaller learning rate: ctmeta evaluate {where} --lr LR")
+        return what
     if not where or args.command != "train":
         return what
     iteration = getattr(err, "iteration", None)

@@ -97,6 +97,19 @@ _DEFAULT_RUN_TIME = (
     "trial (issue 30).")
 
 
+_EVALUATE_EPILOG = """\
+checkpoints side by side (the run keeps its last 2 checkpoints, so evaluate
+earlier ones while it trains, or copy them):
+
+  ctmeta evaluate RUN --checkpoint 150 --tasks 200    -> RUN/evaluations/iteration-150_tasks-200/
+  ctmeta evaluate RUN --checkpoint 300 --tasks 200    -> RUN/evaluations/iteration-300_tasks-200/
+  cat RUN/evaluations/index.md                        one line each, with the run's own results
+
+  ctmeta evaluate RUN                                 the run's final evaluation redone (its own results)
+  ctmeta evaluate RUN --lr 0.005 --name lr-small      -> RUN/evaluations/lr-small/
+"""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line on stderr (exit status 2)."""
 
@@ -210,10 +223,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "evaluate",
-        help="evaluate a run's latest checkpoint on the meta-test tasks",
-        description="Load RUN_DIR's configuration and latest checkpoint (or --checkpoint), evaluate the learned "
-        "and a random initialisation on the meta-test tasks, print the table, and rewrite results.md, "
-        "results.json and the figures. The run directory must be writable and not in use by ctmeta train.",
+        help="evaluate a run's checkpoint on the meta-test tasks (beside the run's own results)",
+        description="""\
+Load RUN_DIR's configuration and latest checkpoint (or --checkpoint), evaluate
+the learned and a random initialisation on the meta-test tasks, print the table.
+
+Where it is written: the run's own results (RUN_DIR/results.md, results.json,
+figures/) are replaced only by the same evaluation redone (the same checkpoint
+iteration, --steps, --tasks, --lr and --inner-loss-tasks), which needs the run
+not in use by ctmeta train. Any other evaluation goes to RUN_DIR/evaluations/
+NAME/ (results.md, results.json, figures/), NAME given by --name or made of
+the options that differ from the run's (e.g. iteration-150_tasks-200): several
+are kept side by side, the same one redone replaces its folder, and they can
+be written while the run trains. RUN_DIR/evaluations/index.md lists them all,
+one line each. An adaptation that diverges (a non-finite error on some task,
+e.g. --lr too large) is said in one line, exits 1 and writes nothing.""",
+        epilog=_EVALUATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     e.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by ctmeta train")
     e.add_argument("--checkpoint", default=None, metavar="ITER|FILE",
@@ -229,7 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the benchmark's data are now: the data root holding its folder, or that folder "
                    "(default: the run's data directory)")
     e.add_argument("--log-y", action="store_true",
-                   help="draw figures/error_vs_steps.png with a logarithmic error axis")
+                   help="draw error_vs_steps.png with a logarithmic error axis (a drawing option: it does not "
+                   "name the evaluation)")
+    e.add_argument("--name", default=None, metavar="NAME",
+                   help="write into RUN_DIR/evaluations/NAME/ (default: the run's own results for its evaluation "
+                   "redone, else a name from the options, e.g. iteration-150_tasks-200); a NAME that holds an "
+                   "evaluation of other options is refused")
     e.add_argument("--inner-loss-tasks", type=int, default=None, metavar="INT",
                    help="on how many meta-test tasks to follow the support and query loss along the inner flow "
                    "(figures/inner_loss.png), >= 0, 0 for none (default: 4; 0 for images)")

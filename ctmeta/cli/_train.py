@@ -189,13 +189,15 @@ def cmd_train(args, argv) -> int:
     if args.resume is not None:
         if config.get("dtype") and config["dtype"] != dtype_name():
             raise InputError(f"the run was trained in {config['dtype']} but this process uses {dtype_name()}")
-        state, meta, path = run.load_latest(learner.init(exp.run_key), warn=print_warning, config=config)
+        from ..runs import resume_point
+
+        state, meta, path, gap = resume_point(run, learner.init(exp.run_key), config, warn=print_warning)
         it = int(state.iteration)
         rows = run.truncate_metrics(it) if writes else []
         seconds = float(meta.get("seconds", rows[-1]["seconds"] if rows else 0.0))
         resumes = list(config.get("resumes", []))
         resumes.append({"from_iteration": it, "at": _dt.datetime.now().isoformat(timespec="seconds"),
-                        "argv": list(argv), **placement})
+                        "argv": list(argv), **placement, **({"metrics_gap": _span(gap)} if gap else {})})
         config["resumes"] = resumes
         if writes:
             run.write_config(config)
@@ -221,6 +223,17 @@ def cmd_train(args, argv) -> int:
     state = train(exp, run, state=state, seconds_offset=seconds, reporter=reporter)
     evaluate_run(exp, run, state, reporter=reporter, log_y=args.log_y)
     return 0
+
+
+def _span(iterations: list[int]) -> list[list[int]]:
+    """`[12, 13, 14, 20]` as `[[12, 14], [20, 20]]`: the missing rows, compactly, for config.json."""
+    spans: list[list[int]] = []
+    for i in iterations:
+        if spans and spans[-1][1] == i - 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return spans
 
 
 def download_data(benchmark: str, data_dir: str | None, reporter) -> None:

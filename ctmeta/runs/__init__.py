@@ -10,10 +10,14 @@ A run directory holds
     figures/meta_loss.png     the meta-loss curve
     figures/error_vs_steps.png  meta-test error against adaptation steps, learned vs random init
     results.md, results.json  the final table
+    evaluations/<name>/       other evaluations (`ctmeta evaluate` of another checkpoint or options):
+                              results.md, results.json, figures/; evaluations/index.md lists them
 
 and is written so that an interrupted run can continue: every file is
 replaced atomically, the metrics rows after the last checkpoint are dropped
-on resume, and the meta-batch of iteration `i` is drawn with
+on resume (rows missing before it, a cut or torn metrics.csv, are written
+again from an earlier checkpoint when one is kept, else the gap is said and
+recorded: [`resume_point`][]), and the meta-batch of iteration `i` is drawn with
 `fold_in(key, i)`, so a resumed run ends exactly as an uninterrupted one.
 
 `train` checkpoints every `checkpoint_every` iterations and when it receives
@@ -29,17 +33,20 @@ every process read the same checkpoint.
 
 The package's modules: `ctmeta.runs.rundir` (the directory and its files),
 `ctmeta.runs.training` ([`train`][]), `ctmeta.runs.results`
-([`evaluate_run`][], tables and figures) and `ctmeta.runs.console`
+([`evaluate_run`][], tables and figures), `ctmeta.runs.evaluations` (where an
+evaluation goes) and `ctmeta.runs.console`
 ([`Reporter`][]); everything public is importable from `ctmeta.runs`.
 """
 
 from .console import Reporter, format_duration, one_line
-from .results import eval_curve, evaluate_run, flow_summary, results_markdown, results_text, save_figure, write_figures
-from .rundir import (CHECKPOINT_CONFIG_FIELDS, KEEP_CHECKPOINTS, METRIC_COLUMNS, NONFINITE_POLICIES, RunDir,
+from .evaluations import write_index
+from .results import (EvaluationDiverged, eval_curve, evaluate_run, flow_summary, resolve_evaluation, results_markdown,
+                      results_text, save_figure, write_figures)
+from .rundir import (CHECKPOINT_CONFIG_FIELDS, KEEP_CHECKPOINTS, METRIC_COLUMNS, NONFINITE_POLICIES, MetricsDamage, RunDir,
                      check_writable, default_run_dir, dtype_name, package_versions)
-from .training import Interrupted, init_from_run, train
+from .training import Interrupted, init_from_run, metrics_warning, resume_point, train
 
-__all__ = ["Interrupted", "RunDir", "init_from_run", "default_run_dir", "dtype_name", "evaluate_run", "package_versions", "save_figure",
+__all__ = ["EvaluationDiverged", "Interrupted", "MetricsDamage", "metrics_warning", "resume_point", "resolve_evaluation", "write_index", "RunDir", "init_from_run", "default_run_dir", "dtype_name", "evaluate_run", "package_versions", "save_figure",
            "train", "CHECKPOINT_CONFIG_FIELDS", "KEEP_CHECKPOINTS", "METRIC_COLUMNS", "NONFINITE_POLICIES", "Reporter",
            "check_writable", "eval_curve", "flow_summary", "format_duration", "one_line", "results_markdown", "results_text",
            "write_figures"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -14,7 +15,7 @@ import re
 from .._errors import CheckpointError, InputError
 from .._io import atomic_write_text
 
-__all__ = ["CHECKPOINT_CONFIG_FIELDS", "KEEP_CHECKPOINTS", "METRIC_COLUMNS", "NONFINITE_POLICIES", "RunDir",
+__all__ = ["CHECKPOINT_CONFIG_FIELDS", "KEEP_CHECKPOINTS", "METRIC_COLUMNS", "MetricsDamage", "NONFINITE_POLICIES", "RunDir",
            "check_writable", "default_run_dir", "dtype_name", "package_versions"]
 
 METRIC_COLUMNS = ("iteration", "meta_loss", "grad_norm", "T", "seconds", "skipped")
@@ -82,6 +83,49 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
         pass
 
 
+def _ranges(values) -> str:
+    """`[12, 13, 14, 20]` as "12..14, 20"."""
+    values = sorted(values)
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(str(v) if v == start else f"{start}..{v}")
+            start = None
+    return ", ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsDamage:
+    """The rows metrics.csv lacks of iterations 1..`upto`: `missing` (the
+    iterations without a whole row) and `torn` (the iterations of rows cut
+    short, `None` where not even that reads). False when there is none."""
+
+    upto: int
+    missing: tuple[int, ...]
+    torn: tuple[int | None, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.torn)
+
+    def describe(self) -> str:
+        """E.g. "metrics.csv lacks the rows of iterations 12..60 (49 of the 60 up to the checkpoint; the row of
+        iteration 12 is torn)"."""
+        torn = [t for t in self.torn if t is not None]
+        unreadable = len(self.torn) - len(torn)
+        notes = []
+        if torn:
+            notes.append(f"the row{'s' if len(torn) > 1 else ''} of iteration{'s' if len(torn) > 1 else ''} "
+                         f"{_ranges(torn)} {'are' if len(torn) > 1 else 'is'} torn")
+        if unreadable:
+            notes.append(f"{unreadable} line{'s' if unreadable > 1 else ''} unreadable")
+        if not self.missing:
+            return f"metrics.csv has {' and '.join(notes)}"
+        return (f"metrics.csv lacks the rows of iterations {_ranges(self.missing)} ({len(self.missing)} of the "
+                f"{self.upto} up to the checkpoint" + (f"; {'; '.join(notes)}" if notes else "") + ")")
+
+
 class RunDir:
     """The files of one run (see the module docstring)."""
 
@@ -146,19 +190,49 @@ class RunDir:
     # -- metrics -------------------------------------------------------------------
 
     def read_metrics(self) -> list[dict[str, float]]:
+        """The rows of metrics.csv that read whole; a torn or unreadable row is
+        left out (see [`metrics_damage`][ctmeta.runs.RunDir.metrics_damage])."""
+        return [row for row in self._parsed_rows() if isinstance(row, dict)]
+
+    def _parsed_rows(self) -> list[dict[str, float] | str]:
+        """Each data line of metrics.csv: its row, or (torn, unreadable) its text."""
         if not self.metrics_path.is_file():
             return []
-        rows = []
         with open(self.metrics_path, newline="") as f:
-            for row in csv.DictReader(f):
-                try:
-                    rows.append({
-                        k: float(_OPTIONAL_COLUMNS[k] if k in _OPTIONAL_COLUMNS and row.get(k) is None else row[k])
-                        for k in METRIC_COLUMNS
-                    })
-                except (KeyError, TypeError, ValueError):
-                    break  # a torn last line from a crash
-        return rows
+            lines = f.read().splitlines()
+        if not lines:
+            return []
+        header = lines[0].split(",")
+        out: list[dict[str, float] | str] = []
+        for line in lines[1:]:
+            if not line.strip():
+                continue
+            values = next(csv.reader([line]))
+            row = dict(zip(header, values)) if len(values) == len(header) else {}
+            try:
+                out.append({
+                    k: float(_OPTIONAL_COLUMNS[k] if k in _OPTIONAL_COLUMNS and row.get(k) is None else row[k])
+                    for k in METRIC_COLUMNS
+                })
+            except (KeyError, TypeError, ValueError):
+                out.append(line)  # a torn row: a crash mid-write, or a damaged file
+        return out
+
+    def metrics_damage(self, upto: int) -> "MetricsDamage":
+        """What metrics.csv lacks of the rows of iterations 1..`upto` (a
+        checkpoint's iteration, whose rows were all written before it): the
+        iterations without a whole row, and the torn rows among them."""
+        rows = self._parsed_rows()
+        have = {int(r["iteration"]) for r in rows if isinstance(r, dict)}
+        torn = []
+        for r in rows:
+            if isinstance(r, str):
+                head = r.split(",", 1)[0].strip()
+                it = int(head) if head.isdigit() else None
+                if it is None or (it <= upto and it not in have):
+                    torn.append(it)
+        missing = tuple(i for i in range(1, upto + 1) if i not in have)
+        return MetricsDamage(upto, missing, tuple(torn))
 
     def truncate_metrics(self, iteration: int) -> list[dict[str, float]]:
         """Keep the rows up to `iteration` (the resumed checkpoint's); return them."""

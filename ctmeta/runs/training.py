@@ -9,11 +9,11 @@ import signal
 import threading
 import time
 
-from .._errors import InputError, NumericalError
+from .._errors import CheckpointError, InputError, NumericalError
 from .console import Reporter, format_duration
 from .rundir import CHECKPOINT_CONFIG_FIELDS, NONFINITE_POLICIES, RunDir
 
-__all__ = ["Interrupted", "init_from_run", "train"]
+__all__ = ["Interrupted", "init_from_run", "metrics_warning", "resume_point", "train"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -114,6 +114,68 @@ def init_from_run(exp, source, *, warn=print):
     record = {"run": str(run.path), "checkpoint": path.name, "iteration": int(state.iteration),
               "method": config.get("method")}
     return exp.learner.init(exp.run_key, model=model), record
+
+
+def resume_point(run: RunDir, like, config: dict, *, warn=print):
+    """The checkpoint a resumed run continues from, with metrics.csv checked against it.
+
+    The newest checkpoint that loads (`RunDir.load_latest`), unless
+    metrics.csv lacks rows of the iterations up to it (cut, torn: see
+    `RunDir.metrics_damage`). Then the newest kept checkpoint before the first
+    missing row is taken instead, so that training from it writes those rows
+    again (a resumed run is deterministic: the same rows, up to their seconds);
+    if none precedes them, the run continues from the newest and the gap is
+    said through `warn` and recorded. Either way `warn` says what is missing
+    and what resuming does.
+
+    **Returns:** `(state, metadata, path, gap)`, `gap` the iterations whose
+    rows stay missing (`[]` when none).
+    """
+    state, meta, path = run.load_latest(like, warn=warn, config=config)
+    newest = int(state.iteration)
+    damage = run.metrics_damage(newest)
+    if not damage:
+        return state, meta, path, []
+    if not damage.missing:  # torn lines beside whole rows of the same iterations: dropped on resume
+        warn(f"warning: {damage.describe()}; every iteration up to {path.name} has a whole row, so the torn "
+             "lines are dropped")
+        return state, meta, path, []
+    first = damage.missing[0]
+    for it, older in reversed(run.checkpoints()):
+        if it >= first:
+            continue
+        try:
+            state_c, meta_c, path_c = run.load_checkpoint(str(it), like, config=config)
+        except CheckpointError as err:
+            warn(f"warning: cannot rebuild the missing rows from {older.name}: {err}")
+            continue
+        warn(f"warning: {damage.describe()}; resuming from {path_c.name} instead of {path.name} to write them "
+             f"again (iterations {it + 1}..{newest} recomputed, deterministically: the same rows, up to their "
+             "seconds)")
+        return state_c, meta_c, path_c, []
+    kept = ", ".join(p.name for _, p in run.checkpoints()) or "none"
+    warn(f"warning: {damage.describe()}; no kept checkpoint precedes them ({kept}), so they cannot be rebuilt: "
+         f"resuming from {path.name} continues at iteration {newest + 1} and metrics.csv keeps the gap (recorded "
+         "in config.json, resumes[-1].metrics_gap)")
+    return state, meta, path, list(damage.missing)
+
+
+def metrics_warning(run: RunDir) -> str | None:
+    """What metrics.csv lacks of the rows up to the newest checkpoint, and
+    whether `ctmeta train --resume` can write them again; `None` if nothing."""
+    ckpts = run.checkpoints()
+    if not ckpts:
+        return None
+    newest = ckpts[-1][0]
+    damage = run.metrics_damage(newest)
+    if not damage:
+        return None
+    if not damage.missing:
+        return f"warning: {damage.describe()} (left out of figures/meta_loss.png)"
+    before = [p.name for it, p in ckpts if it < damage.missing[0]]
+    fix = (f"ctmeta train --resume {run.path} writes them again from {before[-1]}" if before else
+           f"no kept checkpoint precedes them ({', '.join(p.name for _, p in ckpts)}), so they cannot be rebuilt")
+    return f"warning: {damage.describe()}; {fix}"
 
 
 def _checkpoint_config(cfg: dict) -> dict:

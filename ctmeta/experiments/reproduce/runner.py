@@ -145,7 +145,7 @@ def run_method(
     config["reproduce"] = {"experiment": ctx.name, "scale": ctx.scale, "label": label}
     # Long runs checkpoint often: a stopped reproduction continues from the last one.
     config["checkpoint_every"] = min(int(config["checkpoint_every"]), 250)
-    from ...runs import Reporter
+    from ...runs import Reporter, resume_point
 
     _check_unfinished_config(path)
     reporter = ctx.reporter or Reporter(quiet=ctx.quiet)
@@ -157,7 +157,8 @@ def run_method(
             return _estimate_run(ctx, label, exp)
         state, seconds, run = None, 0.0, _unfinished_run(path, config, exp, ctx)
         if run is not None:  # an unfinished run of an earlier call: continue it from its checkpoint
-            state, meta, ckpt = run.load_latest(exp.learner.init(exp.run_key), warn=ctx.log, config=run.read_config())
+            # metrics.csv checked against the checkpoint: lost rows written again, or the gap said (`resume_point`)
+            state, meta, ckpt, _ = resume_point(run, exp.learner.init(exp.run_key), run.read_config(), warn=ctx.log)
             rows = run.truncate_metrics(int(state.iteration))
             seconds = float(meta.get("seconds", rows[-1]["seconds"] if rows else 0.0))
             ctx.log(f"\n=== {ctx.name} / {label}: resuming {path} from {ckpt.name}")
