@@ -213,7 +213,9 @@ def loss_along_flow(
     field = flow.field(diff_loss)
     options = ode.SolveOptions(steps=1, rtol=method.rtol, atol=method.atol, max_steps=method.max_steps,
                                solver="dopri5", throw=throw)
-    y_end, dense, status, _ = dense_forward(field, flow.init_state(diff), T, data, options, method.dense_steps,
+    y_start = flow.init_state(diff)
+    dense_steps = method.sensitivity.sized_for(y_start, method.max_steps).dense_steps
+    y_end, dense, status, _ = dense_forward(field, y_start, T, data, options, dense_steps,
                                             midpoints=True)
     states = jax.vmap(dense.evaluate)(jnp.clip(ts, 0, T))
     us = jax.vmap(flow.params_of)(states)
@@ -225,7 +227,7 @@ def loss_along_flow(
     adapted = flow.params_of(y_end)
     if throw:
         adapted = ode.raise_if_failed(adapted, status, method.max_steps, "loss_along_flow",
-                                      dense_steps=method.dense_steps)
+                                      dense_steps=dense_steps)
     else:
         adapted = ode.nan_if_failed(adapted, status)
         support = ode.nan_if_failed(support, status)

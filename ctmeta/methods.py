@@ -264,7 +264,8 @@ class Adjoint(AbstractMethod):
       adjoint; `None`: the forward's.
     - `dense_steps` (adaptive rule): the most accepted forward steps kept,
       three states each; a forward that needs more fails with
-      `SolveStatus.DENSE_OVERFLOW`.
+      `SolveStatus.DENSE_OVERFLOW`. `None` (default): sized from the
+      parameters, 16 MB a task (`ctmeta.ode.AdaptiveAdjoint`).
     - `adjoint_rtol`, `adjoint_atol` (adaptive rule): the backward solve's
       tolerances as factors of the forward's.
     - `scheme` (stored rule): backward scheme, `"heun"` (the paper's),
@@ -298,7 +299,7 @@ class Adjoint(AbstractMethod):
     checkpoints: int | None = eqx.field(default=None, static=True)
     max_steps: int = eqx.field(default=16384, static=True)
     stability_check: bool = eqx.field(default=True, static=True)
-    dense_steps: int = eqx.field(default=256, static=True)
+    dense_steps: int | None = eqx.field(default=None, static=True)
     adjoint_rtol: float = eqx.field(default=10.0, static=True)
     adjoint_atol: float = eqx.field(default=10.0, static=True)
     solver: str = eqx.field(default="dopri5", static=True)

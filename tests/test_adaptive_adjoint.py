@@ -281,3 +281,21 @@ def test_meta_learner_names_a_dense_overflow_and_what_to_raise():
     state = learner.init(jax.random.PRNGKey(1))
     with pytest.raises(NumericalError, match=r"filled its dense output \(dense_steps=2 .*Raise the method's dense_steps"):
         learner.meta_step(state, tasks.sample(learner.iteration_key(state), 2))
+
+
+def test_tight_tolerance_on_a_small_state_just_works():
+    """`Adjoint(rtol=1e-10)` on an 8-parameter least squares: the default dense output is sized from
+    the state (thousands of slots, not 256), and the meta-gradient matches the closed form."""
+    key1, key2 = jax.random.split(jax.random.PRNGKey(4))
+    A = jax.random.normal(key1, (20, 8), jnp.float64)
+    b = jax.random.normal(key2, (20,), jnp.float64)
+    H = A.T @ A / 20
+    u0, T = jnp.linspace(-1.0, 1.0, 8), 3.0
+    loss = lambda u, d: 0.5 * jnp.mean((d[0] @ u - d[1]) ** 2)
+    method = Adjoint(rtol=1e-10, atol=1e-12)
+    assert method.sensitivity.sized_for(u0, method.max_steps).dense_steps == method.max_steps
+    got = jax.jit(jax.grad(lambda u: jnp.sum(gradient_flow(loss, u, (A, b), T, method=method) ** 2)))(u0)
+    star = jnp.linalg.solve(H, A.T @ b / 20)
+    E = jax.scipy.linalg.expm(-H * T)
+    want = 2 * E.T @ (star + E @ (u0 - star))  # u(T) = u* + exp(-HT)(u0 - u*), J = |u(T)|^2
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)

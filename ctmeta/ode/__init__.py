@@ -254,6 +254,8 @@ def solve(
     field = field.closure_convert(t1, y0, args)
     options = SolveOptions(steps=int(steps), rtol=rtol, atol=atol, max_steps=max_steps, solver=solver,
                            throw=bool(throw), error_scale=error_scale)
+    if isinstance(sensitivity, AdaptiveAdjoint):
+        sensitivity = sensitivity.sized_for(y0, max_steps)  # so that a failure names its dense_steps
     y1, status = sensitivity.solve(field, y0, t1, args, options)
     if throw:
         return raise_if_failed(y1, status, max_steps, steps=int(steps), scheme=getattr(sensitivity, "scheme", None),

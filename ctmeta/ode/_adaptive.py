@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import diffrax
@@ -29,6 +30,21 @@ RKC_SAFETY = 1.2
 RKC_POWER_ITERATIONS = 8
 RKC_DAMPING = 2.0 / 13.0
 RKC_REFRESH = 1
+
+#: The default dense output (`dense_steps=None`): as many slots as `DENSE_BUDGET_BYTES` holds for the
+#: state (three states a slot), at least `DENSE_MIN_STEPS`, at most the forward's `max_steps`. A Conv-4
+#: (113k float32 parameters, 1.4 MB a slot) gets the floor, 256 slots (350 MB, as before); a 2x32 MLP
+#: (1.2k parameters) ~1,100 slots in float32 and ~550 in float64; an 8-parameter least squares
+#: `max_steps`. Per task: under `vmap` each task has its own buffer, zero-filled every solve, which
+#: is why the budget is not larger.
+DENSE_BUDGET_BYTES = 16 * 2 ** 20
+DENSE_MIN_STEPS = 256
+
+
+def default_dense_steps(y0, max_steps: int) -> int:
+    """The dense output's slots for state `y0` when `dense_steps` is None (see `DENSE_BUDGET_BYTES`)."""
+    slot = 3 * sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(y0))
+    return int(min(max(DENSE_BUDGET_BYTES // max(slot, 1), DENSE_MIN_STEPS), max(max_steps, 1)))
 
 
 def check_symmetric(field, solver: str):
@@ -123,7 +139,9 @@ class AdaptiveAdjoint(AbstractSensitivity):
 
     - `dense_steps`: the most accepted forward steps the dense output holds
       (memory: $3(\text{dense\_steps} + 1)$ states, allocated whole, since
-      shapes are static). A forward that needs more ends with status
+      shapes are static). `None` (default): sized from the state, 16 MB a
+      task, at least 256 and at most `max_steps` (`default_dense_steps`): a
+      small model with a tight tolerance gets thousands of slots, a Conv-4 256. A forward that needs more ends with status
       [`SolveStatus`][]`.DENSE_OVERFLOW` (raised, or NaN with `throw=False`).
     - `rtol`, `atol`: tolerances of the backward solve, as factors of the
       forward's: the backward uses `rtol * forward rtol` and `atol * forward
@@ -144,7 +162,7 @@ class AdaptiveAdjoint(AbstractSensitivity):
       (`throw=False`), never a wrong gradient.
     """
 
-    dense_steps: int = eqx.field(default=256, static=True)
+    dense_steps: int | None = eqx.field(default=None, static=True)
     rtol: float = eqx.field(default=10.0, static=True)
     atol: float = eqx.field(default=10.0, static=True)
     max_steps: int | None = eqx.field(default=None, static=True)
@@ -154,8 +172,10 @@ class AdaptiveAdjoint(AbstractSensitivity):
         if self.backward_solver is not None and self.backward_solver not in RECORDED_SOLVERS:
             raise InputError(f"AdaptiveAdjoint(backward_solver={self.backward_solver!r}): use "
                              f"{' or '.join(map(repr, RECORDED_SOLVERS))}, or None for the forward's solver.")
-        if not isinstance(self.dense_steps, int) or isinstance(self.dense_steps, bool) or self.dense_steps < 1:
-            raise InputError(f"AdaptiveAdjoint(dense_steps={self.dense_steps!r}): give a positive int.")
+        if self.dense_steps is not None and (not isinstance(self.dense_steps, int) or isinstance(self.dense_steps, bool)
+                                             or self.dense_steps < 1):
+            raise InputError(f"AdaptiveAdjoint(dense_steps={self.dense_steps!r}): give a positive int, or None to "
+                             "size it from the state.")
         for name in ("rtol", "atol"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -169,7 +189,13 @@ class AdaptiveAdjoint(AbstractSensitivity):
                              f"solver={options.solver!r} is not supported.")
         for name in {options.solver, self.backward_solver or options.solver} & {"rkc2"}:
             check_symmetric(field, name)
-        return _adaptive_adjoint_solve((field, y0, t1, args), self, options)
+        return _adaptive_adjoint_solve((field, y0, t1, args), self.sized_for(y0, options.max_steps), options)
+
+    def sized_for(self, y0, max_steps: int) -> "AdaptiveAdjoint":
+        """This rule with `dense_steps` set: as given, or (None) from the state (`default_dense_steps`)."""
+        if self.dense_steps is not None:
+            return self
+        return dataclasses.replace(self, dense_steps=default_dense_steps(y0, max_steps))
 
 
 class DenseOutput(eqx.Module):
