@@ -98,7 +98,7 @@ def check_arguments(model, method, optimizer, loss, *, learn_T, apply, adapt, on
     """Refuse, saying why, the arguments of a `MetaLearner` that do not go together (see its docstring)."""
     if not isinstance(method, AbstractMethod):
         raise InputError(
-            "MetaLearner: method must be Adjoint(), Unrolled(), FirstOrder(), Implicit(), "
+            "MetaLearner: method must be Adjoint(), Unrolled(steps=K), FirstOrder(), Implicit(), "
             f"Reptile() or LinearFlow(); got {method!r}"
         )
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):

@@ -100,7 +100,7 @@ def gradient_flow(
     """
     if not isinstance(method, AbstractMethod) or method.head_only:
         raise InputError(
-            f"gradient_flow: method must be Adjoint(), Unrolled(), FirstOrder(), Implicit() or Reptile(); got {method!r}."
+            f"gradient_flow: method must be Adjoint(), Unrolled(steps=K), FirstOrder(), Implicit() or Reptile(); got {method!r}."
         )
     flow = method.check_flow(check_flow(flow, "gradient_flow"))
     diff, static, T, diff_loss = _prepare("gradient_flow", loss_fn, params, data, T)

@@ -83,7 +83,7 @@ class MetaLearner(TaskAdaptation, MetaSteps, LearnerEvaluation):
 
     - `model`: an equinox module, the initial meta-parameters. Its
       floating-point arrays are learned; everything else is kept as is.
-    - `method`: `Adjoint()`, `Unrolled()`, `FirstOrder()`, `Implicit()`,
+    - `method`: `Adjoint()`, `Unrolled(steps=K)`, `FirstOrder()`, `Implicit()`,
       `Reptile()` (from `ctmeta.methods`), or [`LinearFlow`][] (head only).
     - `optimizer`: an optax `GradientTransformation` for the outer loop.
     - `loss`: `loss(pred, y)` or `loss(pred, y, mask)`, the per-task loss

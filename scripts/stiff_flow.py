@@ -106,16 +106,52 @@ def quadratic(out_path=None):
         pathlib.Path(out_path).write_text(json.dumps(rows, indent=1))
 
 
+def figure(path: str, files: list[str]) -> None:
+    """Error against evaluations (forward gradients + HVPs + backward HVPs), one panel per JSON, one point per
+    rule (mean over its tasks), RKC2 and Dopri5 apart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(files), figsize=(4.2 * len(files), 3.6), squeeze=False)
+    for ax, f in zip(axes[0], files):
+        data = json.loads(pathlib.Path(f).read_text())
+        rows = data if isinstance(data, list) else [
+            {"rule": name, "max_abs_error": None, **{k: float(np.mean([r[k] for r in rs])) for k in
+                                                     ("relative_error", "forward_gradients", "forward_hvps",
+                                                      "backward_hvps")}}
+            for name, rs in data["rules"].items() if name != data["reference"]]
+        for row in rows:
+            name = row.get("rule") or f"{row['solver']}:{row['rtol']:g}"
+            cost = row["forward_gradients"] + row["forward_hvps"] + row["backward_hvps"]
+            err = row["relative_error"] if row.get("max_abs_error") is None else row["max_abs_error"]
+            ax.loglog(cost, err, "o" if "rkc2" in name else "s", color="C1" if "rkc2" in name else "C0")
+            ax.annotate(name, (cost, err), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        title = pathlib.Path(f).stem.replace("stiff-", "")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("evaluations (gradients + HVPs)")
+        ax.set_ylabel("max abs error" if isinstance(data, list) else "relative error of the meta-gradient")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle("RKC2 (circles) against Dopri5 (squares): error against cost", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="a run directory, or 'quadratic' for the closed-form stiff quadratic")
+    p.add_argument("run", nargs="?", default="", help="a run directory, or 'quadratic' for the closed-form stiff quadratic")
     p.add_argument("--checkpoint", type=int, default=None, help="its iteration (0: the initialisation; default: last)")
     p.add_argument("--tasks", type=int, default=2)
     p.add_argument("--rules", nargs="+", default=["preset", "rkc2:1e-5", "rkc2-disp:1e-3"])
     p.add_argument("--reference", default="rk4:100")
     p.add_argument("--check-reference", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--figure", nargs="+", default=None, metavar=("PNG", "JSON"),
+                   help="draw PNG from measured JSON files instead of measuring")
     args = p.parse_args()
+    if args.figure:
+        return figure(args.figure[0], args.figure[1:])
     if args.run == "quadratic":
         return quadratic(args.out)
 

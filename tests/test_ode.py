@@ -288,3 +288,17 @@ def test_table4_adaptive_backward_beats_every_paper_entry(table4):
         errs = table4["adaptive"][T]
         assert errs[-1] < min(ga.PAPER_ADJOINT[T]) / 100, (T, errs)
         assert errs[-1] <= errs[0], (T, errs)
+
+
+def test_eager_failure_is_a_numerical_error(caplog):
+    """`ode.solve` called eagerly (and under `jax.grad` without `jit`) raises `NumericalError` naming the
+    cause, which `except ctmeta.NumericalError` catches, and JAX logs no failed callback."""
+    from ctmeta import NumericalError
+
+    blow_up = lambda t, y, a: y ** 2  # y(t) = 1 / (1 - t): infinite at t = 1
+    with pytest.raises(NumericalError, match=r"exhausted its step budget \(max_steps=50\)"):
+        ode.solve(blow_up, jnp.array([1.0]), 2.0, max_steps=50)
+    with pytest.raises(NumericalError, match=r"exhausted its step budget \(max_steps=50\)"):
+        jax.grad(lambda y: ode.solve(blow_up, y, 2.0, max_steps=50)[0])(jnp.array([1.0]))
+    assert not [r for r in caplog.records if "callback" in r.name]
+    np.testing.assert_allclose(ode.solve(lambda t, y, a: -y, jnp.array([1.0]), 1.0), [np.exp(-1.0)], rtol=1e-5)

@@ -90,6 +90,8 @@ Everything public is imported here: use `ctmeta.ode.X`.
 
 from __future__ import annotations
 
+import dataclasses
+import types
 from typing import Any, Callable, Literal
 
 import jax
@@ -256,8 +258,22 @@ def solve(
                            throw=bool(throw), error_scale=error_scale)
     if isinstance(sensitivity, AdaptiveAdjoint):
         sensitivity = sensitivity.sized_for(y0, max_steps)  # so that a failure names its dense_steps
-    y1, status = sensitivity.solve(field, y0, t1, args, options)
+    settings = dict(max_steps=max_steps, steps=int(steps), scheme=getattr(sensitivity, "scheme", None),
+                    dense_steps=getattr(sensitivity, "dense_steps", None))
     if throw:
-        return raise_if_failed(y1, status, max_steps, steps=int(steps), scheme=getattr(sensitivity, "scheme", None),
-                               dense_steps=getattr(sensitivity, "dense_steps", None))
+        from .._eager import is_traced, raise_if_failed_now, solve_errors_as_numerical
+
+        if not is_traced(y0, t1, args, field):  # eager, nothing differentiated: check the status on the host
+            with solve_errors_as_numerical("ctmeta.ode.solve"):
+                y1, status = jax.block_until_ready(
+                    sensitivity.solve(field, y0, t1, args, dataclasses.replace(options, throw=False)))
+            raise_if_failed_now(status, "ctmeta.ode.solve", types.SimpleNamespace(**settings))
+            return y1
+        with solve_errors_as_numerical("ctmeta.ode.solve"):  # eager under jax.grad: NumericalError, not a callback's
+            y1, status = sensitivity.solve(field, y0, t1, args, options)
+            y1 = raise_if_failed(y1, status, settings.pop("max_steps"), **settings)
+            if not is_traced(y1):
+                jax.block_until_ready(y1)
+        return y1
+    y1, status = sensitivity.solve(field, y0, t1, args, options)
     return nan_if_forward_failed(y1, status), status
