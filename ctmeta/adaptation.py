@@ -109,6 +109,9 @@ def gradient_flow(
     if throw and not is_traced(diff, data, T, extra):  # eager: check the status here, no failing callback
         with solve_errors_as_numerical("gradient_flow"):  # a rule of the user's that throws itself
             adapted, status = jax.block_until_ready(method.adapt_with_status(diff_loss, diff, data, T, **extra))
+            if is_traced(status):  # the loss closes over a traced array (jax.grad of its constant, no jit)
+                adapted = ode.raise_if_failed(adapted, status, getattr(method, "max_steps", None), "gradient_flow")
+                return eqx.combine(adapted, static)
         raise_if_failed_now(status, "gradient_flow", method)
         return eqx.combine(adapted, static)
     if throw:
@@ -202,6 +205,9 @@ def loss_along_flow(
         with solve_errors_as_numerical("loss_along_flow"):
             out = jax.block_until_ready(loss_along_flow(loss_fn, params, data, T, ts, flow=flow, query_data=query_data,
                                                         query_loss_fn=query_loss_fn, method=method, throw=False))
+            if is_traced(out.status):  # the loss closes over a traced array: the status is checked in-graph
+                return out._replace(support=ode.raise_if_failed(out.support, out.status, method.max_steps,
+                                                                "loss_along_flow"))
         raise_if_failed_now(out.status, "loss_along_flow", method)
         return out
     flow = check_flow(flow, "loss_along_flow")
