@@ -77,7 +77,10 @@ def solve_errors_as_numerical(where: str):
     try:
         with quiet_callback_errors():
             yield
-    except NumericalError:
+    except NumericalError as err:  # from an entry point inside this one (ctmeta.ode.solve): named after this one
+        inner = "ctmeta.ode.solve: "
+        if where != inner[:-2] and str(err).startswith(inner):
+            raise NumericalError(f"{where}: {str(err)[len(inner):]}") from err
         raise
     except (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError, RuntimeError) as err:
         message = _check_message(str(err))

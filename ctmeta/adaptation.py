@@ -220,7 +220,7 @@ def loss_along_flow(
     options = ode.SolveOptions(steps=1, rtol=method.rtol, atol=method.atol, max_steps=method.max_steps,
                                solver="dopri5", throw=throw)
     y_start = flow.init_state(diff)
-    dense_steps = method.sensitivity.sized_for(y_start, method.max_steps).dense_steps
+    dense_steps = ode.AdaptiveAdjoint(method.dense_steps).sized_for(y_start, method.max_steps).dense_steps
     y_end, dense, status, _ = dense_forward(field, y_start, T, data, options, dense_steps,
                                             midpoints=True)
     states = jax.vmap(dense.evaluate)(jnp.clip(ts, 0, T))

@@ -147,7 +147,8 @@ def test_rules_are_the_presets_rules():
     assert bench.problems.rule("amaml", 20) == Adjoint(20)
     assert bench.problems.rule("amaml-ckpt", 100) == Adjoint(100, checkpoints=10)
     assert bench.problems.rule("amaml-adaptive", 20, 64) == Adjoint(dense_steps=64)
-    assert bench.problems.rule("amaml-adaptive", 20) == Adjoint()
+    assert bench.problems.rule("amaml-adaptive", 20) == Adjoint(dense_steps=256)  # as the committed sweeps measured
+    assert bench.problems.rule("amaml-rkc2", 20, 64) == Adjoint(dense_steps=64, solver="rkc2")
     assert {m: bench.FLOW_CASES[m][0] for m in bench.FLOW_CASES} == {
         "amaml-preconditioned": "amaml-adaptive", "amaml-heavy-ball": "amaml-adaptive", "maml-preconditioned": "maml"}
     with pytest.raises(InputError):
