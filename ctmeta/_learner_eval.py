@@ -119,7 +119,7 @@ class LearnerEvaluation:
         up to its horizon: what it is meta-trained for, not `evaluate`'s GD.
 
         For COMLN ([`LinearFlow`][]) the head adapts by its flow
-        ([`linear_flow`][], Dopri5) to the learned `T` (each task's own
+        ([`linear_flow`][ctmeta.linear_flow.linear_flow], Dopri5) to the learned `T` (each task's own
         with `learn_T="per-task"`); for the other rules, by `gradient_flow`
         with the learner's method and flow. Returns `(per_task, status)`,
         each `(tasks,)`: NaN, and the `ctmeta.ode.SolveStatus` code, for a
