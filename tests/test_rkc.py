@@ -186,3 +186,16 @@ def test_bad_arguments_refused_in_one_line():
         ode.AdaptiveAdjoint(backward_solver="euler")
     with pytest.raises(InputError, match="symmetric Jacobian"):
         ode.solve(lambda t, y, a: -y, U0, 1.0, sensitivity=ode.AdaptiveAdjoint(), solver="rkc2")
+
+
+def test_rkc2_backward_after_a_dopri5_forward_estimates_its_own_stiffness():
+    """`backward_solver="rkc2"` after Dopri5 (no recorded spectral radius): power iteration on the adjoint."""
+    method = ctmeta.Adjoint(rtol=1e-8, atol=1e-10, backward_solver="rkc2", adjoint_rtol=1.0, adjoint_atol=1.0,
+                            dense_steps=8192)
+    lam = LAM[:8] / 10  # T lambda_max = 1e3
+    C8 = C[:8]
+    objective = lambda u, f: 0.5 * jnp.sum((f(u) - C8) ** 2)
+    got = jax.jit(jax.grad(lambda u: objective(u, lambda v: ctmeta.gradient_flow(quadratic, v, (lam, B[:8]), 1.0,
+                                                                                 method=method))))(U0[:8])
+    want = jax.grad(lambda u: objective(u, lambda v: closed_form(v, (lam, B[:8]), 1.0)))(U0[:8])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

@@ -13,7 +13,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 
 from .._errors import InputError
-from ._fields import cotangent_like, literals_as_arrays, zeros_for
+from ._fields import cotangent_like, flat_jtv, literals_as_arrays, zeros_for
 from ._rkc import power_iteration, rkc2_solve
 from ._solvers import AbstractSensitivity, SolveOptions, effective_rtol
 from ._status import SolveStatus, all_finite, nan_if_failed, raise_if_failed, solve_status
@@ -57,26 +57,16 @@ def check_symmetric(field, solver: str):
             "HeavyBall's flow). Use solver='dopri5'.")
 
 
-def _flat_matvec(field, t, y, args):
-    """`v -> (df/dy)^T v` on flat vectors (= df/dy v for a symmetric Jacobian), in at least float32."""
-    flat, unravel = jax.flatten_util.ravel_pytree(y)
-    dtype = jnp.promote_types(flat.dtype, jnp.float32)
+def _power_rho_fn(field, args, point=lambda t, y: (t, y)):
+    """RKC2's spectral radius for `field`: warm-started power iteration on Jacobian-vector products at
+    `point(t, y)`, the field's time and state (the solved ones; the backward's: the forward's, read from
+    its dense output)."""
 
-    def matvec(v):
-        jtv = field.vjp(t, y, args, unravel(v.astype(flat.dtype)), (False, False))[0]
-        return jax.flatten_util.ravel_pytree(cotangent_like(jtv, y))[0].astype(dtype)
-
-    return matvec, flat.shape, dtype
-
-
-def _power_rho_fn(field, args):
-    """RKC2's spectral radius for `field`: warm-started power iteration on Jacobian-vector products."""
-
-    def rho_fn(t, y, h, state, iterations):
-        v, _ = state
+    def rho_fn(t, y, h, rho_state, iterations):
+        v, _ = rho_state
         if isinstance(iterations, int) and iterations < 0:
             iterations = RKC_POWER_ITERATIONS
-        matvec, _, _ = _flat_matvec(field, t, y, args)
+        matvec, _, _ = flat_jtv(field, *point(t, y), args)
         rho, v = power_iteration(matvec, v, iterations)
         rho = RKC_SAFETY * rho
         return rho, (v, rho), iterations
@@ -376,14 +366,7 @@ def _rkc_backward(field, dense, t1, args, rhs, state0, rtol, atol, max_steps):
 
         rho_state = ()
     else:  # a Dopri5 forward recorded no spectral radius: estimate it on the adjoint's own Jacobian
-        def rho_fn(s, state, h, rho_state, iterations):
-            v, _ = rho_state
-            if isinstance(iterations, int) and iterations < 0:
-                iterations = RKC_POWER_ITERATIONS
-            matvec, _, _ = _flat_matvec(field, t1 - s, dense.evaluate(t1 - s), args)
-            rho, v = power_iteration(matvec, v, iterations)
-            return RKC_SAFETY * rho, (v, rho), iterations
-
+        rho_fn = _power_rho_fn(field, args, lambda s, state: (t1 - s, dense.evaluate(t1 - s)))
         rho_state = _power_state(state0[0])
     (a0, params), _, status, stats, _ = rkc2_solve(
         lambda s, state: rhs(s, state, None), state0, t1, rtol=rtol, atol=atol, max_steps=max_steps,

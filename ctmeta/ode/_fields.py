@@ -7,6 +7,7 @@ from typing import Any, Callable, ClassVar
 
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 
 PyTree = Any
@@ -118,3 +119,20 @@ def cotangent_like(cot, tree):
         eqx.filter(tree, eqx.is_inexact_array),
         is_leaf=lambda c: c is None,
     )
+
+
+def flat_jtv(field, t, y, args):
+    """`(v -> (df/dy)^T v, flat size, dtype)` on flat vectors of `y`'s size, in at least float32.
+
+    One `field.vjp` a product (a Hessian-vector product for a gradient flow); for
+    a symmetric Jacobian it is `df/dy v`. Used by the curvature check (Lanczos)
+    and by RKC2's spectral estimate (power iteration).
+    """
+    flat, unravel = jax.flatten_util.ravel_pytree(y)
+    dtype = jnp.promote_types(flat.dtype, jnp.float32)  # half-precision states: the process in float32
+
+    def matvec(v):
+        jtv = field.vjp(t, y, args, unravel(v.astype(flat.dtype)), (False, False))[0]
+        return jax.flatten_util.ravel_pytree(cotangent_like(jtv, y))[0].astype(dtype)
+
+    return matvec, flat.shape, dtype

@@ -11,7 +11,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 
 from .._errors import InputError
-from ._fields import AbstractVectorField, VectorField, cotangent_like, literals_as_arrays, tree_axpy, zeros_for
+from ._fields import AbstractVectorField, VectorField, cotangent_like, flat_jtv, literals_as_arrays, tree_axpy, zeros_for
 from ._solvers import AbstractSensitivity, forward, last
 from ._stability import LANCZOS_STEPS, STABILITY_LIMIT, STABILITY_MARGIN
 from ._status import SolveStatus, nan_if_failed, raise_if_failed
@@ -142,14 +142,10 @@ def max_curvature(field: Callable | AbstractVectorField, t, y, args, iterations:
     positive $\lambda_{\max}$.
     """
     field = field if isinstance(field, AbstractVectorField) else VectorField(field)
-    flat, unravel = jax.flatten_util.ravel_pytree(y)
-    dtype = jnp.promote_types(flat.dtype, jnp.float32)  # half-precision states: the process in float32
+    jtv, shape, dtype = flat_jtv(field, t, y, args)
+    matvec = lambda v: -jtv(v)  # M = -df/dy
 
-    def matvec(v):
-        jtv = field.vjp(t, y, args, unravel(v.astype(flat.dtype)), (False, False))[0]
-        return -jax.flatten_util.ravel_pytree(cotangent_like(jtv, y))[0].astype(dtype)
-
-    q0 = jax.random.normal(jax.random.PRNGKey(0), flat.shape, dtype)
+    q0 = jax.random.normal(jax.random.PRNGKey(0), shape, dtype)
     q0 = q0 / jnp.linalg.norm(q0)
     tol = jnp.sqrt(jnp.finfo(dtype).eps)
 
