@@ -509,6 +509,8 @@ def check_config(config, where: str = "the configuration", error: type[Exception
     need(config, "seed", ((lambda x: _is_int(x) and 0 <= x <= 2**32 - 1), "an integer in 0..4294967295"))
     optional(config, "inner_lr", _POSITIVE)
     optional(config, "on_nonfinite", _one_of(("error", "skip-task")))
+    optional(config, "keep_checkpoints", ((lambda x: isinstance(x, list) and all(_is_int(i) and i >= 1 for i in x)),
+                                          "a list of positive meta-iterations"))
     optional(config, "backbone", _nullable(_one_of(tuple(BACKBONES))))
     optional(config, "dtype", _one_of(("float32", "float64")))
     opt = need(config, "optimizer", ((lambda x: isinstance(x, dict)), f"an object with a \"name\" ({', '.join(OPTIMIZERS)})"))

@@ -49,7 +49,7 @@ def test_help_lists_commands_and_flags(capsys):
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
     for flag in ("--benchmark", "--method", "--T", "--steps", "--meta-iterations", "--meta-batch", "--ways",
-                 "--shots", "--data-dir", "--seed", "--out", "--checkpoint-every", "--resume", "--quiet",
+                 "--shots", "--data-dir", "--seed", "--out", "--checkpoint-every", "--keep-checkpoints", "--resume", "--quiet",
                  "--debug", "cosmixture", "miniimagenet", "amaml", "comln", "--optimizer", "--meta-lr",
                  "--lr-schedule", "--backbone", "resnet12", "conv4-smooth", "--solver", "rk4", "Nesterov", "--init-from"):
         assert flag in out, flag
@@ -71,6 +71,8 @@ def test_help_lists_commands_and_flags(capsys):
         (["train", "--meta-batch", "101"], "--meta-batch"),
         (["train", "--meta-iterations", "-3"], "--meta-iterations"),
         (["train", "--checkpoint-every", "0"], "--checkpoint-every"),
+        (["train", "--keep-checkpoints", "0,150"], "--keep-checkpoints"),
+        (["train", "--keep-checkpoints", "last"], "--keep-checkpoints"),
         (["train", "--ways", "5"], "--ways"),
         (["train", "--method", "comln"], "comln"),
         (["train", "--meta-lr", "0"], "--meta-lr"),
@@ -164,9 +166,11 @@ def test_resume_ends_exactly_as_an_uninterrupted_run(finished_run, tmp_path, cap
         capsys.readouterr()
         assert main(["train", "--resume", str(out), *flags, "--quiet"]) == 2
         assert f"{flags[0]} {flags[1]} differs from the resumed run's" in capsys.readouterr().err
+    # --keep-checkpoints may change on resume: iteration 3 is saved and outlives the pruning.
     assert main(["train", "--resume", str(out), "--optimizer", "adam", "--meta-lr", "1e-3", "--lr-schedule", "none",
-                 "--meta-iterations", "4", "--quiet"]) == 0
+                 "--meta-iterations", "4", "--keep-checkpoints", "3", "--quiet"]) == 0
     capsys.readouterr()
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.eqx")) == ["ckpt-3.eqx", "ckpt-4.eqx"]
     full, split = _rows(finished_run), _rows(out)
     assert len(full) == len(split) == 4
     for a, b in zip(full, split):
@@ -178,6 +182,7 @@ def test_resume_ends_exactly_as_an_uninterrupted_run(finished_run, tmp_path, cap
     assert ra["learned"] == rb["learned"] and ra["random"] == rb["random"]
     config = json.loads((out / "config.json").read_text())
     assert config["meta_iterations"] == 4 and config["resumes"][0]["from_iteration"] == 2
+    assert config["keep_checkpoints"] == [3]
 
 
 def _cut_metrics(run, keep: int, torn: str | None = None):

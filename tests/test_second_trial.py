@@ -112,7 +112,7 @@ def _words(text: str) -> str:
 def test_what_a_resume_may_change_is_one_list_in_the_check_the_help_and_the_docs(tmp_path, capsys):
     from ctmeta.cli._checks import RESUME_MAY_CHANGE, resume_may_change
 
-    assert resume_may_change() == "--meta-iterations, --checkpoint-every and --on-nonfinite"
+    assert resume_may_change() == "--meta-iterations, --checkpoint-every, --keep-checkpoints and --on-nonfinite"
     run = RunDir.create(tmp_path / "run", presets.resolve_config("cosmixture", "fomaml", steps=3, meta_iterations=4))
     for flag, value in (("--T", "3"), ("--seed", "5"), ("--flow", "heavy-ball"), ("--meta-lr", "0.5")):
         assert main(["train", "--resume", str(run.path), flag, value, "--quiet"]) == 2
@@ -121,7 +121,7 @@ def test_what_a_resume_may_change_is_one_list_in_the_check_the_help_and_the_docs
         assert f"(only {resume_may_change()} may change;" in err[0], err
     # The flags of the list pass the check: what stops this run is that it has no checkpoint yet.
     argv = ["train", "--resume", str(run.path), "--meta-iterations", "6", "--checkpoint-every", "3",
-            "--on-nonfinite", "skip-task", "--quiet"]
+            "--keep-checkpoints", "3", "--on-nonfinite", "skip-task", "--quiet"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "checkpoint" in err[0] and "differs" not in err[0], err
@@ -129,7 +129,7 @@ def test_what_a_resume_may_change_is_one_list_in_the_check_the_help_and_the_docs
     assert f"only {resume_may_change()} may change" in _words(capsys.readouterr().out)
     docs = _words((ROOT / "docs" / "reliability.md").read_text())
     assert f"Only {resume_may_change('`')} may change on resume" in docs
-    assert len(re.findall(r"may change on resume", docs)) == 1 and len(RESUME_MAY_CHANGE) == 3
+    assert len(re.findall(r"may change on resume", docs)) == 1 and len(RESUME_MAY_CHANGE) == 4
 
 
 # ---------------------------------------------------------------- item 9: numbers and paths as the user gave them

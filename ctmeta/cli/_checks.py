@@ -14,11 +14,11 @@ __all__ = ["CONFIG_EXTRA_KEYS", "LIMITS", "PATH_FLAGS", "RESUME_MAY_CHANGE", "ch
 #: that the check, its message, `--help` and docs/reliability.md give. Besides
 #: them, `--data-dir` says where the data are now, and `--devices`, `--quiet`,
 #: `--debug` and `--log-y` change nothing the run computes.
-RESUME_MAY_CHANGE = ("--meta-iterations", "--checkpoint-every", "--on-nonfinite")
+RESUME_MAY_CHANGE = ("--meta-iterations", "--checkpoint-every", "--keep-checkpoints", "--on-nonfinite")
 
 
 def resume_may_change(quote: str = "") -> str:
-    """`RESUME_MAY_CHANGE` in words: "--meta-iterations, --checkpoint-every and --on-nonfinite"
+    """`RESUME_MAY_CHANGE` in words: "--meta-iterations, --checkpoint-every, ... and --on-nonfinite"
     (each between `quote`s: "`" for markdown)."""
     flags = [f"{quote}{f}{quote}" for f in RESUME_MAY_CHANGE]
     return ", ".join(flags[:-1]) + " and " + flags[-1]
@@ -90,7 +90,7 @@ def check_paths(args) -> None:
 
 #: The keys ctmeta writes into config.json (besides those of presets.resolve_config).
 CONFIG_EXTRA_KEYS = {"on_nonfinite", "dtype", "task_family", "versions", "created", "argv", "devices", "processes",
-                      "resumes", "data_options", "reproduce", "init_from"}
+                      "resumes", "data_options", "reproduce", "init_from", "keep_checkpoints"}
 
 
 def check_config_origin(config: dict, warn) -> None:

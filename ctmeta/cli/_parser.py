@@ -23,6 +23,14 @@ discrete baselines (MAML, FOMAML, Reptile, iMAML, ANIL), in JAX.
   ctmeta bench --quick               memory and time of the meta-gradients against inner steps
 """
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help lines wrapped between words only: a flag such as `--on-nonfinite`
+    is never split at its hyphens (argparse's default would)."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def _by_value(value_of) -> str:
     """"2 on cosmixture, alpine; 0.5 on movielens, ...": the presets grouped by a default."""
     groups: dict = {}
@@ -124,7 +132,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
-        prog="ctmeta", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="ctmeta", description=_DESCRIPTION, formatter_class=_Formatter
     )
     from .. import __version__
 
@@ -139,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "after 0..K adaptation steps, for the learned and for a random initialisation.\n"
         + textwrap.fill(_default_run() + " " + _DEFAULT_RUN_TIME, 78, break_on_hyphens=False),
         epilog=_TRAIN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     t.add_argument("--benchmark", choices=list(BENCHMARKS), default=None,
                    help="task family (default: cosmixture)")
@@ -192,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory (default: runs/<benchmark>-<method>-<timestamp>)")
     t.add_argument("--checkpoint-every", type=int, default=None, metavar="INT",
                    help="save a checkpoint every INT meta-iterations (default: meta-iterations/5)")
+    t.add_argument("--keep-checkpoints", default=None, metavar="I,J,...",
+                   help="also save the checkpoints of these meta-iterations and keep them (a run keeps only its "
+                   "last 2 otherwise), e.g. 150,500,1000 to evaluate the run at each (ctmeta evaluate --checkpoint)")
     t.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run in DIR from its last checkpoint with its saved configuration "
                    f"(only {resume_may_change()} may change; --data-dir says where the data are now)")
@@ -239,7 +250,7 @@ be written while the run trains. RUN_DIR/evaluations/index.md lists them all,
 one line each. An adaptation that diverges (a non-finite error on some task,
 e.g. --lr too large) is said in one line, exits 1 and writes nothing.""",
         epilog=_EVALUATE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     e.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by ctmeta train")
     e.add_argument("--checkpoint", default=None, metavar="ITER|FILE",

@@ -19,7 +19,21 @@ def resolve_train(args) -> dict:
     check_limits(args)
     config = resolve_train_config(args)
     config["on_nonfinite"] = args.on_nonfinite or "error"
+    if args.keep_checkpoints is not None:
+        config["keep_checkpoints"] = _iterations("--keep-checkpoints", args.keep_checkpoints)
     return config
+
+
+def _iterations(flag: str, text: str) -> list[int]:
+    """`150,500,1000` -> `[150, 500, 1000]`: positive meta-iterations, sorted."""
+    try:
+        its = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        its = []
+    if not its or its[0] < 1:
+        raise InputError(f"{flag} expects positive meta-iterations separated by commas (e.g. 150,500,1000), "
+                         f"got {text!r}")
+    return its
 
 
 def resolve_train_config(args) -> dict:
@@ -98,6 +112,9 @@ def check_resume_flags(args, config: dict) -> dict:
         if args.checkpoint_every < 1:
             raise InputError(f"--checkpoint-every must be a positive integer, got {args.checkpoint_every}")
         config["checkpoint_every"] = args.checkpoint_every
+    if args.keep_checkpoints is not None:
+        more = _iterations("--keep-checkpoints", args.keep_checkpoints)
+        config["keep_checkpoints"] = sorted(set(config.get("keep_checkpoints") or ()) | set(more))
     if args.data_dir is not None:
         config["data_dir"] = existing_data_dir(args.data_dir, config.get("benchmark"))
     return config

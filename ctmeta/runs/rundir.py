@@ -364,13 +364,19 @@ class RunDir:
                 found.append((int(m.group(1)), p))
         return sorted(found)
 
-    def save_checkpoint(self, state, metadata: dict) -> pathlib.Path:
+    def save_checkpoint(self, state, metadata: dict, keep=()) -> pathlib.Path:
+        """Save `state` as `ckpt-<iteration>.eqx` and prune the older ones: the
+        newest `KEEP_CHECKPOINTS` stay, and so do the iterations in `keep`
+        (those a run evaluates later, e.g. 150, 500 and 1000)."""
         from ..checkpoint import save_state, sidecar_path
 
         it = int(state.iteration)
         path = self.checkpoint_dir / f"ckpt-{it}.eqx"
         save_state(path, state, metadata)
+        keep = {int(k) for k in keep}
         for old_it, old in self.checkpoints()[:-KEEP_CHECKPOINTS]:
+            if old_it in keep:
+                continue
             for p in (old, sidecar_path(old)):
                 try:
                     p.unlink()

@@ -185,8 +185,8 @@ def _checkpoint_config(cfg: dict) -> dict:
 def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter: Reporter | None = None):
     """Meta-train from `state` (default: a fresh one) up to the configured
     number of meta-iterations, writing one metrics row per iteration and a
-    checkpoint every `checkpoint_every` iterations and at the end. Returns
-    the final state.
+    checkpoint every `checkpoint_every` iterations, at each iteration of
+    `keep_checkpoints` (kept for good) and at the end. Returns the final state.
 
     SIGINT and SIGTERM save a checkpoint of the last completed iteration and
     raise [`Interrupted`][]; a `NumericalError` (a non-finite meta-gradient,
@@ -205,6 +205,7 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
     learner, family = exp.learner, exp.family
     total = int(cfg["meta_iterations"])
     every = int(cfg["checkpoint_every"])
+    keep = frozenset(int(k) for k in cfg.get("keep_checkpoints") or ())
     meta_batch = int(cfg["meta_batch"])
     policy = cfg.get("on_nonfinite") or "error"
     if policy not in NONFINITE_POLICIES:
@@ -250,7 +251,7 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
     try:
         if writes and start == 0 and not run.checkpoints():
             with signals.critical():  # so that `--resume` works however early the run stops
-                run.save_checkpoint(state, metadata(seconds_offset))
+                run.save_checkpoint(state, metadata(seconds_offset), keep)
         with reporter.progress("meta-training", total, start) as bar:
             for it in range(start, total):
                 key = learner.iteration_key(state, it)
@@ -265,8 +266,8 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
                     state = new_state
                     f.write(line + "\n")
                     f.flush()
-                    if writes and (done % every == 0 or done == total):
-                        run.save_checkpoint(state, metadata(elapsed))
+                    if writes and (done % every == 0 or done == total or done in keep):
+                        run.save_checkpoint(state, metadata(elapsed), keep)
                         last_saved = done
                 skipped_total += skipped
                 if skipped:
@@ -307,7 +308,7 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
         f.flush()
         if writes and int(state.iteration) > last_saved:
             with signals.critical():
-                run.save_checkpoint(state, metadata(seconds_offset + (time.perf_counter() - t0)))
+                run.save_checkpoint(state, metadata(seconds_offset + (time.perf_counter() - t0)), keep)
         raise
     finally:
         f.close()

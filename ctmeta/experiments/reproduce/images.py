@@ -74,6 +74,9 @@ def _eval_step_for(r: RunResult, default: int) -> int:
 
 
 _TABLE3_META_BATCH = 4  # the Omniglot preset's
+# The meta-iterations at which --scale cpu evaluates A-MAML and MAML side by side
+# (from one run each: reruns are not bitwise reproducible on this CPU).
+_TABLE3_EVALUATED = (150, 500, 1000)
 
 
 def amaml_table3(ctx: Context) -> None:
@@ -133,7 +136,8 @@ def amaml_table3(ctx: Context) -> None:
                 scale, (0, 5, 10, 50))
             r = runner.run_method(ctx, f"{b}/{m}" + (f"-T{T}" if T else ""), b, m, T=T, **budget,
                            eval_steps=steps_eval, eval_every=10 if scale != "test" else 5,
-                           optimizer=comln_opt if m == "comln" else None)
+                           optimizer=comln_opt if m == "comln" else None,
+                           keep_checkpoints=_TABLE3_EVALUATED if scale == "cpu" else ())
             all_runs.append(r)
             default = {"amaml": int(round((T or 0.5) / 0.01)), "maml": 5}.get(m, 10)
             rows[name] = (name, r, _eval_step_for(r, default) if m == "comln" else min(default, max(steps_eval)))

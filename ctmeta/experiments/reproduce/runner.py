@@ -78,6 +78,7 @@ def run_method(
     method_options: dict | None = None,
     seed: int = 0,
     flow: str | None = None,
+    keep_checkpoints: tuple[int, ...] = (),
 ) -> RunResult:
     """Meta-train and evaluate one configuration in `OUT/<experiment>/<label>/`.
 
@@ -86,7 +87,8 @@ def run_method(
     presets' defaults (each paper's protocol for the method); `flow` the inner
     flow (`ctmeta train --flow`). `method_options`
     overrides entries of the configuration's `method_options` (e.g. A-MAML's
-    `atol`)."""
+    `atol`); `keep_checkpoints` the meta-iterations whose checkpoints the run
+    keeps (`ctmeta train --keep-checkpoints`), to be evaluated later."""
     from ... import presets
     from ...runs import RunDir, evaluate_run, train
 
@@ -143,6 +145,9 @@ def run_method(
     if method_options:
         config["method_options"] = {**config.get("method_options", {}), **method_options}
     config["reproduce"] = {"experiment": ctx.name, "scale": ctx.scale, "label": label}
+    keep = sorted(int(k) for k in keep_checkpoints if int(k) < int(config["meta_iterations"]))
+    if keep:
+        config["keep_checkpoints"] = keep
     # Long runs checkpoint often: a stopped reproduction continues from the last one.
     config["checkpoint_every"] = min(int(config["checkpoint_every"]), 250)
     from ...runs import Reporter, resume_point
