@@ -182,6 +182,24 @@ def test_max_curvature_bounds_the_top_eigenvalue_of_a_spread_spectrum():
     assert 0.99 * 60.0 < est <= 60.0 * (1 + 1e-12)
 
 
+
+def test_curvature_range_finds_both_ends_of_an_indefinite_hessian_against_eigh():
+    """The saddle that meta-training makes (docs/bench.md, "Stiff flows"): a Hessian with
+    eigenvalues from -67 to 99 and a bulk near 0 (30 dimensions). 30 Lanczos steps give both
+    ends as numpy's eigh does, and fewer steps never leave the range."""
+    rng = np.random.default_rng(2)
+    Q = np.linalg.qr(rng.normal(size=(30, 30)))[0]
+    eigs = np.concatenate([[-67.0, -20.0], rng.uniform(-1.0, 5.0, 26), [40.0, 99.0]])
+    A = Q @ np.diag(eigs) @ Q.T
+    want = np.linalg.eigh(A)[0]
+    field, u = GradientField(loss), jnp.asarray(rng.normal(size=30))
+    lo, hi = ode.curvature_range(field, 0.0, u, jnp.asarray(A), iterations=30)
+    np.testing.assert_allclose([float(lo), float(hi)], [want[0], want[-1]], rtol=1e-9)
+    lo, hi = ode.curvature_range(field, 0.0, u, jnp.asarray(A), iterations=12)
+    assert want[0] * (1 + 1e-12) <= float(lo) <= 0.95 * want[0]
+    assert 0.95 * want[-1] <= float(hi) <= want[-1] * (1 + 1e-12)
+    assert float(ode.max_curvature(field, 0.0, u, jnp.asarray(A), iterations=12)) == float(hi)
+
 # ------------------------------------------------------------- (c) the check turned off
 
 

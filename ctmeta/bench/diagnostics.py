@@ -185,25 +185,48 @@ def comln_solver_steps(problem: Problem, steps: int) -> dict:
                 rejected_steps=int(r), euler_steps=steps, dopri5_evals=6 * int(n) + 1)
 
 
-def amaml_solver_steps(problem: Problem, steps: int, rtol=1e-6, atol=1e-8) -> dict:
-    """Dopri5's step count in A-MAML's forward solve to `T = steps * h` (largest over the meta-batch)."""
+def amaml_solver_steps(problem: Problem, steps: int, rtol=1e-6, atol=1e-8, lanczos: int = 20) -> dict:
+    r"""The `stiff` diagnostic: what A-MAML's forward solve to `T = steps * h` faces and what it costs.
+
+    Largest over the meta-batch: Dopri5's steps (`dopri5_steps`, `rejected_steps`) and RKC2's at the
+    same tolerances (`rkc2_steps`, `rkc2_max_stages`, `rkc2_evals` gradients + `rkc2_hvps` of its
+    spectral estimate); the curvature range of the support loss (`ctmeta.ode.curvature_range`,
+    `lanczos` HVPs each) at $u_0$, $u(T/2)$ and $u(T)$: `lambda_max` (the largest, what makes the
+    flow stiff) and `lambda_min` (the smallest: below 0 the flow is unstable there, modes grow
+    like $e^{|\lambda_{\min}| t}$ and every solver must resolve them, whatever its stability);
+    and `dopri5_h_lambda`, $\lambda_{\max}$ times Dopri5's mean step (stability-bound near 3.3).
+    """
     import diffrax
+
+    from ..ode._adaptive import rkc_forward
 
     T = steps * H
     field = GradientField(problem.whole_loss)
+    options = ode.SolveOptions(steps=1, rtol=rtol, atol=atol, max_steps=16384, solver="rkc2")
 
     @jax.jit
     def count(params, batch):
         def one(task):
-            sol = _dopri5(field, params, task, T, diffrax.SaveAt(t1=True), rtol, atol)
-            return sol.stats["num_steps"], sol.stats["num_rejected_steps"]
+            sol = _dopri5(field, params, task, T, diffrax.SaveAt(ts=jnp.asarray([0.0, T / 2, T])), rtol, atol)
+            ranges = [ode.curvature_range(field, 0.0, jax.tree.map(lambda x, k=k: x[k], sol.ys), (task[0], task[1]),
+                                          lanczos) for k in range(3)]
+            _, _, _, rkc = rkc_forward(field, params, jnp.asarray(T), (task[0], task[1]), options, None)
+            return (sol.stats["num_steps"], sol.stats["num_rejected_steps"], jnp.stack([r[0] for r in ranges]),
+                    jnp.stack([r[1] for r in ranges]), rkc)
 
         return jax.vmap(one)(batch)
 
-    n, r = count(problem.params, problem.batch)
+    n, r, lo, hi, rkc = count(problem.params, problem.batch)
     n = int(np.max(n))
-    return dict(benchmark=problem.name, method="amaml", steps=steps, T=T, meta_batch=problem.meta_batch,
-                dopri5_steps=n, rejected_steps=int(np.max(r)), dopri5_evals=6 * n + 1, grad_evals_per_h=(6 * n + 1) / steps)
+    lam_max, lam_min = np.max(np.asarray(hi), axis=0), np.min(np.asarray(lo), axis=0)
+    return dict(benchmark=problem.name, method="amaml", diagnostic="stiff", steps=steps, T=T,
+                meta_batch=problem.meta_batch, dopri5_steps=n, rejected_steps=int(np.max(r)), dopri5_evals=6 * n + 1,
+                grad_evals_per_h=(6 * n + 1) / steps, rkc2_steps=int(np.max(rkc.steps)),
+                rkc2_max_stages=int(np.max(rkc.max_stages)), rkc2_evals=int(np.max(rkc.evaluations)),
+                rkc2_hvps=int(np.max(rkc.matvecs)),
+                **{f"lambda_{end}_{at}": float(v[i]) for end, v in (("max", lam_max), ("min", lam_min))
+                   for i, at in enumerate(("u0", "mid", "uT"))},
+                dopri5_h_lambda=float(np.max(lam_max)) * T / max(n, 1))
 
 
 def _head_inputs(problem: Problem):

@@ -218,8 +218,15 @@ def limit_notes(diag_rows) -> list[str]:
                 f"(stored forward + sweep) / forward = "
                 f"{(d['fwd_stored_seconds'] + d['sweep_seconds']) / d['fwd_t1_seconds']:.1f}.")
         elif d.get("method") == "amaml" and d.get("grad_evals_per_h") is not None:
-            notes.append(f"A-MAML, {d['benchmark']} K={d['steps']} (T={d['T']:g}): Dopri5 {d['dopri5_steps']} steps "
-                         f"= {d['grad_evals_per_h']:.2f} gradient evaluations per h = 0.01 (backward: 2 HVPs per h).")
+            note = (f"A-MAML, {d['benchmark']} K={d['steps']} (T={d['T']:g}): Dopri5 {d['dopri5_steps']} steps "
+                    f"= {d['grad_evals_per_h']:.2f} gradient evaluations per h = 0.01 (backward: 2 HVPs per h).")
+            if d.get("diagnostic") == "stiff":
+                note += (f" Stiff: lambda_max {d['lambda_max_u0']:.3g} / {d['lambda_max_mid']:.3g} / "
+                         f"{d['lambda_max_uT']:.3g} and lambda_min {d['lambda_min_u0']:.3g} / {d['lambda_min_mid']:.3g} / "
+                         f"{d['lambda_min_uT']:.3g} at u0 / u(T/2) / u(T), Dopri5's mean h lambda_max "
+                         f"{d['dopri5_h_lambda']:.2f} (stability-bound near 3.3); RKC2 {d['rkc2_steps']} steps of at "
+                         f"most {d['rkc2_max_stages']} stages, {d['rkc2_evals']} gradients + {d['rkc2_hvps']} HVPs.")
+            notes.append(note)
         elif d.get("head_init"):
             notes.append(f"A-MAML, whole Conv-4 ({d['benchmark']}), {d['head_init']} head: Dopri5 needs "
                          f"~{d['dopri5_steps']} steps to T = {d.get('T', 0.1):g} (last step {d['last_dt']:.2g}; "

@@ -105,8 +105,9 @@ from ._fields import (AbstractVectorField, VectorField, closure_convert, cotange
 from ._rkc import rkc2_step, stability_interval, stages_for
 from ._solvers import (ERROR_SCALES, FIXED_STEP_SOLVERS, RK4, SOLVERS, STABILIZED_SOLVERS, AbstractSensitivity,
                        Backprop, Backsolve, SolveOptions, effective_rtol)
+from ._spectrum import curvature_range, max_curvature
 from ._status import SolveStatus, nan_if_failed, nan_if_forward_failed, raise_if_failed, solve_status
-from ._stored import StoredAdjoint, adjoint_sweep, max_curvature, max_curvature_on_grid
+from ._stored import StoredAdjoint, adjoint_sweep, max_curvature_on_grid
 
 PyTree = Any
 
@@ -120,6 +121,7 @@ __all__ = [
     "Backsolve",
     "SolveOptions",
     "SolveStatus",
+    "curvature_range",
     "max_curvature",
     "solve",
     "SOLVERS",

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from .._errors import InputError
 from ._fields import AbstractVectorField, VectorField, cotangent_like, flat_jtv, literals_as_arrays, tree_axpy, zeros_for
 from ._solvers import AbstractSensitivity, forward, last
-from ._stability import LANCZOS_STEPS, STABILITY_LIMIT, STABILITY_MARGIN
+from ._spectrum import max_curvature
+from ._stability import STABILITY_LIMIT, STABILITY_MARGIN
 from ._status import SolveStatus, nan_if_failed, raise_if_failed
 
 PyTree = Any
@@ -120,54 +121,6 @@ def _stored_adjoint_fwd(perturbed, primal, rule, options):
         status = jnp.where((status == SolveStatus.SUCCESS) & unstable, SolveStatus.UNSTABLE_ADJOINT, status)
         status = status.astype(jnp.int32)
     return (last(ys), status), (ys, status)
-
-
-def max_curvature(field: Callable | AbstractVectorField, t, y, args, iterations: int = LANCZOS_STEPS) -> jax.Array:
-    r"""A lower bound of the largest eigenvalue of $-\partial f/\partial y$ at `(t, y)`, by Lanczos.
-
-    For a field with a symmetric Jacobian only (a gradient flow: the largest
-    eigenvalue of the Hessian of the loss, its largest curvature
-    $\lambda_{\max}$). `iterations` steps of the Lanczos process on
-    $M = -\partial f/\partial y$ from a fixed pseudo-random start, one
-    `field.vjp` each (one Hessian-vector product for [`GradientField`][]),
-    then the largest eigenvalue of the `iterations`-square tridiagonal matrix.
-    That Ritz value lies in $[\lambda_{\min}(M), \lambda_{\max}(M)]$ and
-    converges to $\lambda_{\max}$ from below whatever the signs of the
-    other eigenvalues: unlike power iteration it needs no shift when the
-    eigenvalue of largest magnitude is negative (negative curvature). No
-    reorthogonalisation (memory: three vectors of the state's size); a lost
-    orthogonality only repeats converged Ritz values. On a breakdown (an
-    invariant Krylov space, e.g. a state of fewer than `iterations` numbers)
-    the process stops: the remaining Ritz values are 0, never above a
-    positive $\lambda_{\max}$.
-    """
-    field = field if isinstance(field, AbstractVectorField) else VectorField(field)
-    jtv, shape, dtype = flat_jtv(field, t, y, args)
-    matvec = lambda v: -jtv(v)  # M = -df/dy
-
-    q0 = jax.random.normal(jax.random.PRNGKey(0), shape, dtype)
-    q0 = q0 / jnp.linalg.norm(q0)
-    tol = jnp.sqrt(jnp.finfo(dtype).eps)
-
-    def step(carry, _):
-        q_prev, q, beta_prev = carry
-        w = matvec(q)
-        w_norm = jnp.linalg.norm(w)
-        alpha = jnp.vdot(q, w)
-        w = w - alpha * q - beta_prev * q_prev
-        beta = jnp.linalg.norm(w)
-        # Breakdown: the Krylov space is (numerically) invariant. Stopping early only
-        # leaves a Rayleigh-Ritz value on a smaller space, still a lower bound.
-        ok = beta > tol * w_norm
-        beta = jnp.where(ok, beta, 0.0)
-        q_next = jnp.where(ok, w / jnp.where(ok, beta, 1.0), 0.0)
-        return (q, q_next, beta), (alpha, beta)
-
-    zero = jnp.zeros((), dtype)
-    _, (alphas, betas) = jax.lax.scan(step, (jnp.zeros_like(q0), q0, zero), None, length=iterations)
-    off = betas[:-1]
-    tridiagonal = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
-    return jnp.max(jnp.linalg.eigvalsh(tridiagonal))
 
 
 def max_curvature_on_grid(field, ys, h, args, indices) -> jax.Array:
