@@ -246,3 +246,30 @@ def test_time_extrapolation_is_affine_through_the_last_two_points():
     # A noisy decrease is not extrapolated below the last time.
     assert _time_skipped([(10, 50.0, 1), (100, 49.0, 1)], 10**6, 50.0) is None
     assert _time_skipped([(10, 50.0, 1), (100, 49.0, 1)], 10**6, 48.9) is not None
+
+
+def test_stiff_diagnostic_gives_the_curvature_range_of_a_saddle_against_eigh():
+    """The `stiff` diagnostic on quadratic support losses 0.5 u'Au - b'u (two tasks, the Hessian A
+    constant along the flow): lambda_max / lambda_min are the largest / smallest eigenvalue over the
+    tasks at u0, u(T/2) and u(T), and Dopri5's and RKC2's counts come with them."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ctmeta.bench.diagnostics import amaml_solver_steps
+    from ctmeta.bench.problems import Problem
+
+    rng = np.random.default_rng(0)
+    Q = np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    eigs = [np.array([-3.0, 0.5, 1.0, 2.0, 5.0, 40.0]), np.array([-1.0, 0.1, 1.0, 3.0, 8.0, 90.0])]
+    A = np.stack([Q @ np.diag(e) @ Q.T for e in eigs])
+    loss = lambda u, data: 0.5 * u @ data[0] @ u - data[1] @ u
+    problem = Problem(name="quadratic", params=jnp.asarray(rng.normal(size=6)),
+                      batch=(jnp.asarray(A), jnp.asarray(rng.normal(size=(2, 6))), None, None), meta_batch=2,
+                      dtype="float64", data="synthetic", whole_loss=loss, whole_outer=None)
+    d = amaml_solver_steps(problem, 10, lanczos=6)  # T = 0.1
+    for at in ("u0", "mid", "uT"):
+        assert d[f"lambda_max_{at}"] == pytest.approx(90.0, rel=1e-9)
+        assert d[f"lambda_min_{at}"] == pytest.approx(-3.0, rel=1e-9)
+    assert d["diagnostic"] == "stiff" and d["dopri5_steps"] >= 3 and d["rkc2_steps"] >= 1
+    assert d["dopri5_h_lambda"] == pytest.approx(90.0 * 0.1 / d["dopri5_steps"])
+    assert d["rkc2_evals"] >= 2 * d["rkc2_steps"] and d["rkc2_hvps"] > 0
