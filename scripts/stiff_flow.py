@@ -18,7 +18,18 @@ sweep after K fixed RK4 steps, `Adjoint(steps=K, solver="rk4", scheme="rk4")`), 
 
 Rule names: `preset` (the run's own method), `dopri5:RTOL`, `dopri5-disp:RTOL`, `rkc2:RTOL`,
 `rkc2-disp:RTOL` (the adaptive adjoint with that forward solver, error scale and forward rtol; atol
-is rtol/10; `:RTOL/BRTOL` sets the backward's rtol factor), `rk4:K` (the stored sweep).
+is rtol/10; `:RTOL/BRTOL` sets the backward's rtol factor), `rk4:K` (the stored sweep), `exprb:N:M`
+(a prototype exponential integrator, not a library rule: N equal steps of exponential Rosenbrock
+exprb32 forward, Hochbruck, Ostermann & Schweitzer 2009, and the exponential midpoint (Magnus) rule
+backward, a = exp(-h H(u_mid)) a over the same steps, each phi-function or exponential by M Lanczos
+steps on HVPs with full reorthogonalisation).
+
+`--spectrum P` also prints and saves, per task, the curvature range of the support loss
+(`ctmeta.ode.curvature_range`, 40 Lanczos steps: smallest and largest Hessian eigenvalue) at P + 1
+equally spaced times along the flow (diffrax Dopri5, rtol 1e-5 / 1e-7 in float32 / float64), and
+the preset's forward steps between them with their mean h times lambda_max (Dopri5 is
+stability-bound near 3.3) and times |lambda_min| (e-foldings of the fastest growing mode);
+`--reference none` stops there.
 """
 
 from __future__ import annotations
@@ -79,6 +90,95 @@ def counts(method, loss, diff, T, data, query_grad):
                "forward_steps": int(fstats["steps"]), "forward_accepted": int(fstats["accepted_steps"])}
     return {**fwd, "backward_hvps": int(bstats["num_evaluations"]) + int(bstats.get("num_matvecs", 0)),
             "backward_steps": int(bstats["num_steps"]), "status": [int(status), int(bstatus)]}
+
+
+def _lanczos(matvec, v, m):
+    """`m` Lanczos steps from `v` with full reorthogonalisation: `(Q, alpha, beta, |v|)`, `Q` (m, n)."""
+    b0 = jnp.linalg.norm(v)
+    Q = jnp.zeros((m, v.size), v.dtype).at[0].set(v / b0)
+
+    def body(j, c):
+        Q, al, be = c
+        w = matvec(Q[j])
+        a = jnp.vdot(Q[j], w)
+        w = w - Q.T @ (Q @ w)
+        w = w - Q.T @ (Q @ w)  # twice is enough (Kahan)
+        b = jnp.linalg.norm(w)
+        return Q.at[j + 1].set(w / b, mode="drop"), al.at[j].set(a), be.at[j].set(b)
+
+    Q, al, be = jax.lax.fori_loop(0, m, body, (Q, jnp.zeros(m, v.dtype), jnp.zeros(m, v.dtype)))
+    return Q, al, be, b0
+
+
+def _krylov_apply(krylov, fn):
+    """`fn(M) v` for the Lanczos process `krylov` of `(M, v)`: `Q^T fn(T_m) e_1 |v|`."""
+    Q, al, be, b0 = krylov
+    lam, S = jnp.linalg.eigh(jnp.diag(al) + jnp.diag(be[:-1], 1) + jnp.diag(be[:-1], -1))
+    return Q.T @ (S @ (fn(lam) * S[0]) * b0)
+
+
+def _phi1(z):
+    zz = jnp.where(z == 0, 1.0, z)
+    return jnp.where(z == 0, 1.0, jnp.expm1(zz) / zz)
+
+
+def _phi3(z):
+    zz = jnp.where(jnp.abs(z) < 1e-2, 1.0, z)
+    return jnp.where(jnp.abs(z) < 1e-2, 1 / 6 + z / 24 + z * z / 120, (jnp.expm1(zz) - zz - zz * zz / 2) / zz ** 3)
+
+
+def exprb_meta_gradient(loss, query_grad, u0, data, T, n_steps: int, m: int):
+    """The `exprb:N:M` rule on flat parameters: `(dJ/du0, u(T))`.
+
+    Forward, exprb32 with J = -H(u_n): U = u + h phi1(hJ) F(u), D = F(U) - F(u) - J (U - u),
+    u_next = U + 2h phi3(hJ) D; the mid-step state u + (h/2) phi1(hJ/2) F(u) + (h/4) phi3(hJ/2) D
+    (the variation-of-constants formula with the remainder quadratic in time, from the same bases).
+    Backward: a_n = exp(h J(u_mid,n)) a_{n+1} (J symmetric). N (2 + (2M + 1)) gradients + HVPs
+    forward, N M HVPs backward.
+    """
+    F = lambda u: -jax.grad(loss)(u, data)
+    jv = lambda u: (lambda v: jax.jvp(F, (u,), (v,))[1])
+    h = T / n_steps
+
+    @jax.jit
+    def forward_step(u):
+        f = F(u)
+        k1 = _lanczos(jv(u), f, m)
+        U = u + _krylov_apply(k1, lambda l: h * _phi1(h * l))
+        D = F(U) - f - jv(u)(U - u)
+        k2 = _lanczos(jv(u), D, m)
+        mid = (u + _krylov_apply(k1, lambda l: h / 2 * _phi1(h / 2 * l))
+               + _krylov_apply(k2, lambda l: h / 4 * _phi3(h / 2 * l)))
+        return U + _krylov_apply(k2, lambda l: 2 * h * _phi3(h * l)), mid
+
+    @jax.jit
+    def backward_step(a, mid):
+        return _krylov_apply(_lanczos(jv(mid), a, m), lambda l: jnp.exp(h * l))
+
+    u, mids = u0, []
+    for _ in range(n_steps):
+        u, mid = forward_step(u)
+        mids.append(mid)
+    a = query_grad(u)
+    for mid in reversed(mids):
+        a = backward_step(a, mid)
+    return a, u
+
+
+def spectrum(loss, u0, data, T, points: int, iterations: int = 40):
+    """`[(t, lambda_min, lambda_max)]` of the support loss's Hessian at `points + 1` times along the flow."""
+    import diffrax
+
+    from ctmeta.flows import GradientField as Field
+
+    f64 = jax.flatten_util.ravel_pytree(u0)[0].dtype == jnp.float64
+    ts = jnp.linspace(0.0, T, points + 1)
+    ys = diffrax.diffeqsolve(
+        diffrax.ODETerm(lambda t, y, a: jax.tree.map(jnp.negative, jax.grad(loss)(y, a))), diffrax.Dopri5(), 0.0, T,
+        None, u0, args=data, saveat=diffrax.SaveAt(ts=ts), max_steps=100_000,
+        stepsize_controller=diffrax.PIDController(rtol=1e-7 if f64 else 1e-5, atol=1e-9 if f64 else 1e-6)).ys
+    rng = jax.jit(lambda y: ode.curvature_range(Field(loss), 0.0, y, data, iterations))
+    return [(float(t), *map(float, rng(jax.tree.map(lambda x, k=k: x[k], ys)))) for k, t in enumerate(ts)]
 
 
 def quadratic(out_path=None):
@@ -144,9 +244,11 @@ def main():
     p.add_argument("--checkpoint", type=int, default=None, help="its iteration (0: the initialisation; default: last)")
     p.add_argument("--tasks", type=int, default=2)
     p.add_argument("--rules", nargs="+", default=["preset", "rkc2:1e-5", "rkc2-disp:1e-3"])
-    p.add_argument("--reference", default="rk4:100")
+    p.add_argument("--reference", default="rk4:100", help="the reference rule, or 'none' (with --spectrum: no gradients)")
     p.add_argument("--check-reference", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--spectrum", type=int, default=0, metavar="P",
+                   help="also the curvature range at P + 1 times along each task's flow")
     p.add_argument("--figure", nargs="+", default=None, metavar=("PNG", "JSON"),
                    help="draw PNG from measured JSON files instead of measuring")
     args = p.parse_args()
@@ -178,11 +280,61 @@ def main():
            "reference": args.reference, "rules": {}}
     print(f"{run.path} {path.name}: T = {float(T)}, {args.tasks} training tasks", flush=True)
 
+    if args.spectrum:
+        out["spectrum"] = []
+        for i in range(args.tasks):
+            data = (batch[0][i], batch[1][i])
+            rows = spectrum(loss, diff, data, T, args.spectrum)
+            # The preset's forward steps between consecutive times, and their mean size times lambda_max
+            # (Dopri5 is stability-bound near 3.3) and |lambda_min| (the e-foldings of the fastest growing mode).
+            if preset.steps is None:
+                opts = ode.SolveOptions(steps=1, rtol=preset.rtol, atol=preset.atol, max_steps=preset.max_steps,
+                                        solver=preset.solver, error_scale=preset.error_scale)
+                dense = jax.jit(lambda d: recorded_forward(GradientField(loss), d, T, data, opts, 1024)[1])(diff)
+                ts = np.asarray(dense.ts[: int(dense.n) + 1])
+            for k, (t, lo, hi) in enumerate(rows):
+                line = f"task {i} t = {t:.4f}: Hessian eigenvalues from {lo:9.3f} to {hi:9.3f}"
+                if preset.steps is None and k + 1 < len(rows):
+                    t_next = rows[k + 1][0]
+                    n = int(np.sum((ts[1:] > t) & (ts[1:] <= t_next + 1e-12)))
+                    h = (t_next - t) / max(n, 1)
+                    line += (f"; preset forward: {n} steps to t = {t_next:.4f}, mean h = {h:.4f}, "
+                             f"h lambda_max = {h * hi:.2f}, h |lambda_min| = {h * abs(min(lo, 0)):.2f}")
+                    rows[k] = (t, lo, hi, n)
+                print(line, flush=True)
+            out["spectrum"].append(rows)
+
+    if args.reference == "none":  # the spectrum only
+        if args.out:
+            pathlib.Path(args.out).write_text(json.dumps(out, indent=1))
+        return
     names = [args.reference] + ([args.check_reference] if args.check_reference else []) + args.rules
     grads = {}
+    flat0, unravel = jax.flatten_util.ravel_pytree(diff)
     for name in names:
-        method = parse_rule(name, preset)
         rows = []
+        if name.startswith("exprb:"):
+            n_steps, m = map(int, name.split(":")[1:])
+            for i in range(args.tasks):
+                sx, sy, qx, qy = tuple(x[i] for x in batch)[:4]
+                flat_loss = lambda v, data: loss(unravel(v), data)
+                query_grad = jax.jit(jax.grad(
+                    lambda v: apply_loss(learner.loss, learner.apply(eqx.combine(unravel(v), static), qx), qy)))
+                run_rule = lambda: jax.block_until_ready(
+                    exprb_meta_gradient(flat_loss, query_grad, flat0, (sx, sy), T, n_steps, m)[0])
+                flat = np.asarray(run_rule(), np.float64)  # untimed: a prototype's counts, not its seconds
+                row = {"forward_gradients": 2 * n_steps,
+                       "forward_hvps": n_steps * (2 * m + 1), "backward_hvps": n_steps * m}
+                ref = grads[args.reference][i]
+                row["relative_error"] = float(np.linalg.norm(flat - ref) / np.linalg.norm(ref))
+                rows.append(row)
+                print(f"{name:18s} task {i}: err {row['relative_error']:.3e}  fwd {row['forward_gradients']} grads "
+                      f"+ {row['forward_hvps']} hvps, bwd {row['backward_hvps']} hvps", flush=True)
+            out["rules"][name] = rows
+            if args.out:
+                pathlib.Path(args.out).write_text(json.dumps(out, indent=1))
+            continue
+        method = parse_rule(name, preset)
         for i in range(args.tasks):
             task = tuple(x[i] for x in batch)
             sx, sy, qx, qy = task[:4]
