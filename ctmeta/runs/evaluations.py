@@ -11,6 +11,11 @@ evaluation (another checkpoint, fewer tasks, another `--lr`...) goes to
 (`iteration-150_tasks-200`), so that several are kept side by side and the
 same evaluation redone replaces its own folder. `RUN/evaluations/index.md`
 lists them all, with the run's own, one line each.
+
+A finished run continued to more meta-iterations (`ctmeta reproduce` after a
+raised budget) first moves its own results there
+([`keep_own_evaluation`][]), under the name `ctmeta evaluate RUN --checkpoint
+N` would give them, since the continuation's final evaluation replaces them.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import shutil
 
 from .._errors import InputError
-from .._io import atomic_write_text
+from .._io import atomic_write_bytes, atomic_write_text
 from .rundir import RunDir
 
-__all__ = ["EVALUATIONS", "check_name", "destination", "evaluation_name", "own_options", "write_index"]
+__all__ = ["EVALUATIONS", "check_name", "destination", "evaluation_name", "keep_own_evaluation", "own_options",
+           "write_index"]
 
 EVALUATIONS = "evaluations"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
@@ -110,6 +117,45 @@ def destination(run: RunDir, config: dict, options: dict, defaults: dict,
         raise InputError(f"{folder} holds an evaluation of other options ({_describe(had)}); choose another "
                          "`name`, or delete that folder")
     return folder, name
+
+
+def keep_own_evaluation(run: RunDir, defaults: dict) -> pathlib.Path | None:
+    """Move the run's own results (results.json, results.md, the figures of
+    its evaluation) to `RUN/evaluations/<name>/`, `name` the one `ctmeta
+    evaluate RUN --checkpoint N` gives that evaluation against `defaults`
+    (`resolve_evaluation(exp, state)` of the run's configuration), before the
+    run is trained past the meta-iteration they evaluated: its next final
+    evaluation replaces the run's own. The copies are written before the
+    originals go, so an interruption loses nothing (a second call writes the
+    same folder again). Returns the folder; `None` (nothing moved) when the
+    run has no readable results.json."""
+    own = run.path / "results.json"
+    results = _read_results(own) if own.exists() else None
+    options = None if results is None else _options_of(results)
+    if options is None:
+        return None
+    name = evaluation_name(options, defaults)
+    folder = run.path / EVALUATIONS / name
+    earlier = _read_results(folder / "results.json") if (folder / "results.json").exists() else None
+    if earlier is not None and _options_of(earlier) not in (None, options):
+        name, folder = f"{name}_own", run.path / EVALUATIONS / f"{name}_own"
+    folder.mkdir(parents=True, exist_ok=True)
+    record = dict(results.get("evaluation") or {})
+    record.update(options=options, name=name, checkpoint=record.get("checkpoint", f"ckpt-{options['iteration']}.eqx"),
+                  kept="the run's own results, kept when the run was continued past this iteration")
+    figures = run.path / "figures"
+    if figures.is_dir():
+        (folder / "figures").mkdir(exist_ok=True)
+        for fig in figures.iterdir():
+            if fig.is_file() and fig.name != "meta_loss.png":  # the meta-loss curve goes on with the run
+                shutil.copyfile(fig, folder / "figures" / fig.name)
+    if (run.path / "results.md").is_file():
+        atomic_write_bytes(folder / "results.md", (run.path / "results.md").read_bytes())
+    atomic_write_text(folder / "results.json", json.dumps({**results, "evaluation": record}, indent=2) + "\n")
+    own.unlink()
+    (run.path / "results.md").unlink(missing_ok=True)
+    write_index(run)
+    return folder
 
 
 def _describe(options: dict) -> str:

@@ -13,8 +13,8 @@ the paper's protocol) and its PNG figures.
 Scales: `paper` follows the papers' protocols (and lists what still differs);
 `cpu` is `paper` for every experiment but the image ones, whose paper budget
 (60,000 meta-iterations of a Conv-4 or ResNet-12) needs a GPU: there it runs
-Omniglot only, with 1,000-2,000 meta-iterations (A-MAML: what its cost
-allows), a few hours on 2 CPU cores; `quick` cuts meta-iterations, evaluation
+Omniglot only, with 1,000-2,000 meta-iterations, a few hours on 2 CPU cores
+(but A-MAML's 1,000 in amaml-table3: days, over many sessions); `quick` cuts meta-iterations, evaluation
 tasks and settings so that each experiment finishes in minutes on 2 CPU cores
 (each cut is listed in results.md); `test` is a seconds-long smoke check
 (2 meta-iterations, a few tasks: it shows the pipeline runs, its numbers
@@ -23,7 +23,8 @@ and its projected wall time once it has run a few iterations.
 
 A finished run directory (one with results.json) is reused when the command is
 run again with the same `--out`, so an interrupted reproduction resumes at
-the first unfinished run. A run that fails (missing data, a numerical error)
+the first unfinished run; one that finished short of a since-raised budget is
+continued from its last checkpoint (`run_method`). A run that fails (missing data, a numerical error)
 is reported in results.md and the others go on.
 
 **Modules:** `paper` (the papers' numbers), `context` (`Context`,

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
     p.add_argument("--scale", choices=SCALES, default="quick", metavar="{" + ",".join(SCALES) + "}",
                    help="quick: minutes on a CPU, with the cuts listed in results.md; paper: the papers' protocols; "
-                   "cpu: paper, except the image experiments' budgets, cut to a few hours on 2 CPU cores; "
+                   "cpu: paper, except the image experiments' budgets, cut to a few hours on 2 CPU cores (days for "
+                   "amaml-table3's A-MAML, continued across sessions); "
                    "test: seconds, a smoke check that the pipeline runs (its numbers mean nothing) (default: quick)")
     p.add_argument("--out", default="reproduce-out", metavar="DIR", help="output root (default: reproduce-out)")
     p.add_argument("--data-dir", default=None, metavar="DIR",

@@ -7,20 +7,29 @@ import numpy as np
 from . import runner
 from .context import Context, RunResult
 from .paper import PAPER_AMAML_TABLE3, PAPER_COMLN_TABLE2, PAPER_COMLN_TABLE4
-from .report import METHOD_LABELS, format_accuracy, pyplot, savefig, md_table, paired_table, plot_curves, write_results
+from .report import (METHOD_LABELS, cost_summary, format_accuracy, format_long_duration, format_p, md_table,
+                     paired_table, paired_test, plot_against_iterations, plot_cost, plot_curves, pyplot, savefig,
+                     write_results)
 
 
 _HEAD_ONLY = ("comln", "anil")  # adapt a linear head on a fixed embedding: cheap per meta-iteration
 
 # Meta-iterations per method at --scale cpu: what fits a few hours of 2 CPU
-# cores. Measured on Omniglot 5-way 1-shot, meta-batch 4, Conv-4 (float32):
-# COMLN 0.64 s, ANIL 0.59 s, MAML 1.1 s, A-MAML (conv4-smooth, adaptive
-# adjoint) 8 s a meta-iteration; 20-way 1-shot: A-MAML 14 s at first, but
-# its cost grows as meta-training sharpens the loss and the adaptive solver
-# takes more steps (35 s at iteration 6, 90 s at 21, ~200 s at 50, ~240 s at
-# 84; one core): 150 meta-iterations are ~7 h. The outer rate is constant,
-# so a 150-iteration run is the first 150 iterations of a longer one.
-_CPU_ITERATIONS = {"comln": 2000, "anil": 2000, "maml": 1000, "amaml": 150}
+# cores, but for A-MAML. Measured on Omniglot 5-way 1-shot, meta-batch 4,
+# Conv-4 (float32): COMLN 0.64 s, ANIL 0.59 s, MAML 1.1 s, A-MAML
+# (conv4-smooth, adaptive adjoint) 8 s a meta-iteration; 20-way 1-shot:
+# A-MAML 14 s at first, but its cost grows as meta-training sharpens the loss
+# and the adaptive solver takes more steps (35 s at iteration 6, 90 s at 21,
+# ~200 s at 50, 160-250 s from there to 150; one core): its first 150
+# meta-iterations took 7 h. A-MAML is only used by amaml-table3, which
+# compares it with MAML at equal meta-iterations (150, 500, 1,000: kept
+# checkpoints), so it gets MAML's 1,000: days of meta-training at that
+# cost, many sessions, the run continued from its checkpoints each time
+# (`runner.run_method`). The outer rate is constant, so a shorter run is the
+# first iterations of a longer one.
+_CPU_ITERATIONS = {"comln": 2000, "anil": 2000, "maml": 1000, "amaml": 1000}
+#: How often an A-MAML run saves a checkpoint at --scale cpu (~30 min of its meta-training).
+_CPU_AMAML_CHECKPOINT_EVERY = 10
 # The papers' image budget: MAML's and iMAML's protocol (Finn et al. 2017:
 # 60,000 meta-iterations), which A-MAML follows; COMLN follows Lee et al.
 # (60 epochs of 1,000 batches).
@@ -101,8 +110,14 @@ def amaml_table3(ctx: Context) -> None:
                     "COMLN's own experiments (comln-table2, comln-table4, comln-fig5) run it on 5-way 1-shot")
         ctx.deviate(f"cpu: Omniglot 20-way 1-shot only (whole-network miniImageNet does not fit 2 CPU cores); "
                     f"{budgets}, meta-batch {_TABLE3_META_BATCH}, instead of the protocol's 60,000 "
-                    "meta-iterations (A-MAML's budget is what its cost allows: ~14 s a meta-iteration here); "
-                    "A-MAML with T = 0.5 only")
+                    "meta-iterations; A-MAML with T = 0.5 only. A-MAML's cost grows from ~30 s to 160-250 s a "
+                    "meta-iteration here (on one core) as meta-training sharpens the loss and its adaptive solver "
+                    "takes more steps, so its 1,000 meta-iterations take days, over many sessions (each call "
+                    "continues the run from its last checkpoint; `--methods maml` rebuilds this page meanwhile "
+                    "from the runs as they are: the Runs table gives each run's meta-iterations); both methods "
+                    f"keep their checkpoints at {', '.join(str(k) for k in _TABLE3_EVALUATED)} meta-iterations, "
+                    "compared in 'At equal meta-iterations' once evaluated (`ctmeta evaluate RUN --checkpoint N "
+                    "--tasks 200`)")
     if scale == "paper":
         ctx.deviate(f"meta-batch {_TABLE3_META_BATCH} (the presets'; MAML's protocol uses 16 on Omniglot 20-way "
                     "and 4 on miniImageNet)")
@@ -137,7 +152,8 @@ def amaml_table3(ctx: Context) -> None:
             r = runner.run_method(ctx, f"{b}/{m}" + (f"-T{T}" if T else ""), b, m, T=T, **budget,
                            eval_steps=steps_eval, eval_every=10 if scale != "test" else 5,
                            optimizer=comln_opt if m == "comln" else None,
-                           keep_checkpoints=_TABLE3_EVALUATED if scale == "cpu" else ())
+                           keep_checkpoints=_TABLE3_EVALUATED if scale == "cpu" else (),
+                           checkpoint_every=_CPU_AMAML_CHECKPOINT_EVERY if scale == "cpu" and m == "amaml" else None)
             all_runs.append(r)
             default = {"amaml": int(round((T or 0.5) / 0.01)), "maml": 5}.get(m, 10)
             rows[name] = (name, r, _eval_step_for(r, default) if m == "comln" else min(default, max(steps_eval)))
@@ -169,7 +185,109 @@ def amaml_table3(ctx: Context) -> None:
                                                            else f"{b} (5-way 1-shot)", [r for _, r, _ in ok])],
                            "meta-test accuracy (fraction)"):
                 body += [f"Figure: `table3-{b}.png` (accuracy against meta-test GD steps).", ""]
+        body += _equal_iterations(ctx, b, rows) + _training_cost(ctx, b, rows)
     write_results(ctx, "A-MAML Table 3: few-shot image classification", "A-MAML Table 3 (Sec. 5.4)", body, all_runs)
+
+
+def _equal_iterations(ctx: Context, b: str, rows: list[tuple[str, RunResult, int]]) -> list[str]:
+    """Section "At equal meta-iterations" of one benchmark: each A-MAML run
+    against MAML's after the same number of meta-iterations, on the same test
+    tasks, each at its own horizon (`rows`' step), from every evaluation the
+    two run directories hold (`runner.evaluations_of`: a run's own results,
+    `ctmeta evaluate RUN --checkpoint N` in RUN/evaluations/); and the figure
+    of accuracy against meta-iterations. At the cpu scale one row per
+    `_TABLE3_EVALUATED` (an iteration missing for a method reads "not evaluated
+    yet") and per other iteration both have; elsewhere the iterations either
+    has, and only when some run holds evaluations of other checkpoints."""
+    evals = {name: runner.evaluations_of(r.label, ctx.out / r.label) for name, r, _ in rows}
+    step = {name: s for name, _, s in rows}
+    amamls = [n for n, _, _ in rows if n.startswith("A-MAML")]
+    if "MAML" not in evals or not amamls:
+        return []
+    others = any(e.run_dir != str(ctx.out / r.label) for n, r, _ in rows for e in evals[n].values())
+    if ctx.scale != "cpu" and not others:
+        return []
+    out = []
+    for a in amamls:
+        ea, em = evals[a], evals["MAML"]
+        both = set(ea) & set(em)
+        keys = sorted(set(_TABLE3_EVALUATED) | both) if ctx.scale == "cpu" else sorted(set(ea) | set(em))
+        if not keys:
+            continue
+        ha = {k: e.nearest_table_step(step[a]) for k, e in ea.items()}
+        hm = {k: e.nearest_table_step(step["MAML"]) for k, e in em.items()}
+        table = []
+        for k in keys:
+            acc = [format_accuracy(*e[k].value(h[k])) if k in e else "not evaluated yet"
+                   for e, h in ((ea, ha), (em, hm))]
+            if k in both and int(ea[k].results["tasks"]) == int(em[k].results["tasks"]):
+                t = paired_test(ea[k].per_task(ha[k]), em[k].per_task(hm[k]))
+                higher = int(np.sum(ea[k].per_task(ha[k]) > em[k].per_task(hm[k])))
+                table.append([str(k), *acc, f"{100 * t['mean_diff']:+.2f} ± {100 * t['ci95']:.2f}",
+                              format_p(t["wilcoxon_p"]), format_p(t["t_p"]), f"{higher}/{t['n']}"])
+            else:
+                why = "-" if k not in both else "other test tasks"
+                table.append([str(k), *acc, why, "-", "-", "-"])
+        sa = sorted(set(ha.values())) or [step[a]]
+        sm = sorted(set(hm.values())) or [step["MAML"]]
+        steps_of = lambda s: "/".join(str(x) for x in s) + " steps"
+        tasks = sorted({int(e.results["tasks"]) for e in (*ea.values(), *em.values())})
+        out += [f"## At equal meta-iterations ({b})", "",
+                f"{a} and MAML after the same number of meta-iterations, each evaluated from that checkpoint (a "
+                "run's own results where it ended there, else `ctmeta evaluate RUN --checkpoint N` in "
+                f"RUN/evaluations/) on the same {'/'.join(str(t) for t in tasks) or '-'} meta-test tasks, each at "
+                f"its own horizon ({a} {steps_of(sa)}, MAML {steps_of(sm)}); accuracy %, mean ± 95% CI; the "
+                "difference in points with its 95% CI, and two-sided paired tests on the per-task accuracies.", "",
+                md_table(["meta-iterations", f"{a}, {steps_of(sa)}", f"MAML, {steps_of(sm)}",
+                          f"difference ({a} - MAML)", "p (Wilcoxon)", "p (paired t)",
+                          f"tasks where {a} is higher"], table), ""]
+    series = [(f"{n}, {step[n]} steps", sorted(evals[n]),
+               [evals[n][k].value(evals[n][k].nearest_table_step(step[n])) for k in sorted(evals[n])])
+              for n in [*amamls, "MAML"] if evals[n]]
+    if series and plot_against_iterations(ctx.out / f"table3-{b}-iterations.png", series,
+                                          f"{b}: meta-test accuracy at each method's horizon"):
+        out += [f"Figure: `table3-{b}-iterations.png` (meta-test accuracy, at each method's horizon, against "
+                "meta-iterations; bars: 95% CI).", ""]
+    return out
+
+
+def _training_cost(ctx: Context, b: str, rows: list[tuple[str, RunResult, int]]) -> list[str]:
+    """Section "Meta-training cost" of one benchmark: each run's wall time and
+    seconds a meta-iteration (start, middle, end) from its metrics.csv, what
+    the paper's 60,000 meta-iterations would take at its end rate, and the
+    figure of seconds a meta-iteration against meta-iteration."""
+    from ...runs import RunDir
+
+    runs = []
+    for name, r, _ in rows:
+        metrics = r.metrics if r.metrics else RunDir(ctx.out / r.label).read_metrics()
+        if metrics:
+            runs.append((name, metrics, cost_summary(metrics)))
+    runs = [(n, m, c) for n, m, c in runs if c["iterations"]]
+    if not runs:
+        return []
+    table = [[n, str(c["last"]), format_long_duration(c["wall"]), _sec(c["start"]),
+              f"{_sec(c['middle'])} ({c['middle_span'][0]}-{c['middle_span'][1]})", _sec(c["end"])]
+             for n, _, c in runs]
+    out = [f"## Meta-training cost ({b})", "",
+           "From each run's metrics.csv: its cumulative `seconds` differenced into seconds a meta-iteration (a "
+           "clock that restarts at a resume starts a new segment, whose first difference is dropped); wall time: "
+           "their sum; start: the mean over meta-iterations 1-10 (the first compiles); middle: over the 10 "
+           "around the run's middle; end: over its last 10. Wall-clock on this machine, contended by whatever "
+           "else ran.", "",
+           md_table(["run", "meta-iterations", "wall time", "s / meta-iteration: start", "middle (iterations)",
+                     "end"], table), ""]
+    if ctx.scale != "paper":
+        out += [f"At its end rate, the paper's {_PAPER_IMAGE_ITERATIONS:,} meta-iterations (`--scale paper`) would "
+                "take " + "; ".join(f"{n} {format_long_duration(c['end'] * _PAPER_IMAGE_ITERATIONS)}"
+                                    for n, _, c in runs) + " (one run, this machine).", ""]
+    if plot_cost(ctx.out / f"table3-{b}-cost.png", [(n, m) for n, m, _ in runs], f"{b}: meta-training cost"):
+        out += [f"Figure: `table3-{b}-cost.png` (seconds a meta-iteration against meta-iteration, log scale).", ""]
+    return out
+
+
+def _sec(x: float) -> str:
+    return "-" if x is None or not np.isfinite(x) else f"{x:.3g}"
 
 
 def _comln_optimizer(ctx: Context) -> str | None:

@@ -63,6 +63,55 @@ def _p(p: float) -> str:
     return f"{p:.1e}" if p < 1e-3 else f"{p:.3f}"
 
 
+format_p = _p  # a p-value as the paired tables write it
+
+
+def format_long_duration(seconds: float) -> str:
+    """`seconds` in the unit a reader takes in: "45 s", "12.5 min", "7.0 h", "2.3 d"."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    for unit, size, above in (("d", 86400.0, 2 * 86400.0), ("h", 3600.0, 2 * 3600.0), ("min", 60.0, 120.0)):
+        if seconds >= above:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def iteration_seconds(metrics: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """`(iterations, seconds)`: each meta-iteration's wall time from a run's
+    metrics rows (`iteration`, `seconds`: cumulative since the run started).
+    The differences of the cumulative seconds, the first row's against 0 (it
+    includes the compilation), divided by the iterations they span where rows
+    are missing; a clock that goes back (restarted at a resume) starts a new
+    segment: that negative difference is dropped, the next ones count again."""
+    its = np.asarray([float(r["iteration"]) for r in metrics], float)
+    secs = np.asarray([float(r["seconds"]) for r in metrics], float)
+    prev_it = np.concatenate([[0.0], its[:-1]])
+    prev_s = np.concatenate([[0.0], secs[:-1]])
+    d, gap = secs - prev_s, its - prev_it
+    keep = (d >= 0) & (gap > 0) & np.isfinite(d)
+    return its[keep].astype(int), d[keep] / gap[keep]
+
+
+def cost_summary(metrics: list[dict], window: int = 10) -> dict:
+    """A run's meta-training cost from its metrics rows ([`iteration_seconds`][]):
+    `wall` (their sum), `start` (mean over meta-iterations 1..`window`),
+    `middle` (over the `window` around the middle row; `middle_span` their
+    first and last iteration), `end` (over the last `window`), `last` (the
+    last iteration) and `iterations` (how many timed)."""
+    its, per = iteration_seconds(metrics)
+    nan = float("nan")
+    if not its.size:
+        return {"wall": 0.0, "start": nan, "middle": nan, "middle_span": (0, 0), "end": nan, "last": 0,
+                "iterations": 0}
+    first = per[its <= window]
+    lo = max(0, min(its.size // 2 - window // 2, its.size - window))
+    mid = slice(lo, lo + window)
+    return {"wall": float(per.sum()), "start": float(first.mean()) if first.size else nan,
+            "middle": float(per[mid].mean()), "middle_span": (int(its[mid][0]), int(its[mid][-1])),
+            "end": float(per[-window:].mean()), "last": int(max(float(r["iteration"]) for r in metrics)),
+            "iterations": int(its.size)}
+
+
 def _f(x: float, digits: int = 4) -> str:
     if x is None or not math.isfinite(x):
         return "nan"
@@ -151,6 +200,51 @@ def plot_curves(path: pathlib.Path, panels: list[tuple[str, list[RunResult]]], y
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    savefig(fig, path)
+    return True
+
+
+def plot_against_iterations(path: pathlib.Path, series, title: str,
+                            ylabel: str = "meta-test accuracy % (95% CI)") -> bool:
+    """One line per method: `series` of `(name, iterations, [(mean, ci95), ...])`
+    (fractions, drawn as %), against meta-iterations, with error bars."""
+    series = [(n, x, v) for n, x, v in series if len(x)]
+    if not series:
+        return False
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, x, values in series:
+        ax.errorbar(x, [100 * m for m, _ in values], yerr=[100 * c for _, c in values], marker="o", ms=4,
+                    capsize=3, label=name)
+    ax.set_xlabel("meta-iterations")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    savefig(fig, path)
+    return True
+
+
+def plot_cost(path: pathlib.Path, runs, title: str) -> bool:
+    """Seconds a meta-iteration ([`iteration_seconds`][]) against meta-iteration,
+    one line per `(name, metrics rows)`, log scale."""
+    curves = [(name, *iteration_seconds(metrics)) for name, metrics in runs]
+    curves = [(n, x[y > 0], y[y > 0]) for n, x, y in curves]
+    curves = [c for c in curves if c[1].size]
+    if not curves:
+        return False
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, x, y in curves:
+        ax.plot(x, y, lw=1, marker="." if x.size < 50 else None, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel("seconds a meta-iteration")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     savefig(fig, path)
     return True

@@ -79,6 +79,7 @@ def run_method(
     seed: int = 0,
     flow: str | None = None,
     keep_checkpoints: tuple[int, ...] = (),
+    checkpoint_every: int | None = None,
 ) -> RunResult:
     """Meta-train and evaluate one configuration in `OUT/<experiment>/<label>/`.
 
@@ -88,27 +89,39 @@ def run_method(
     flow (`ctmeta train --flow`). `method_options`
     overrides entries of the configuration's `method_options` (e.g. A-MAML's
     `atol`); `keep_checkpoints` the meta-iterations whose checkpoints the run
-    keeps (`ctmeta train --keep-checkpoints`), to be evaluated later."""
+    keeps (`ctmeta train --keep-checkpoints`), to be evaluated later;
+    `checkpoint_every` how often it saves one (default: the presets', at most 250).
+
+    A finished run (results.json) is reused; one that finished short of
+    `meta_iterations` (the budget was raised since) is continued from its
+    last checkpoint when it is selected (`--methods`) and its configuration
+    is otherwise the same, as `ctmeta train --resume --meta-iterations` does
+    (its own results move to `RUN/evaluations/<name>/` first:
+    `runs.evaluations.keep_own_evaluation`); else it is reused as it is."""
     from ... import presets
     from ...runs import RunDir, evaluate_run, train
 
     path = ctx.out / label
     done = path / "results.json"
-    if ctx.methods is not None and label.rsplit("/", 1)[-1] not in ctx.methods and not done.is_file():
+    selected = ctx.methods is None or label.rsplit("/", 1)[-1] in ctx.methods
+    if not selected and not done.is_file():
         return RunResult(label, "not run", "not selected by --methods")
+    extend = None  # a finished run to continue to the raised budget: its results.json
     if done.is_file():
         try:
             results = json.loads(done.read_text())
-            metrics = RunDir(path).read_metrics()
-            ctx.log(f"[{label}] reusing the finished run in {path}")
-            ratings = presets_kind(benchmark) == "ratings"
-            if "per_task" not in results.get("learned", {}) or (ratings and "other_metrics" not in results):
-                results = _evaluate_again(ctx, path, benchmark, label, int(results["tasks"]))
-            return RunResult(label, "ok", results=results, metrics=metrics, train_seconds=_train_seconds(metrics),
-                             eval_seconds=results.get("eval_seconds"), run_dir=str(path))
+            short = int(results.get("iteration", meta_iterations)) < int(meta_iterations)
+            if short and selected and RunDir(path).checkpoints():
+                extend = results
+            else:
+                if short:
+                    why = ("not selected by --methods" if not selected else "no checkpoint to continue from")
+                    ctx.note(f"{label}: its run ended at meta-iteration {results.get('iteration')} of the "
+                             f"{meta_iterations} asked ({why}): read as it is")
+                return _reuse(ctx, path, label, benchmark, results)
         except CtmetaError:
             raise  # e.g. its config.json cannot be read: say so, never train it anew over its files
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):
             pass
     failed = path / FAILED_MARKER
     if failed.is_file() and not ctx.retry_failed and not ctx.estimate:
@@ -146,16 +159,34 @@ def run_method(
         config["method_options"] = {**config.get("method_options", {}), **method_options}
     config["reproduce"] = {"experiment": ctx.name, "scale": ctx.scale, "label": label}
     keep = sorted(int(k) for k in keep_checkpoints if int(k) < int(config["meta_iterations"]))
+    saved = _saved_config(path)
+    if saved is not None and saved.get("keep_checkpoints"):  # a continued run keeps what it kept
+        keep = sorted(set(keep) | {int(k) for k in saved["keep_checkpoints"]})
     if keep:
         config["keep_checkpoints"] = keep
     # Long runs checkpoint often: a stopped reproduction continues from the last one.
-    config["checkpoint_every"] = min(int(config["checkpoint_every"]), 250)
-    from ...runs import Reporter, resume_point
+    config["checkpoint_every"] = (int(checkpoint_every) if checkpoint_every is not None
+                                  else min(int(config["checkpoint_every"]), 250))
+    from ...runs import Reporter, resolve_evaluation, resume_point
+    from ...runs.evaluations import keep_own_evaluation
 
     _check_unfinished_config(path)
+    if extend is not None and saved is not None and config_differences(config, saved):
+        ctx.note(f"{label}: its run ended at meta-iteration {extend.get('iteration')} of the {meta_iterations} "
+                 f"asked, with another configuration (differs in {', '.join(config_differences(config, saved))}): "
+                 "read as it is")
+        return _reuse(ctx, path, label, benchmark, extend)
     reporter = ctx.reporter or Reporter(quiet=ctx.quiet)
     try:
         exp = presets.build(config, progress=not ctx.quiet, log=reporter.log)
+        if extend is not None and not ctx.estimate:
+            # The evaluation it ended with is kept beside the one its continuation will end with, under the
+            # name `ctmeta evaluate RUN --checkpoint N` gives it (the run's own test tasks, before the cut).
+            defaults = resolve_evaluation(exp, exp.learner.init(exp.run_key))
+            kept = keep_own_evaluation(RunDir(path), defaults)
+            if kept is not None:
+                ctx.log(f"[{label}] continuing the finished run from meta-iteration {extend.get('iteration')} to "
+                        f"{meta_iterations}; its evaluation moved to {kept}")
         if ev.get("tasks") is not None and hasattr(exp.family, "test_batch") and eval_tasks is not None:
             exp.limit_eval_tasks(int(eval_tasks))
         if ctx.estimate:
@@ -166,6 +197,7 @@ def run_method(
             state, meta, ckpt, _ = resume_point(run, exp.learner.init(exp.run_key), run.read_config(), warn=ctx.log)
             rows = run.truncate_metrics(int(state.iteration))
             seconds = float(meta.get("seconds", rows[-1]["seconds"] if rows else 0.0))
+            _record_resume(ctx, run, config, int(state.iteration))
             ctx.log(f"\n=== {ctx.name} / {label}: resuming {path} from {ckpt.name}")
         else:
             if path.exists():
@@ -194,6 +226,106 @@ def run_method(
     metrics = RunDir(path).read_metrics()
     return RunResult(label, "ok", results=results, metrics=metrics, train_seconds=_train_seconds(metrics),
                      eval_seconds=results.get("eval_seconds"), run_dir=str(path))
+
+
+def _reuse(ctx: Context, path: pathlib.Path, label: str, benchmark: str, results: dict) -> RunResult:
+    """The finished run in `path` read back (evaluated again if its results.json predates per-task errors)."""
+    from ...runs import RunDir
+
+    metrics = RunDir(path).read_metrics()
+    ctx.log(f"[{label}] reusing the finished run in {path}")
+    ratings = presets_kind(benchmark) == "ratings"
+    if "per_task" not in results.get("learned", {}) or (ratings and "other_metrics" not in results):
+        results = _evaluate_again(ctx, path, benchmark, label, int(results["tasks"]))
+    return RunResult(label, "ok", results=results, metrics=metrics, train_seconds=_train_seconds(metrics),
+                     eval_seconds=results.get("eval_seconds"), run_dir=str(path))
+
+
+#: The configuration entries a continued run may change: those of `ctmeta train
+#: --resume` (`--meta-iterations`, raised only here, `--checkpoint-every`,
+#: `--keep-checkpoints`, `--on-nonfinite`). Anything else that differs is
+#: another run.
+RESUMABLE = ("meta_iterations", "checkpoint_every", "keep_checkpoints", "on_nonfinite")
+
+
+def config_differences(config: dict, saved: dict) -> list[str]:
+    """The entries in which `config` (what a call asks for) differs from a
+    run's `saved` configuration so that the run cannot be continued to it:
+    all but the run record and `RESUMABLE`, and a lowered `meta_iterations`."""
+    from ...runs import dtype_name
+
+    same = lambda c: {k: v for k, v in c.items() if k not in RUN_RECORD_KEYS and k not in RESUMABLE}
+    now, then = same(json.loads(json.dumps(config))), same(saved)
+    differ = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+    if int(config.get("meta_iterations") or 0) < int(saved.get("meta_iterations") or 0):
+        differ.append("meta_iterations")
+    if saved.get("dtype") != dtype_name():
+        differ.append(f"dtype ({saved.get('dtype')} there, {dtype_name()} now)")
+    return differ
+
+
+def _saved_config(path: pathlib.Path) -> dict | None:
+    """The configuration of the run in `path` (None: none there, or unreadable)."""
+    from ...runs import RunDir
+
+    run = RunDir(path)
+    if not run.config_path.is_file():
+        return None
+    try:
+        return run.read_config()
+    except CtmetaError:
+        return None
+
+
+def _record_resume(ctx: Context, run, config: dict, iteration: int) -> None:
+    """Write into a continued run's config.json the `RESUMABLE` entries this
+    call changed (a raised budget, ...), with a `resumes` record as `ctmeta
+    train --resume` writes; nothing when none changed."""
+    import datetime as _dt
+
+    saved = run.read_config()
+    changed = {k: config[k] for k in RESUMABLE if k in config and config[k] != saved.get(k)}
+    if not changed:
+        return
+    resumes = list(saved.get("resumes", []))
+    resumes.append({"from_iteration": iteration, "at": _dt.datetime.now().isoformat(timespec="seconds"),
+                    "argv": ["reproduce", *ctx.argv], "changed": {k: saved.get(k) for k in changed}})
+    run.write_config({**saved, **changed, "resumes": resumes})
+
+
+def evaluations_of(label: str, path: pathlib.Path) -> dict[int, RunResult]:
+    """The evaluations of the run in `path` on its own meta-test tasks, by the
+    meta-iteration of the checkpoint evaluated: its own results.json, and
+    each `RUN/evaluations/<name>/results.json` (`ctmeta evaluate RUN
+    --checkpoint N`) with the run's number of test tasks (so the same tasks),
+    learning rate and table steps; a finished run's own results come first,
+    then the folders in name order. Each is a `RunResult` (status "ok",
+    `run_dir` the folder it came from); `{}` when there are none. Unreadable
+    files are left out, never an error."""
+    from ...runs.evaluations import EVALUATIONS
+
+    try:
+        ev = json.loads((path / "config.json").read_text()).get("eval") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    want = {"tasks": ev.get("tasks"), "lr": ev.get("lr"), "table_steps": ev.get("steps")}
+    found: dict[int, RunResult] = {}
+    folders = [path] + sorted(p for p in (path / EVALUATIONS).glob("*") if p.is_dir())
+    for folder in folders:
+        try:
+            results = json.loads((folder / "results.json").read_text())
+            it = int(results["iteration"])
+            same = ((want["tasks"] is None or int(results["tasks"]) == int(want["tasks"]))
+                    and (want["lr"] is None or float(results["lr"]) == float(want["lr"]))
+                    and (want["table_steps"] is None
+                         or [int(s) for s in results["table_steps"]] == [int(s) for s in want["table_steps"]]))
+            if not same or it in found or "per_task" not in results["learned"]:
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found[it] = RunResult(label, "ok", results=results, eval_seconds=results.get("eval_seconds"),
+                              run_dir=str(folder))
+    return dict(sorted(found.items()))
 
 
 def _train_seconds(metrics: list) -> float:
@@ -256,10 +388,11 @@ def _check_unfinished_config(path: pathlib.Path) -> None:
 def _unfinished_run(path: pathlib.Path, config: dict, exp, ctx: Context):
     """The run directory at `path` if it holds an unfinished run of this same
     configuration with a checkpoint to continue from; None if there is nothing
-    there to continue. An unfinished run of another configuration (another
-    budget, dtype, ...) is hours of meta-training that a rerun must not delete
-    silently: that is an error naming what differs."""
-    from ...runs import RunDir, dtype_name
+    there to continue. An unfinished run of another configuration (a lowered
+    budget, another dtype, ...) is hours of meta-training that a rerun must not delete
+    silently: that is an error naming what differs. A raised `meta_iterations`
+    (and the other `RESUMABLE` entries) is the same run, continued."""
+    from ...runs import RunDir
 
     run = RunDir(path)
     if not run.config_path.is_file() or not run.checkpoints():
@@ -269,11 +402,7 @@ def _unfinished_run(path: pathlib.Path, config: dict, exp, ctx: Context):
     except CtmetaError:  # never delete checkpoints whose configuration cannot be read
         _check_unfinished_config(path)
         raise
-    same = lambda c: {k: v for k, v in c.items() if k not in RUN_RECORD_KEYS}
-    now, then = same(json.loads(json.dumps(config))), same(saved)
-    differ = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
-    if saved.get("dtype") != dtype_name():
-        differ.append(f"dtype ({saved.get('dtype')} there, {dtype_name()} now)")
+    differ = config_differences(config, saved)  # a raised budget, another checkpoint_every... continue it
     if differ:
         raise InputError(f"the unfinished run in {path} (checkpoint {run.checkpoints()[-1][1].name}) was made with "
                          f"another configuration (differs in {', '.join(differ)}): remove that directory "
