@@ -19,17 +19,18 @@ _STEPS = [0, 5, 10, 50, 100]
 _TASKS = 40
 
 
-def _results(iteration: int, per_task: dict[int, np.ndarray], T: float, tasks: int = _TASKS) -> dict:
+def _results(iteration: int, per_task: dict[int, np.ndarray], T: float, tasks: int = _TASKS,
+             steps: list[int] = _STEPS) -> dict:
     """A results.json of an evaluation with these per-task accuracies at each table step."""
     def block(values):
-        mean = [float(np.mean(values[s])) for s in _STEPS]
-        ci = [float(1.96 * np.std(values[s], ddof=1) / math.sqrt(len(values[s]))) for s in _STEPS]
-        return {"mean": mean, "ci95": ci, "per_task": {str(s): [float(x) for x in values[s]] for s in _STEPS}}
+        mean = [float(np.mean(values[s])) for s in steps]
+        ci = [float(1.96 * np.std(values[s], ddof=1) / math.sqrt(len(values[s]))) for s in steps]
+        return {"mean": mean, "ci95": ci, "per_task": {str(s): [float(x) for x in values[s]] for s in steps}}
 
     rng = np.random.default_rng(iteration)
-    random = {s: rng.integers(0, 10, tasks) / 100 for s in _STEPS}
+    random = {s: rng.integers(0, 10, tasks) / 100 for s in steps}
     return {"benchmark": "omniglot", "iteration": iteration, "metric": "accuracy", "lower_is_better": False,
-            "tasks": tasks, "lr": 0.01, "T": T, "table_steps": _STEPS, "curve_steps": _STEPS,
+            "tasks": tasks, "lr": 0.01, "T": T, "table_steps": steps, "curve_steps": steps,
             "learned": block(per_task), "random": block(random)}
 
 
@@ -172,3 +173,23 @@ def test_cost_summary_treats_a_clock_restarted_at_a_resume_as_a_new_segment(fake
     assert projected and projected.groups() == (report.format_long_duration(40 * 60000),
                                                 report.format_long_duration(4 * 60000))
     assert (out / "table3-omniglot-cost.png").stat().st_size > 0
+
+
+def test_an_evaluation_at_the_horizon_alone_pairs_and_one_without_it_is_left_out(tmp_path, monkeypatch):
+    # MAML's checkpoint 150 evaluated with --steps 0,5 (its horizon: paired) and its checkpoint 500 with
+    # --steps 0,10 (no 5-step column: left out, never read at another horizon).
+    out = tmp_path / "amaml-table3"
+    amaml, maml150, maml500 = _accuracies(1, 0.7), _accuracies(3, 0.55), _accuracies(4, 0.6)
+    _write_run(out / "omniglot" / "amaml-T0.5", "amaml", 0.5, _results(150, amaml, 0.5), {},
+               _metrics([60.0, 90.0], 0.5))
+    _write_run(out / "omniglot" / "maml", "maml", 0.05, _results(1000, _accuracies(5, 0.62), 0.05),
+               {"iteration-150_steps-0,5": _results(150, maml150, 0.05, steps=[0, 5]),
+                "iteration-500_steps-0,10": _results(500, maml500, 0.05, steps=[0, 10])},
+               _metrics([10.0 + 4.0 * i for i in range(1000)], 0.05))
+    md = _rebuild(out, monkeypatch)
+    rows = {r[0]: r for r in (line.strip("| ").split(" | ")
+                              for line in _section(md, "At equal meta-iterations (omniglot)")[1:])}
+    a, b = amaml[50], maml150[5]
+    assert rows["150"][2] == f"{100 * b.mean():.2f} ± {100 * 1.96 * b.std(ddof=1) / math.sqrt(b.size):.2f}"
+    assert rows["150"][3] == f"{100 * (a - b).mean():+.2f} ± {100 * 1.96 * (a - b).std(ddof=1) / math.sqrt(a.size):.2f}"
+    assert rows["500"][1:3] == ["not evaluated yet", "not evaluated yet"]

@@ -117,7 +117,8 @@ def amaml_table3(ctx: Context) -> None:
                     "from the runs as they are: the Runs table gives each run's meta-iterations); both methods "
                     f"keep their checkpoints at {', '.join(str(k) for k in _TABLE3_EVALUATED)} meta-iterations, "
                     "compared in 'At equal meta-iterations' once evaluated (`ctmeta evaluate RUN --checkpoint N "
-                    "--tasks 200`)")
+                    "--tasks 200 --steps 0,H`, H the method's horizon in GD steps: MAML 5, A-MAML 50; the full "
+                    "table's 100 steps are not needed for the pairing)")
     if scale == "paper":
         ctx.deviate(f"meta-batch {_TABLE3_META_BATCH} (the presets'; MAML's protocol uses 16 on Omniglot 20-way "
                     "and 4 on miniImageNet)")
@@ -193,13 +194,14 @@ def _equal_iterations(ctx: Context, b: str, rows: list[tuple[str, RunResult, int
     """Section "At equal meta-iterations" of one benchmark: each A-MAML run
     against MAML's after the same number of meta-iterations, on the same test
     tasks, each at its own horizon (`rows`' step), from every evaluation the
-    two run directories hold (`runner.evaluations_of`: a run's own results,
-    `ctmeta evaluate RUN --checkpoint N` in RUN/evaluations/); and the figure
+    two run directories hold at that horizon (`runner.evaluations_of`: a run's
+    own results, `ctmeta evaluate RUN --checkpoint N [--steps 0,H]` in
+    RUN/evaluations/); and the figure
     of accuracy against meta-iterations. At the cpu scale one row per
     `_TABLE3_EVALUATED` (an iteration missing for a method reads "not evaluated
     yet") and per other iteration both have; elsewhere the iterations either
     has, and only when some run holds evaluations of other checkpoints."""
-    evals = {name: runner.evaluations_of(r.label, ctx.out / r.label) for name, r, _ in rows}
+    evals = {name: runner.evaluations_of(r.label, ctx.out / r.label, step=s) for name, r, s in rows}
     step = {name: s for name, _, s in rows}
     amamls = [n for n, _, _ in rows if n.startswith("A-MAML")]
     if "MAML" not in evals or not amamls:

@@ -293,12 +293,14 @@ def _record_resume(ctx: Context, run, config: dict, iteration: int) -> None:
     run.write_config({**saved, **changed, "resumes": resumes})
 
 
-def evaluations_of(label: str, path: pathlib.Path) -> dict[int, RunResult]:
+def evaluations_of(label: str, path: pathlib.Path, step: int | None = None) -> dict[int, RunResult]:
     """The evaluations of the run in `path` on its own meta-test tasks, by the
     meta-iteration of the checkpoint evaluated: its own results.json, and
     each `RUN/evaluations/<name>/results.json` (`ctmeta evaluate RUN
     --checkpoint N`) with the run's number of test tasks (so the same tasks),
-    learning rate and table steps; a finished run's own results come first,
+    learning rate and table steps, or, given `step`, any table steps that
+    include it (`ctmeta evaluate RUN --checkpoint N --steps 0,5`: a pairing at
+    one horizon needs no 100-step table); a finished run's own results come first,
     then the folders in name order. Each is a `RunResult` (status "ok",
     `run_dir` the folder it came from); `{}` when there are none. Unreadable
     files are left out, never an error."""
@@ -317,7 +319,8 @@ def evaluations_of(label: str, path: pathlib.Path) -> dict[int, RunResult]:
             it = int(results["iteration"])
             same = ((want["tasks"] is None or int(results["tasks"]) == int(want["tasks"]))
                     and (want["lr"] is None or float(results["lr"]) == float(want["lr"]))
-                    and (want["table_steps"] is None
+                    and (int(step) in [int(s) for s in results["table_steps"]] if step is not None
+                         else want["table_steps"] is None
                          or [int(s) for s in results["table_steps"]] == [int(s) for s in want["table_steps"]]))
             if not same or it in found or "per_task" not in results["learned"]:
                 continue
