@@ -186,7 +186,11 @@ def test_an_evaluation_at_the_horizon_alone_pairs_and_one_without_it_is_left_out
                {"iteration-150_steps-0,5": _results(150, maml150, 0.05, steps=[0, 5]),
                 "iteration-500_steps-0,10": _results(500, maml500, 0.05, steps=[0, 10])},
                _metrics([10.0 + 4.0 * i for i in range(1000)], 0.05))
+    # A-MAML is being continued elsewhere: trained past its evaluation (the name is all that is read).
+    (out / "omniglot" / "amaml-T0.5" / "checkpoints").mkdir()
+    (out / "omniglot" / "amaml-T0.5" / "checkpoints" / "ckpt-160.eqx").write_bytes(b"")
     md = _rebuild(out, monkeypatch)
+    assert "omniglot/amaml-T0.5: its run is evaluated at meta-iteration 150 and trained to 160 of the 1000 asked" in md
     rows = {r[0]: r for r in (line.strip("| ").split(" | ")
                               for line in _section(md, "At equal meta-iterations (omniglot)")[1:])}
     a, b = amaml[50], maml150[5]

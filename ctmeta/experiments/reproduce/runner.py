@@ -116,8 +116,12 @@ def run_method(
             else:
                 if short:
                     why = ("not selected by --methods" if not selected else "no checkpoint to continue from")
-                    ctx.note(f"{label}: its run ended at meta-iteration {results.get('iteration')} of the "
-                             f"{meta_iterations} asked ({why}): read as it is")
+                    # A run being continued elsewhere may have trained past its evaluation: say both.
+                    newest = max((it for it, _ in RunDir(path).checkpoints()), default=None)
+                    where = (f"is evaluated at meta-iteration {results.get('iteration')} and trained to {newest} "
+                             if newest is not None and newest > int(results.get("iteration", 0))
+                             else f"ended at meta-iteration {results.get('iteration')} ")
+                    ctx.note(f"{label}: its run {where}of the {meta_iterations} asked ({why}): read as it is")
                 return _reuse(ctx, path, label, benchmark, results)
         except CtmetaError:
             raise  # e.g. its config.json cannot be read: say so, never train it anew over its files
