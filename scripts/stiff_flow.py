@@ -18,7 +18,8 @@ sweep after K fixed RK4 steps, `Adjoint(steps=K, solver="rk4", scheme="rk4")`), 
 
 Rule names: `preset` (the run's own method), `dopri5:RTOL`, `dopri5-disp:RTOL`, `rkc2:RTOL`,
 `rkc2-disp:RTOL` (the adaptive adjoint with that forward solver, error scale and forward rtol; atol
-is rtol/10; `:RTOL/BRTOL` sets the backward's rtol factor), `rk4:K` (the stored sweep), `exprb:N:M`
+is rtol/10; `:RTOL/BRTOL` sets the backward's rtol factor; `dopri5>rkc2:RTOL` solves the backward by
+RKC2 after a Dopri5 forward, its spectral radius by power iteration on the adjoint's HVPs), `rk4:K` (the stored sweep), `exprb:N:M`
 (a prototype exponential integrator, not a library rule: N equal steps of exponential Rosenbrock
 exprb32 forward, Hochbruck, Ostermann & Schweitzer 2009, and the exponential midpoint (Magnus) rule
 backward, a = exp(-h H(u_mid)) a over the same steps, each phi-function or exponential by M Lanczos
@@ -29,7 +30,9 @@ steps on HVPs with full reorthogonalisation).
 equally spaced times along the flow (diffrax Dopri5, rtol 1e-5 / 1e-7 in float32 / float64), and
 the preset's forward steps between them with their mean h times lambda_max (Dopri5 is
 stability-bound near 3.3) and times |lambda_min| (e-foldings of the fastest growing mode);
-`--reference none` stops there.
+`--reference none` stops there. `--eval-cost` also times one gradient and one Hessian-vector product
+(as the adjoint takes it) of each task's support loss at u0; each adaptive rule's forward and
+backward are always timed apart (`forward_seconds`, `backward_seconds`): where the time goes.
 """
 
 from __future__ import annotations
@@ -61,8 +64,10 @@ def parse_rule(name: str, preset):
     if kind == "rk4":
         return ctmeta.Adjoint(steps=int(arg), solver="rk4", scheme="rk4", stability_check=False)
     rtol, _, back = arg.partition("/")
+    kind, _, backward_solver = kind.partition(">")
     solver, _, disp = kind.partition("-")
     return ctmeta.Adjoint(rtol=float(rtol), atol=float(rtol) / 10, solver=solver,
+                          backward_solver=backward_solver or None,
                           error_scale="displacement" if disp else "state", dense_steps=1024,
                           adjoint_rtol=float(back) if back else preset.adjoint_rtol,
                           adjoint_atol=float(back) if back else preset.adjoint_atol)
@@ -76,11 +81,17 @@ def counts(method, loss, diff, T, data, query_grad):
     opts = ode.SolveOptions(steps=1, rtol=method.rtol, atol=method.atol, max_steps=method.max_steps,
                             solver=method.solver, error_scale=method.error_scale)
     sens = method.sensitivity
-    y1, dense, status, fstats = jax.jit(
-        lambda d: recorded_forward(field, d, T, data, opts, sens.dense_steps))(diff)
+    forward = jax.jit(lambda d: recorded_forward(field, d, T, data, opts, sens.dense_steps))
+    backward = jax.jit(lambda dn, a: adjoint_backward(field, dn, T, data, a, sens, opts, (False, False)))
+    y1, dense, status, fstats = jax.block_until_ready(forward(diff))  # compiles
     a_end = query_grad(y1)
-    _, _, bstatus, bstats = jax.jit(
-        lambda dn, a: adjoint_backward(field, dn, T, data, a, sens, opts, (False, False)))(dense, a_end)
+    _, _, bstatus, bstats = jax.block_until_ready(backward(dense, a_end))
+    # Where the time goes: each half timed alone, after its compilation.
+    t0 = time.perf_counter()
+    jax.block_until_ready(forward(diff))
+    t1 = time.perf_counter()
+    jax.block_until_ready(backward(dense, a_end))
+    seconds = {"forward_seconds": t1 - t0, "backward_seconds": time.perf_counter() - t1}
     if method.solver == "rkc2":
         fwd = {"forward_gradients": int(fstats.evaluations), "forward_hvps": int(fstats.matvecs),
                "forward_steps": int(fstats.steps), "forward_accepted": int(fstats.accepted_steps),
@@ -89,7 +100,27 @@ def counts(method, loss, diff, T, data, query_grad):
         fwd = {"forward_gradients": 6 * int(fstats["steps"]) + 1, "forward_hvps": 0,
                "forward_steps": int(fstats["steps"]), "forward_accepted": int(fstats["accepted_steps"])}
     return {**fwd, "backward_hvps": int(bstats["num_evaluations"]) + int(bstats.get("num_matvecs", 0)),
-            "backward_steps": int(bstats["num_steps"]), "status": [int(status), int(bstatus)]}
+            "backward_steps": int(bstats["num_steps"]), "status": [int(status), int(bstatus)], **seconds}
+
+
+def evaluation_cost(loss, u, data, repeats: int = 20) -> dict:
+    """Seconds of one gradient of the support loss and of one Hessian-vector product as the
+    adjoint takes it (`GradientField.vjp`: the jvp of the gradient, forward-over-reverse), each
+    jitted and the median of `repeats` calls after compilation."""
+    field = GradientField(loss)
+    v = jax.tree.map(jnp.ones_like, u)
+    fns = {"gradient": jax.jit(lambda u: field(0.0, u, data)),
+           "hvp": jax.jit(lambda u: field.vjp(0.0, u, data, v)[0])}
+    out = {}
+    for name, fn in fns.items():
+        jax.block_until_ready(fn(u))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(u))
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_seconds"] = float(np.median(times))
+    return out
 
 
 def _lanczos(matvec, v, m):
@@ -249,6 +280,8 @@ def main():
     p.add_argument("--out", default=None)
     p.add_argument("--spectrum", type=int, default=0, metavar="P",
                    help="also the curvature range at P + 1 times along each task's flow")
+    p.add_argument("--eval-cost", action="store_true",
+                   help="also time one gradient and one Hessian-vector product of each task's support loss at u0")
     p.add_argument("--figure", nargs="+", default=None, metavar=("PNG", "JSON"),
                    help="draw PNG from measured JSON files instead of measuring")
     args = p.parse_args()
@@ -303,6 +336,15 @@ def main():
                     rows[k] = (t, lo, hi, n)
                 print(line, flush=True)
             out["spectrum"].append(rows)
+
+    if args.eval_cost:
+        out["evaluation_cost"] = []
+        for i in range(args.tasks):
+            cost = evaluation_cost(loss, diff, (batch[0][i], batch[1][i]))
+            out["evaluation_cost"].append(cost)
+            print(f"task {i}: one gradient {1e3 * cost['gradient_seconds']:.1f} ms, one Hessian-vector product "
+                  f"{1e3 * cost['hvp_seconds']:.1f} ms ({cost['hvp_seconds'] / cost['gradient_seconds']:.2f}x)",
+                  flush=True)
 
     if args.reference == "none":  # the spectrum only
         if args.out:
@@ -361,6 +403,8 @@ def main():
             rows.append(row)
             print(f"{name:18s} task {i}: err {row['relative_error']:.3e}  fwd {row['forward_gradients']} grads "
                   f"+ {row['forward_hvps']} hvps, bwd {row['backward_hvps']} hvps  {seconds:.1f} s "
+                  f"(forward {row.get('forward_seconds', float('nan')):.1f} s, "
+                  f"backward {row.get('backward_seconds', float('nan')):.1f} s) "
                   f"{ {k: v for k, v in row.items() if k in ('forward_steps', 'max_stages', 'rho_max', 'backward_steps')} }",
                   flush=True)
         out["rules"][name] = rows
