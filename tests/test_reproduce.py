@@ -421,13 +421,14 @@ def test_paired_table_compares_each_run_at_its_own_step_and_direction():
 def test_table5_compares_stored_sweeps_and_the_adaptive_backward_with_the_reference():
     from ctmeta.experiments import cosmixture_table5 as t5
 
-    res = t5.table5(states=(4, 8), reference=64, horizons=(0.1,), num_inits=1, meta_batch=2)
-    assert set(res) == {0.1}
-    res = t5.table5(states=(4,), reference=64, horizons=(0.1,), num_inits=1, meta_batch=2, adaptive=True)
-    (k4_err, _), = res[0.1]
+    # One call (one reference): the stored sweeps at K = 4 and 8 and the adaptive backward.
+    res = t5.table5(states=(4, 8), reference=64, horizons=(0.1,), num_inits=1, meta_batch=2, adaptive=True)
+    assert set(res) == {0.1, ("adaptive", 0.1)}
+    (k4_err, _), (k8_err, _) = res[0.1]
     ada_err, ada_std = res[("adaptive", 0.1)]
-    # Both are consistent discretisations of the same meta-gradient: a broken rule is O(1) off.
-    assert 0 < k4_err < 0.05 and 0 < ada_err < 0.05 and ada_std == 0.0
+    # Both are consistent discretisations of the same meta-gradient: a broken rule is O(1) off, and
+    # the stored sweep's error falls as its states double.
+    assert 0 < k8_err < k4_err < 0.05 and 0 < ada_err < 0.05 and ada_std == 0.0
 
 
 # The committed meta-training experiments of docs/results and the scale each was run at.
