@@ -274,8 +274,9 @@ def _training_cost(ctx: Context, b: str, rows: list[tuple[str, RunResult, int]])
     out = [f"## Meta-training cost ({b})", "",
            "From each run's metrics.csv: its cumulative `seconds` differenced into seconds a meta-iteration (a "
            "clock that restarts at a resume starts a new segment, whose first difference is dropped); wall time: "
-           "their sum; start: the mean over meta-iterations 1-10 (the first compiles); middle: over the 10 "
-           "around the run's middle; end: over its last 10. Wall-clock on this machine, contended by whatever "
+           "their sum; start: the median over meta-iterations 1-10 (the first compiles); middle: over the 10 "
+           "around the run's middle; end: over its last 10 (medians: a paused process's one long meta-iteration "
+           "does not count). Wall-clock on this machine, contended by whatever "
            "else ran.", "",
            md_table(["run", "meta-iterations", "wall time", "s / meta-iteration: start", "middle (iterations)",
                      "end"], table), ""]

@@ -94,10 +94,11 @@ def iteration_seconds(metrics: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 
 def cost_summary(metrics: list[dict], window: int = 10) -> dict:
     """A run's meta-training cost from its metrics rows ([`iteration_seconds`][]):
-    `wall` (their sum), `start` (mean over meta-iterations 1..`window`),
+    `wall` (their sum), `start` (median over meta-iterations 1..`window`),
     `middle` (over the `window` around the middle row; `middle_span` their
     first and last iteration), `end` (over the last `window`), `last` (the
-    last iteration) and `iterations` (how many timed)."""
+    last iteration) and `iterations` (how many timed). Medians, since one
+    meta-iteration of a paused or suspended process holds the whole pause."""
     its, per = iteration_seconds(metrics)
     nan = float("nan")
     if not its.size:
@@ -106,9 +107,9 @@ def cost_summary(metrics: list[dict], window: int = 10) -> dict:
     first = per[its <= window]
     lo = max(0, min(its.size // 2 - window // 2, its.size - window))
     mid = slice(lo, lo + window)
-    return {"wall": float(per.sum()), "start": float(first.mean()) if first.size else nan,
-            "middle": float(per[mid].mean()), "middle_span": (int(its[mid][0]), int(its[mid][-1])),
-            "end": float(per[-window:].mean()), "last": int(max(float(r["iteration"]) for r in metrics)),
+    return {"wall": float(per.sum()), "start": float(np.median(first)) if first.size else nan,
+            "middle": float(np.median(per[mid])), "middle_span": (int(its[mid][0]), int(its[mid][-1])),
+            "end": float(np.median(per[-window:])), "last": int(max(float(r["iteration"]) for r in metrics)),
             "iterations": int(its.size)}
 
 
