@@ -19,11 +19,11 @@ sweep after K fixed RK4 steps, `Adjoint(steps=K, solver="rk4", scheme="rk4")`), 
 Rule names: `preset` (the run's own method), `dopri5:RTOL`, `dopri5-disp:RTOL`, `rkc2:RTOL`,
 `rkc2-disp:RTOL` (the adaptive adjoint with that forward solver, error scale and forward rtol; atol
 is rtol/10; `:RTOL/BRTOL` sets the backward's rtol factor; `dopri5>rkc2:RTOL` solves the backward by
-RKC2 after a Dopri5 forward, its spectral radius by power iteration on the adjoint's HVPs), `rk4:K` (the stored sweep), `exprb:N:M`
-(a prototype exponential integrator, not a library rule: N equal steps of exponential Rosenbrock
-exprb32 forward, Hochbruck, Ostermann & Schweitzer 2009, and the exponential midpoint (Magnus) rule
-backward, a = exp(-h H(u_mid)) a over the same steps, each phi-function or exponential by M Lanczos
-steps on HVPs with full reorthogonalisation).
+RKC2 after a Dopri5 forward, its spectral radius by power iteration on the adjoint's HVPs), `rk4:K`
+(the stored sweep), `exprb:N:M` (a prototype exponential integrator, not a library rule: N equal
+steps of exponential Rosenbrock exprb32 forward, Hochbruck, Ostermann & Schweitzer 2009, and the
+exponential midpoint (Magnus) rule backward, a = exp(-h H(u_mid)) a over the same steps, each
+phi-function or exponential by M Lanczos steps on HVPs with full reorthogonalisation).
 
 `--spectrum P` also prints and saves, per task, the curvature range of the support loss
 (`ctmeta.ode.curvature_range`, 40 Lanczos steps: smallest and largest Hessian eigenvalue) at P + 1
