@@ -321,11 +321,13 @@ def evaluations_of(label: str, path: pathlib.Path, step: int | None = None) -> d
         try:
             results = json.loads((folder / "results.json").read_text())
             it = int(results["iteration"])
+            if step is not None:  # a pairing at one horizon: any table that has it
+                steps_match = int(step) in [int(s) for s in results["table_steps"]]
+            else:
+                steps_match = (want["table_steps"] is None or [int(s) for s in results["table_steps"]]
+                               == [int(s) for s in want["table_steps"]])
             same = ((want["tasks"] is None or int(results["tasks"]) == int(want["tasks"]))
-                    and (want["lr"] is None or float(results["lr"]) == float(want["lr"]))
-                    and (int(step) in [int(s) for s in results["table_steps"]] if step is not None
-                         else want["table_steps"] is None
-                         or [int(s) for s in results["table_steps"]] == [int(s) for s in want["table_steps"]]))
+                    and (want["lr"] is None or float(results["lr"]) == float(want["lr"])) and steps_match)
             if not same or it in found or "per_task" not in results["learned"]:
                 continue
         except (OSError, ValueError, KeyError, TypeError):
