@@ -32,6 +32,7 @@ def _row(rows, method, steps):
     return next(r for r in rows if r["method"] == method and r["steps"] == steps)
 
 
+@pytest.mark.xdist_group("bench-tiny-run")
 def test_files_and_columns(tiny_run):
     out, rows = tiny_run
     with open(out / "bench.csv", newline="") as f:
@@ -49,6 +50,7 @@ def test_files_and_columns(tiny_run):
     assert parsed[0]["peak_bytes"] == rows[0]["peak_bytes"]
 
 
+@pytest.mark.xdist_group("bench-tiny-run")
 def test_an_interrupted_sweep_resumes_and_ends_as_the_uninterrupted_one(tiny_run, tmp_path, monkeypatch):
     import shutil
 
@@ -81,6 +83,7 @@ def test_an_interrupted_sweep_resumes_and_ends_as_the_uninterrupted_one(tiny_run
     assert after["seconds"] > before["seconds"] > 0 and after["date"] == before["date"]
 
 
+@pytest.mark.xdist_group("bench-tiny-run")
 def test_resume_refuses_a_sweep_of_other_settings(tiny_run, tmp_path):
     import shutil
 
@@ -95,6 +98,7 @@ def test_resume_refuses_a_sweep_of_other_settings(tiny_run, tmp_path):
                   vmap=False, diagnostics=False, progress=False, resume=True)
 
 
+@pytest.mark.xdist_group("bench-tiny-run")
 def test_values_positive_finite(tiny_run):
     _, rows = tiny_run
     for r in rows:
@@ -109,6 +113,7 @@ def test_values_positive_finite(tiny_run):
     assert _row(rows, "amaml-ckpt", 64)["checkpoints"] == 8
 
 
+@pytest.mark.xdist_group("bench-tiny-run")
 def test_memory_trends(tiny_run):
     _, rows = tiny_run
     growth = {m: _row(rows, m, 64)["peak_bytes"] - _row(rows, m, 8)["peak_bytes"] for m in ("maml", "amaml", "amaml-ckpt")}
@@ -118,6 +123,7 @@ def test_memory_trends(tiny_run):
     assert _row(rows, "amaml", 64)["peak_bytes"] < _row(rows, "maml", 64)["peak_bytes"]
 
 
+@pytest.mark.xdist_group("bench-tiny-run")
 def test_targets_from_rows(tiny_run):
     _, rows = tiny_run
     targets = bench.evaluate_targets(rows)

@@ -16,6 +16,11 @@ import ctmeta.presets as presets
 from ctmeta.cli import main
 from cli_helpers import shorten_evaluation, train_tiny
 
+# One xdist group (pyproject: --dist loadgroup): its tests train the same tiny
+# runs, so on one worker the module's fixtures and that worker's compilation
+# cache (conftest.py) serve them all; spread over two, both would compile them.
+pytestmark = pytest.mark.xdist_group("test_cli")
+
 TINY = ["--method", "fomaml", "--steps", "3", "--meta-batch", "3", "--quiet"]
 
 

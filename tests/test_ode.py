@@ -24,12 +24,14 @@ def paper(T, K):
     return ga.PAPER_ADJOINT[T][ga.STATES.index(K)]
 
 
+@pytest.mark.xdist_group("ode-table4")
 def test_table4_rk4_beats_paper_everywhere(table4):
     for T in ga.HORIZONS:
         for K, ours in zip(STATES, table4["rk4"][T]):
             assert ours <= paper(T, K), (T, K, ours)
 
 
+@pytest.mark.xdist_group("ode-table4")
 def test_table4_heun_is_second_order(table4):
     # O(h^2): ten times the states, a hundredth of the error (above round-off).
     for T in (0.5, 1.0, 2.0):
@@ -39,6 +41,7 @@ def test_table4_heun_is_second_order(table4):
             assert 70 < errs[0] / errs[1] < 200, (T, errs)
 
 
+@pytest.mark.xdist_group("ode-table4")
 def test_table4_heun_against_paper(table4):
     # The paper's own scheme, implemented as written (A-MAML Sec. 3.2), is no
     # worse than the paper's column for T <= 0.5 and within 2x above: the
@@ -281,6 +284,7 @@ def test_float32_tolerance_below_rounding_is_raised_not_chased(monkeypatch):
     assert int(status) == ode.SolveStatus.MAX_STEPS
 
 
+@pytest.mark.xdist_group("ode-table4")
 def test_table4_adaptive_backward_beats_every_paper_entry(table4):
     # No grid: at the table's forward tolerance (rtol 1e-11) the adaptive backward is
     # below the paper's best (1000-state) entry at every horizon, and it tightens with rtol.

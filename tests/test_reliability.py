@@ -40,6 +40,11 @@ from ctmeta.tasks.base import Batch
 from ctmeta.tasks.regression import CosMixture
 from ctmeta.runs import RunDir
 
+# One xdist group (pyproject: --dist loadgroup): its tests train the same tiny
+# runs, so on one worker the module's fixtures and that worker's compilation
+# cache (conftest.py) serve them all; spread over two, both would compile them.
+pytestmark = pytest.mark.xdist_group("test_reliability")
+
 SMALL = ["--benchmark", "cosmixture", "--method", "maml", "--steps", "5", "--meta-batch", "2", "--quiet"]
 EVERY, TOTAL = 20, 240
 LONG = [*SMALL, "--meta-iterations", str(TOTAL), "--checkpoint-every", str(EVERY)]

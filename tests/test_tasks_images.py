@@ -28,6 +28,10 @@ from ctmeta.tasks.images import numpy_rng
 from ctmeta.tasks.miniimagenet import MiniImageNet
 from ctmeta.tasks.omniglot import Omniglot
 
+# One xdist group (pyproject: --dist loadgroup): the real data sets are loaded by
+# session fixtures, so once, on one worker, rather than once on each.
+pytestmark = pytest.mark.xdist_group("test_tasks_images")
+
 KEY = jax.random.key(0)
 
 # ------------------------------------------------------------------ fixtures
