@@ -202,3 +202,26 @@ def test_an_evaluation_at_the_horizon_alone_pairs_and_one_without_it_is_left_out
     assert rows["150"][2] == f"{100 * b.mean():.2f} ± {100 * 1.96 * b.std(ddof=1) / math.sqrt(b.size):.2f}"
     assert rows["150"][3] == f"{100 * (a - b).mean():+.2f} ± {100 * 1.96 * (a - b).std(ddof=1) / math.sqrt(a.size):.2f}"
     assert rows["500"][1:3] == ["not evaluated yet", "not evaluated yet"]
+
+
+def test_a_solver_change_on_resume_is_said_and_marked_in_the_cost_section(fake_table3, monkeypatch):
+    """`ctmeta train --resume --solver rkc2` records the solver before (`resumes[i].changed.solver`): the
+    cost section says when the run changed solver, in order, and the cost figure is still drawn."""
+    out, *_ = fake_table3
+    path = out / "omniglot" / "amaml-T0.5" / "config.json"
+    config = json.loads(path.read_text())
+    config["method_options"] = {"rtol": 1e-5, "atol": 1e-6, "dense_steps": 256, "solver": "rkc2"}
+    config["resumes"] = [{"from_iteration": 50, "argv": []},  # a resume that changed nothing
+                         {"from_iteration": 100, "changed": {"solver": "dopri5"}},
+                         {"from_iteration": 120, "changed": {"solver": "rkc2"}},
+                         {"from_iteration": 140, "changed": {"solver": "dopri5"}}]
+    path.write_text(json.dumps(config))
+    assert report.solver_changes(config) == [(100, "dopri5", "rkc2"), (120, "rkc2", "dopri5"),
+                                             (140, "dopri5", "rkc2")]
+    assert report.solver_changes({"method_options": {"rtol": 1e-5}}) == []
+    md = _rebuild(out, monkeypatch)
+    cost = md.split("## Meta-training cost (omniglot)", 1)[1]
+    said = re.findall(r"A-MAML \(T=0\.5\) changed its forward solver from (\w+) to (\w+) after meta-iteration (\d+)",
+                      cost)
+    assert said == [("dopri5", "rkc2", "100"), ("rkc2", "dopri5", "120"), ("dopri5", "rkc2", "140")]
+    assert (out / "table3-omniglot-cost.png").stat().st_size > 0

@@ -112,7 +112,8 @@ def _words(text: str) -> str:
 def test_what_a_resume_may_change_is_one_list_in_the_check_the_help_and_the_docs(tmp_path, capsys):
     from ctmeta.cli._checks import RESUME_MAY_CHANGE, resume_may_change
 
-    assert resume_may_change() == "--meta-iterations, --checkpoint-every, --keep-checkpoints and --on-nonfinite"
+    assert resume_may_change() == ("--meta-iterations, --checkpoint-every, --keep-checkpoints, --on-nonfinite and "
+                                   "--solver")
     run = RunDir.create(tmp_path / "run", presets.resolve_config("cosmixture", "fomaml", steps=3, meta_iterations=4))
     for flag, value in (("--T", "3"), ("--seed", "5"), ("--flow", "heavy-ball"), ("--meta-lr", "0.5")):
         assert main(["train", "--resume", str(run.path), flag, value, "--quiet"]) == 2
@@ -129,8 +130,42 @@ def test_what_a_resume_may_change_is_one_list_in_the_check_the_help_and_the_docs
     assert f"only {resume_may_change()} may change" in _words(capsys.readouterr().out)
     docs = _words((ROOT / "docs" / "reliability.md").read_text())
     assert f"Only {resume_may_change('`')} may change on resume" in docs
-    assert len(re.findall(r"may change on resume", docs)) == 1 and len(RESUME_MAY_CHANGE) == 4
+    assert len(re.findall(r"may change on resume", docs)) == 1 and len(RESUME_MAY_CHANGE) == 5
 
+
+
+def test_a_resumed_amaml_run_may_change_its_adaptive_solver_and_records_it(tmp_path, monkeypatch, capsys):
+    """Meta-training makes A-MAML's inner flow stiff (issue 28): a long run may go on with RKC2 from a
+    checkpoint; the tolerances and dense output stay, config.json records the change, and a stored
+    sweep's rule (`--solver rk4`) is refused in one line."""
+    import csv
+    import dataclasses
+
+    p = presets.BENCHMARKS["cosmixture"]
+    monkeypatch.setitem(presets.BENCHMARKS, "cosmixture", dataclasses.replace(p, eval_steps=(0, 2), eval_every=2,
+                                                                             eval_tasks=2))
+    out = tmp_path / "run"
+    base = ["--method", "amaml", "--T", "0.5", "--meta-batch", "2", "--checkpoint-every", "1", "--quiet"]
+    assert main(["train", *base, "--meta-iterations", "1", "--out", str(out)]) == 0
+    before = json.loads((out / "config.json").read_text())["method_options"]
+    for flags, says in ((["--solver", "rk4"], "changes only between the adaptive solvers dopri5 and rkc2"),
+                        (["--solver", "rkc2", "--flow", "heavy-ball"], "--flow heavy-ball differs")):
+        capsys.readouterr()
+        assert main(["train", "--resume", str(out), *flags, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+    assert main(["train", "--resume", str(out), "--solver", "rkc2", "--meta-iterations", "2", "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["method_options"] == {**before, "solver": "rkc2"}
+    assert config["resumes"][-1]["changed"] == {"solver": "dopri5"} and config["resumes"][-1]["from_iteration"] == 1
+    assert presets.build_method(config) == ctmeta.Adjoint(rtol=before["rtol"], atol=before["atol"],
+                                                          dense_steps=before["dense_steps"], solver="rkc2")
+    with open(out / "metrics.csv", newline="") as f:
+        assert [r["iteration"] for r in csv.DictReader(f)] == ["1", "2"]
+    # Back to Dopri5: the key goes (dopri5 is implied); unchanged, nothing to do.
+    from ctmeta.cli._train import _resumed_solver
+
+    assert _resumed_solver("dopri5", config) == before and _resumed_solver("rkc2", config) is None
 
 # ---------------------------------------------------------------- item 9: numbers and paths as the user gave them
 

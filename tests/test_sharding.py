@@ -96,6 +96,13 @@ FOUR_DEVICES = textwrap.dedent(
             "traces": many.num_traces,
             "params_spec": str(jax.tree.leaves(s4.params)[0].sharding.spec),
         }
+    # RKC2 (per-task adaptive steps and spectral estimates): the meta-gradient alone (its meta-step is the
+    # same optimiser update as above; compiling it again would double this check's time).
+    rkc1, rkc4 = learner(Adjoint(solver="rkc2")), learner(Adjoint(solver="rkc2"), mesh)
+    loss1, grad1 = rkc1.meta_gradient(state, batch)
+    loss4, grad4 = rkc4.meta_gradient(state, batch)
+    out["rkc2"] = {"loss": abs(float(loss1) - float(loss4)), "grad": gap(grad1, grad4),
+                   "grad_scale": max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grad1))}
     ev1 = one.evaluate(state, batch, (0, 3), chunk_size=3)
     ev4 = many.evaluate(state, batch, (0, 3), chunk_size=3)  # chunks of 4 on 4 devices
     out["evaluate"] = float(np.max(np.abs(ev1.per_task - ev4.per_task)))
@@ -122,6 +129,8 @@ def test_sharded_meta_gradients_and_steps_equal_one_device(tmp_path):
     assert out["devices"] == 4
     # The batch is really split: two tasks on each of the four devices.
     assert out["shards"] == [[0, 2], [1, 2], [2, 2], [3, 2]] and "tasks" in out["spec"]
+    r = out["rkc2"]
+    assert r["grad_scale"] > 1e-3 and r["loss"] < 1e-12 and r["grad"] < 1e-12, r
     for name in ("adjoint", "unrolled"):
         r = out[name]
         assert r["grad_scale"] > 1e-3  # a meta-gradient worth comparing

@@ -6,8 +6,8 @@ import datetime as _dt
 
 from .._errors import InputError
 from ..presets import BACKBONES, BENCHMARKS
-from ._checks import (check_config_origin, check_limits, check_paths, check_run_writable, existing_data_dir, number_text,
-                      resume_may_change)
+from ._checks import (RESUME_SOLVERS, check_config_origin, check_limits, check_paths, check_run_writable,
+                      existing_data_dir, number_text, resume_may_change)
 from ._messages import print_warning
 
 __all__ = ["cmd_download", "cmd_train", "download_data"]
@@ -80,6 +80,27 @@ def _fixed_on_resume(flag: str, value, saved) -> InputError:
                       f"(only {resume_may_change()} may change; --data-dir says where the data are now)")
 
 
+def _resumed_solver(solver: str | None, config: dict) -> dict | None:
+    """A-MAML's `method_options` with the forward solver `solver` (`--solver` on resume), or `None` when it
+    is not given or unchanged. Only between the adaptive solvers `RESUME_SOLVERS`: the tolerances, the dense
+    output and the flow stay; a stored sweep (`--steps`, `--solver rk4`) is another rule, not another solver."""
+    saved = saved_choices(config)["solver"]
+    if solver is None or solver == saved:
+        return None
+    if saved is None:  # not an A-MAML run
+        raise _fixed_on_resume("--solver", solver, saved)
+    options = dict(config.get("method_options") or {})
+    if saved not in RESUME_SOLVERS or solver not in RESUME_SOLVERS or config.get("steps") is not None:
+        raise InputError(f"--solver {solver} differs from the resumed run's {saved!r}; on resume --solver changes only "
+                         f"between the adaptive solvers {' and '.join(RESUME_SOLVERS)} (a run with --steps or "
+                         "--solver rk4 keeps its rule)")
+    if solver == "rkc2" and (config.get("flow") or {}).get("name") == "heavy-ball":
+        raise InputError("--solver rkc2 needs a flow with a symmetric Jacobian (gradient or preconditioned); "
+                         "the resumed run's flow is heavy-ball")
+    options.pop("solver", None)
+    return {**options, **({} if solver == "dopri5" else {"solver": solver})}
+
+
 def check_resume_flags(args, config: dict) -> dict:
     if args.out is not None:
         raise InputError("--resume continues a run in its own directory; do not give --out with it")
@@ -90,11 +111,14 @@ def check_resume_flags(args, config: dict) -> dict:
             raise _fixed_on_resume(flag, value, config.get(name))
     for name, saved in saved_choices(config).items():
         value = getattr(args, name)
-        if value is not None and value != saved:
+        if value is not None and value != saved and name != "solver":
             flag = "--" + name.replace("_", "-")
             raise _fixed_on_resume(flag, value, saved)
     check_limits(args)
     config = dict(config)
+    changed = _resumed_solver(args.solver, config)
+    if changed is not None:
+        config["method_options"] = changed
     if args.on_nonfinite is not None:
         config["on_nonfinite"] = args.on_nonfinite
     if args.meta_iterations is not None:
@@ -213,8 +237,10 @@ def cmd_train(args, argv) -> int:
         rows = run.truncate_metrics(it) if writes else []
         seconds = float(meta.get("seconds", rows[-1]["seconds"] if rows else 0.0))
         resumes = list(config.get("resumes", []))
+        before, now = saved_choices(saved)["solver"], saved_choices(config)["solver"]
+        changed = {"changed": {"solver": before}} if before != now else {}  # what it was, as reproduce records
         resumes.append({"from_iteration": it, "at": _dt.datetime.now().isoformat(timespec="seconds"),
-                        "argv": list(argv), **placement, **({"metrics_gap": _span(gap)} if gap else {})})
+                        "argv": list(argv), **placement, **changed, **({"metrics_gap": _span(gap)} if gap else {})})
         config["resumes"] = resumes
         if writes:
             run.write_config(config)

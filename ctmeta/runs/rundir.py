@@ -32,6 +32,14 @@ KEEP_CHECKPOINTS = 2
 _CKPT = re.compile(r"^ckpt-(\d+)\.eqx$")
 
 
+def _resumable_as(name: str, value):
+    """A configuration entry as a checkpoint must agree with it: A-MAML's adaptive solver may change on
+    resume (`ctmeta train --resume --solver`, the same flow to the same tolerances), so it is left out."""
+    if name == "method_options" and isinstance(value, dict) and value.get("solver", "dopri5") in ("dopri5", "rkc2"):
+        return {k: v for k, v in value.items() if k != "solver"}
+    return value
+
+
 _HELD_LOCKS: dict[str, int] = {}  # run directory -> open, flock'ed file descriptor
 
 
@@ -310,7 +318,7 @@ class RunDir:
         saved = meta.get("config") if isinstance(meta, dict) else None
         if config is not None and isinstance(saved, dict):
             for name in CHECKPOINT_CONFIG_FIELDS:
-                if name in saved and saved[name] != config.get(name):
+                if name in saved and _resumable_as(name, saved[name]) != _resumable_as(name, config.get(name)):
                     raise CheckpointError(
                         f"checkpoint {path} was written with {name}={saved[name]!r} but the run's "
                         f"config.json has {config.get(name)!r} (incompatible)"

@@ -182,6 +182,11 @@ def _checkpoint_config(cfg: dict) -> dict:
     return {k: cfg.get(k) for k in CHECKPOINT_CONFIG_FIELDS}
 
 
+def _adaptive(cfg: dict) -> str:
+    """`adaptive (SOLVER)`: the forward solver of an adaptive rule (A-MAML's or COMLN's; dopri5 if unnamed)."""
+    return f"adaptive ({(cfg.get('method_options') or {}).get('solver') or 'dopri5'})"
+
+
 def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter: Reporter | None = None):
     """Meta-train from `state` (default: a fresh one) up to the configured
     number of meta-iterations, writing one metrics row per iteration and a
@@ -242,7 +247,7 @@ def train(exp, run: RunDir, *, state=None, seconds_offset: float = 0.0, reporter
     reporter.log(
         f"meta-training {cfg['benchmark']} with {cfg['method']}: iterations {start + 1}..{total}, "
         f"meta-batch {meta_batch}, T {cfg['T']:g}{' (learned)' if cfg.get('learn_T') else ''}, "
-        f"steps {cfg['steps'] if cfg['steps'] is not None else 'adaptive (dopri5)'}"
+        f"steps {cfg['steps'] if cfg['steps'] is not None else _adaptive(cfg)}"
         + (", skipping non-finite tasks" if policy == "skip-task" else "")
     )
     signals = _Signals()

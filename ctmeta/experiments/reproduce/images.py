@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from . import runner
@@ -9,7 +11,7 @@ from .context import Context, RunResult
 from .paper import PAPER_AMAML_TABLE3, PAPER_COMLN_TABLE2, PAPER_COMLN_TABLE4
 from .report import (METHOD_LABELS, cost_summary, format_accuracy, format_long_duration, format_p, md_table,
                      paired_table, paired_test, plot_against_iterations, plot_cost, plot_curves, pyplot, savefig,
-                     write_results)
+                     solver_changes, write_results)
 
 
 _HEAD_ONLY = ("comln", "anil")  # adapt a linear head on a fixed embedding: cheap per meta-iteration
@@ -260,11 +262,16 @@ def _training_cost(ctx: Context, b: str, rows: list[tuple[str, RunResult, int]])
     figure of seconds a meta-iteration against meta-iteration."""
     from ...runs import RunDir
 
-    runs = []
+    runs, changes = [], []
     for name, r, _ in rows:
-        metrics = r.metrics if r.metrics else RunDir(ctx.out / r.label).read_metrics()
+        run = RunDir(ctx.out / r.label)
+        metrics = r.metrics if r.metrics else run.read_metrics()
         if metrics:
             runs.append((name, metrics, cost_summary(metrics)))
+            try:  # only the resume records are read: a config.json that is not a run's has none
+                changes += [(name, *c) for c in solver_changes(json.loads(run.config_path.read_text()))]
+            except (OSError, ValueError, TypeError, KeyError):
+                pass
     runs = [(n, m, c) for n, m, c in runs if c["iterations"]]
     if not runs:
         return []
@@ -284,7 +291,12 @@ def _training_cost(ctx: Context, b: str, rows: list[tuple[str, RunResult, int]])
         out += [f"At its end rate, the paper's {_PAPER_IMAGE_ITERATIONS:,} meta-iterations (`--scale paper`) would "
                 "take " + "; ".join(f"{n} {format_long_duration(c['end'] * _PAPER_IMAGE_ITERATIONS)}"
                                     for n, _, c in runs) + " (one run, this machine).", ""]
-    if plot_cost(ctx.out / f"table3-{b}-cost.png", [(n, m) for n, m, _ in runs], f"{b}: meta-training cost"):
+    for name, it, before, after in changes:
+        out += [f"{name} changed its forward solver from {before} to {after} after meta-iteration {it} "
+                f"(`ctmeta train --resume RUN --solver {after}`: the same flow and tolerances; recorded in its "
+                "config.json), marked on the figure.", ""]
+    marks = [(it, f"{n}: {before} -> {after}") for n, it, before, after in changes]
+    if plot_cost(ctx.out / f"table3-{b}-cost.png", [(n, m) for n, m, _ in runs], f"{b}: meta-training cost", marks):
         out += [f"Figure: `table3-{b}-cost.png` (seconds a meta-iteration against meta-iteration, log scale).", ""]
     return out
 

@@ -92,6 +92,16 @@ def iteration_seconds(metrics: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return its[keep].astype(int), d[keep] / gap[keep]
 
 
+def solver_changes(config: dict) -> list[tuple[int, str, str]]:
+    """The forward-solver changes of a run, from its config.json: `(iteration, before, after)` for each
+    resume that changed A-MAML's adaptive solver (`ctmeta train --resume --solver`, recorded as
+    `resumes[i].changed.solver`: the solver before); the new solver ran from `iteration + 1` on."""
+    resumes = [r for r in config.get("resumes") or () if "solver" in (r.get("changed") or {})]
+    now = (config.get("method_options") or {}).get("solver") or "dopri5"
+    after = [r["changed"]["solver"] for r in resumes[1:]] + [now]
+    return [(int(r["from_iteration"]), r["changed"]["solver"], a) for r, a in zip(resumes, after)]
+
+
 def cost_summary(metrics: list[dict], window: int = 10) -> dict:
     """A run's meta-training cost from its metrics rows ([`iteration_seconds`][]):
     `wall` (their sum), `start` (median over meta-iterations 1..`window`),
@@ -228,9 +238,10 @@ def plot_against_iterations(path: pathlib.Path, series, title: str,
     return True
 
 
-def plot_cost(path: pathlib.Path, runs, title: str) -> bool:
+def plot_cost(path: pathlib.Path, runs, title: str, marks=()) -> bool:
     """Seconds a meta-iteration ([`iteration_seconds`][]) against meta-iteration,
-    one line per `(name, metrics rows)`, log scale."""
+    one line per `(name, metrics rows)`, log scale; `marks`: `(iteration, text)`
+    drawn as dotted vertical lines (e.g. where a run changed its solver)."""
     curves = [(name, *iteration_seconds(metrics)) for name, metrics in runs]
     curves = [(n, x[y > 0], y[y > 0]) for n, x, y in curves]
     curves = [c for c in curves if c[1].size]
@@ -240,6 +251,10 @@ def plot_cost(path: pathlib.Path, runs, title: str) -> bool:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, x, y in curves:
         ax.plot(x, y, lw=1, marker="." if x.size < 50 else None, label=name)
+    for iteration, text in marks:
+        ax.axvline(iteration + 0.5, color="0.4", ls=":", lw=1)
+        ax.annotate(text, (iteration + 0.5, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -3),
+                    textcoords="offset points", va="top", fontsize=7, color="0.3")
     ax.set_yscale("log")
     ax.set_xlabel("meta-iteration")
     ax.set_ylabel("seconds a meta-iteration")
