@@ -133,7 +133,6 @@ def test_what_a_resume_may_change_is_one_list_in_the_check_the_help_and_the_docs
     assert len(re.findall(r"may change on resume", docs)) == 1 and len(RESUME_MAY_CHANGE) == 5
 
 
-
 def test_a_resumed_amaml_run_may_change_its_adaptive_solver_and_records_it(tmp_path, monkeypatch, capsys):
     """Meta-training makes A-MAML's inner flow stiff (issue 28): a long run may go on with RKC2 from a
     checkpoint; the tolerances and dense output stay, config.json records the change, and a stored
@@ -142,8 +141,7 @@ def test_a_resumed_amaml_run_may_change_its_adaptive_solver_and_records_it(tmp_p
     import dataclasses
 
     p = presets.BENCHMARKS["cosmixture"]
-    monkeypatch.setitem(presets.BENCHMARKS, "cosmixture", dataclasses.replace(p, eval_steps=(0, 2), eval_every=2,
-                                                                             eval_tasks=2))
+    monkeypatch.setitem(presets.BENCHMARKS, "cosmixture", dataclasses.replace(p, eval_steps=(0, 2), eval_every=2))
     out = tmp_path / "run"
     base = ["--method", "amaml", "--T", "0.5", "--meta-batch", "2", "--checkpoint-every", "1", "--quiet"]
     assert main(["train", *base, "--meta-iterations", "1", "--out", str(out)]) == 0
@@ -166,6 +164,7 @@ def test_a_resumed_amaml_run_may_change_its_adaptive_solver_and_records_it(tmp_p
     from ctmeta.cli._train import _resumed_solver
 
     assert _resumed_solver("dopri5", config) == before and _resumed_solver("rkc2", config) is None
+
 
 # ---------------------------------------------------------------- item 9: numbers and paths as the user gave them
 
