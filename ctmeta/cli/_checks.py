@@ -7,19 +7,17 @@ import math
 from .._errors import InputError
 from ..presets import BENCHMARKS
 
-__all__ = ["CONFIG_EXTRA_KEYS", "LIMITS", "PATH_FLAGS", "RESUME_MAY_CHANGE", "RESUME_SOLVERS", "check_config_origin",
-           "check_limits", "check_paths", "check_run_writable", "existing_data_dir", "number_text", "resume_may_change",
-           "too_large"]
+__all__ = ["CONFIG_EXTRA_KEYS", "LIMITS", "PATH_FLAGS", "RESUME_MAY_CHANGE", "check_config_origin", "check_limits",
+           "check_paths", "check_run_writable", "existing_data_dir", "number_text", "resume_may_change", "too_large"]
 
 #: The flags a resumed run (`ctmeta train --resume`) may change: the one list
 #: that the check, its message, `--help` and docs/reliability.md give. Besides
 #: them, `--data-dir` says where the data are now, and `--devices`, `--quiet`,
 #: `--debug` and `--log-y` change nothing the run computes. `--solver` only
-#: between A-MAML's two adaptive solvers (`RESUME_SOLVERS`): the same flow to
-#: the same tolerances, solved by another method (meta-training makes the flow
-#: stiff, and RKC2 is the one for a stiff flow); the change is recorded.
+#: between A-MAML's two adaptive solvers (`runs.rundir.RESUME_SOLVERS`): the
+#: same flow to the same tolerances, solved by another method (meta-training
+#: makes the flow stiff, and RKC2 is the one for a stiff flow); the change is recorded.
 RESUME_MAY_CHANGE = ("--meta-iterations", "--checkpoint-every", "--keep-checkpoints", "--on-nonfinite", "--solver")
-RESUME_SOLVERS = ("dopri5", "rkc2")
 
 
 def resume_may_change(quote: str = "") -> str:

@@ -6,8 +6,9 @@ import datetime as _dt
 
 from .._errors import InputError
 from ..presets import BACKBONES, BENCHMARKS
-from ._checks import (RESUME_SOLVERS, check_config_origin, check_limits, check_paths, check_run_writable,
-                      existing_data_dir, number_text, resume_may_change)
+from ..runs.rundir import RESUME_SOLVERS
+from ._checks import (check_config_origin, check_limits, check_paths, check_run_writable, existing_data_dir, number_text,
+                      resume_may_change)
 from ._messages import print_warning
 
 __all__ = ["cmd_download", "cmd_train", "download_data"]

@@ -15,8 +15,8 @@ import re
 from .._errors import CheckpointError, InputError
 from .._io import atomic_write_text
 
-__all__ = ["CHECKPOINT_CONFIG_FIELDS", "KEEP_CHECKPOINTS", "METRIC_COLUMNS", "MetricsDamage", "NONFINITE_POLICIES", "RunDir",
-           "check_writable", "default_run_dir", "dtype_name", "package_versions"]
+__all__ = ["CHECKPOINT_CONFIG_FIELDS", "KEEP_CHECKPOINTS", "METRIC_COLUMNS", "MetricsDamage", "NONFINITE_POLICIES",
+           "RESUME_SOLVERS", "RunDir", "check_writable", "default_run_dir", "dtype_name", "package_versions"]
 
 METRIC_COLUMNS = ("iteration", "meta_loss", "grad_norm", "T", "seconds", "skipped")
 _OPTIONAL_COLUMNS = {"skipped": 0.0}  # absent from runs written before the column existed
@@ -32,10 +32,15 @@ KEEP_CHECKPOINTS = 2
 _CKPT = re.compile(r"^ckpt-(\d+)\.eqx$")
 
 
+#: A-MAML's adaptive solvers: a run may change from one to the other on resume (`ctmeta train --resume
+#: --solver`: the same flow to the same tolerances), so its checkpoints load across the change.
+RESUME_SOLVERS = ("dopri5", "rkc2")
+
+
 def _resumable_as(name: str, value):
-    """A configuration entry as a checkpoint must agree with it: A-MAML's adaptive solver may change on
-    resume (`ctmeta train --resume --solver`, the same flow to the same tolerances), so it is left out."""
-    if name == "method_options" and isinstance(value, dict) and value.get("solver", "dopri5") in ("dopri5", "rkc2"):
+    """A configuration entry as a checkpoint must agree with it: A-MAML's adaptive solver (one of
+    `RESUME_SOLVERS`) is left out."""
+    if name == "method_options" and isinstance(value, dict) and value.get("solver", "dopri5") in RESUME_SOLVERS:
         return {k: v for k, v in value.items() if k != "solver"}
     return value
 
