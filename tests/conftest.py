@@ -1,6 +1,7 @@
 """Gradient checks run in float64 (see DESIGN.md, Conventions)."""
 
 import atexit
+import gc
 import os
 import pathlib
 import shutil
@@ -26,6 +27,22 @@ for _name, _value in (("jax_compilation_cache_dir", _JAX_CACHE), ("jax_persisten
 # miniimagenet/, as ctmeta itself reads it), else ../shared/data beside the checkout.
 _DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATA_DIR = pathlib.Path(os.environ["CTMETA_DATA"]).expanduser() if os.environ.get("CTMETA_DATA") else _DEFAULT_DATA_DIR
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module.
+
+    XLA on CPU maps each live executable's code and data into memory apart (about
+    three memory maps each), and JAX's caches keep every program a process ever
+    compiled: a test worker reached 30,000 maps in half the suite, and a process
+    that passes the kernel's `vm.max_map_count` (65,530 by default) segfaults
+    inside the next compile. A module's programs are rarely reused by the next
+    one, and those that are come back from the persistent cache above.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def pytest_report_header(config):
