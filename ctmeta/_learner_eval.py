@@ -171,6 +171,13 @@ class LearnerEvaluation:
         params = params_of(state_or_params)
         check_batch(batch, "loss_along_flow")
         ts = jnp.asarray(ts, self._dtype)
+        # Compiled once per learner (params, tasks and times are arguments): the
+        # learned and the random initialisation share one program.
+        support, query = self._compiled(self._loss_along_flow_tasks)(params, tuple(batch), ts)
+        return np.asarray(support), np.asarray(query)
+
+    def _loss_along_flow_tasks(self, params: MetaParams, tasks: tuple, ts):
+        """`(support, query)` losses at `ts` along each task's inner flow (`loss_along_flow`)."""
         method = self.method if isinstance(self.method, Adjoint) and self.method.solver == "dopri5" else Adjoint()
         model = eqx.combine(params.model, self._static)
         T = jnp.maximum(jnp.max(ts), 0)
@@ -187,5 +194,4 @@ class LearnerEvaluation:
                                   method=method, throw=False)
             return out.support, out.query
 
-        support, query = jax.jit(jax.vmap(one))(tuple(batch))
-        return np.asarray(support), np.asarray(query)
+        return jax.vmap(one)(tasks)

@@ -226,6 +226,13 @@ def run_method(
         if ctx.debug:
             traceback.print_exc()
         return RunResult(label, "failed", msg, run_dir=str(path))
+    finally:
+        # The next run compiles its own programs. XLA on CPU keeps each live one in
+        # ~3 memory maps, and a process past the kernel's vm.max_map_count (65,530 by
+        # default) segfaults in its next compile: the test suite reached that in 30 min.
+        import jax
+
+        jax.clear_caches()
     failed.unlink(missing_ok=True)  # a retry that succeeded
     metrics = RunDir(path).read_metrics()
     return RunResult(label, "ok", results=results, metrics=metrics, train_seconds=_train_seconds(metrics),
